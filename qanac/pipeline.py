@@ -1,0 +1,306 @@
+"""Running a named, ordered list of passes to a bounded fixed point, with instruments.
+
+The pipeline sweeps its passes in order and repeats the sweep while any pass changed the graph, at most
+``max_iterations`` times; a pipeline still changing after that is an error naming the passes that kept
+changing it (two passes undoing each other, usually).
+
+Instruments (all optional, see ``PipelineOptions``):
+    dump_dir      the model before the pipeline (000_input.onnx) and after every pass that changed it
+                  (NNN_<pass>.onnx), numbered in execution order
+    time_passes   wall time per pass, summed over sweeps
+    verify_each   ONNX Runtime outputs on calibration samples before and after each changing pass; an
+                  exact pass whose change exceeds float rounding raises InternalError naming the pass
+    disabled      pass names to skip; stop_after: the last pass to run
+A pass that raises leaves a reproducer (the model just before it, and the pipeline string) in
+``dump_dir/reproducer`` (or a fresh temporary directory when no dump dir was given).
+
+Approximate passes run only when named in ``PassContext.approximations``; their deviation from the
+float outputs is always measured on the calibration data and checked against ``max_deviation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from qanac.calibration import CalibrationData
+from qanac.compare import max_exact_violation
+from qanac.diagnostics import Diagnostic, InternalError, QanacError, UsageError, VerificationError
+from qanac.execution import apply_post_processing, run_onnx
+from qanac.graph import CompilationModel, output_names, save_onnx
+from qanac.registry import PassInfo, PassResult, get_pass
+
+VERIFY_SAMPLES = 8
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may read besides the graph, and where it reports.
+
+    ``options`` holds pass settings by pass name (``{"bound-relu": {"percentile": 99.99}}``).
+    """
+
+    target: str
+    calibration: CalibrationData | None = None
+    approximations: frozenset[str] = frozenset()
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    diagnostics: list[Diagnostic] = dataclasses.field(default_factory=list)
+
+    def option(self, pass_name: str, key: str, default: Any) -> Any:
+        return self.options.get(pass_name, {}).get(key, default)
+
+
+@dataclasses.dataclass
+class PipelineOptions:
+    dump_dir: Path | None = None
+    time_passes: bool = False
+    verify_each: bool = False
+    disabled: frozenset[str] = frozenset()
+    stop_after: str | None = None
+    max_iterations: int = 8
+    max_deviation: float | None = None  # for approximate passes: max abs output change allowed
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    iteration: int
+    changed: bool
+    counts: dict[str, int]
+    seconds: float
+    exact: bool
+    max_abs_change: float | None = None  # measured with verify_each or for approximate passes
+    dump: str | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PipelineReport:
+    pipeline: list[str]
+    records: list[PassRecord]
+    iterations: int
+    stopped_after: str | None = None
+
+    def totals(self) -> dict[str, dict[str, Any]]:
+        """Per pass: counts summed over sweeps, total seconds, and the largest measured change."""
+
+        totals: dict[str, dict[str, Any]] = {}
+        for r in self.records:
+            entry = totals.setdefault(
+                r.name, {"counts": {}, "seconds": 0.0, "exact": r.exact, "max_abs_change": None, "details": {}}
+            )
+            for key, n in r.counts.items():
+                entry["counts"][key] = entry["counts"].get(key, 0) + n
+            entry["seconds"] += r.seconds
+            if r.max_abs_change is not None:
+                entry["max_abs_change"] = max(entry["max_abs_change"] or 0.0, r.max_abs_change)
+            entry["details"].update(r.details)
+        return totals
+
+    def applied(self) -> list[dict[str, Any]]:
+        """Passes that changed the model, for the manifest."""
+
+        return [
+            {"pass": name, **info}
+            for name, info in self.totals().items()
+            if info["counts"]
+        ]
+
+    def pipeline_string(self) -> str:
+        return ",".join(self.pipeline)
+
+
+def parse_pipeline(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        get_pass(name)
+    return names
+
+
+def run_pipeline(
+    model: CompilationModel,
+    pass_names: list[str],
+    ctx: PassContext,
+    options: PipelineOptions | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> PipelineReport:
+    options = options or PipelineOptions()
+    for name in [*options.disabled, *([options.stop_after] if options.stop_after else [])]:
+        get_pass(name)
+        if name not in pass_names:
+            raise UsageError(
+                f"pass '{name}' is not in the {ctx.target} pipeline",
+                hint="pipeline: " + ",".join(pass_names),
+            )
+    passes = [get_pass(n) for n in pass_names if n not in options.disabled]
+    passes = [p for p in passes if p.exact or p.name in ctx.approximations]
+    report = PipelineReport(pipeline=[p.name for p in passes], records=[], iterations=0)
+
+    checker = _OutputChecker(model, ctx, options)
+    step = 0
+    if options.dump_dir is not None:
+        options.dump_dir.mkdir(parents=True, exist_ok=True)
+        save_onnx(model.to_onnx(), options.dump_dir / "000_input.onnx")
+
+    for iteration in range(1, options.max_iterations + 1):
+        report.iterations = iteration
+        changed_this_sweep: list[str] = []
+        for info in passes:
+            before = model.to_onnx()
+            started = time.perf_counter()
+            result = _run_one(info, model, ctx, before, report, options)
+            seconds = time.perf_counter() - started
+            record = PassRecord(
+                name=info.name,
+                iteration=iteration,
+                changed=result.changed,
+                counts=dict(result.counts),
+                seconds=seconds,
+                exact=info.exact,
+                details=dict(result.details),
+            )
+            ctx.diagnostics.extend(result.diagnostics)
+            if result.changed:
+                changed_this_sweep.append(info.name)
+                step += 1
+                record.max_abs_change = checker.check(info, model, before, report)
+                if options.dump_dir is not None:
+                    path = options.dump_dir / f"{step:03d}_{info.name}.onnx"
+                    save_onnx(model.to_onnx(), path)
+                    record.dump = path.name
+            report.records.append(record)
+            if on_pass is not None:
+                on_pass(record)
+            if options.stop_after == info.name:
+                report.stopped_after = info.name
+                return report
+        if not changed_this_sweep:
+            return report
+    raise InternalError(
+        f"pipeline did not converge in {options.max_iterations} sweeps; passes still changing the graph: "
+        + ", ".join(dict.fromkeys(changed_this_sweep)),
+        hint="two passes probably undo each other; disable one with --disable-pass and report the bug",
+    )
+
+
+def _run_one(
+    info: PassInfo,
+    model: CompilationModel,
+    ctx: PassContext,
+    before: onnx.ModelProto,
+    report: PipelineReport,
+    options: PipelineOptions,
+) -> PassResult:
+    try:
+        result = info.fn(model, ctx)
+    except QanacError:
+        raise
+    except Exception as exc:
+        where = write_reproducer(before, info.name, report.pipeline, ctx.target, options.dump_dir)
+        raise InternalError(
+            f"pass '{info.name}' ({info.origin}) failed: {type(exc).__name__}: {exc}",
+            hint=f"reproducer written to {where}",
+        ) from exc
+    if not isinstance(result, PassResult):
+        raise InternalError(f"pass '{info.name}' ({info.origin}) returned {type(result).__name__}, not PassResult")
+    if result.changed:
+        model.graph.cleanup().toposort()
+    return result
+
+
+def write_reproducer(
+    model: onnx.ModelProto, pass_name: str, pipeline: list[str], target: str, dump_dir: Path | None
+) -> Path:
+    """Save the model just before a failing pass and the pipeline that reproduces the failure."""
+
+    where = (dump_dir / "reproducer") if dump_dir is not None else Path(tempfile.mkdtemp(prefix="qanac-reproducer-"))
+    where.mkdir(parents=True, exist_ok=True)
+    save_onnx(model, where / f"before_{pass_name}.onnx")
+    start = pipeline.index(pass_name) if pass_name in pipeline else 0
+    (where / "pipeline.txt").write_text(
+        f"failing pass: {pass_name}\n"
+        f"full pipeline: {','.join(pipeline)}\n"
+        f"reproduce: qanac compile {where / f'before_{pass_name}.onnx'} --target {target} "
+        f"--pipeline {','.join(pipeline[start:])} --stop-after {pass_name} -o /tmp/qanac-repro --force\n"
+    )
+    return where
+
+
+class _OutputChecker:
+    """Measures how much a pass changed the model's outputs (with post-processing applied)."""
+
+    def __init__(self, model: CompilationModel, ctx: PassContext, options: PipelineOptions):
+        self.ctx = ctx
+        self.options = options
+        self.samples = None
+        if ctx.calibration is not None:
+            self.samples = ctx.calibration.take(VERIFY_SAMPLES).arrays
+        self.initial = model.to_onnx() if self.samples is not None else None
+        self.initial_post = list(model.post_processing)
+        self.reference: list[np.ndarray] | None = None
+
+    def _outputs(self, proto: onnx.ModelProto, post: list[dict[str, Any]]) -> list[np.ndarray]:
+        assert self.samples is not None
+        return apply_post_processing(run_onnx(proto, self.samples), output_names(proto), post)
+
+    def check(
+        self, info: PassInfo, model: CompilationModel, before: onnx.ModelProto, report: PipelineReport
+    ) -> float | None:
+        wanted = self.options.verify_each or not info.exact
+        if not wanted or self.samples is None:
+            if not info.exact and self.samples is None:
+                raise UsageError(
+                    f"approximate pass '{info.name}' needs calibration data to measure its deviation",
+                    hint="pass --calib with real samples",
+                )
+            return None
+        before_post = json.loads(
+            next((p.value for p in before.metadata_props if p.key == "qanac.post_processing"), "[]")
+        )
+        after_proto = model.to_onnx()
+        try:
+            previous = self._outputs(before, before_post)
+            current = self._outputs(after_proto, model.post_processing)
+        except QanacError:
+            raise
+        except Exception as exc:
+            where = write_reproducer(before, info.name, report.pipeline, self.ctx.target, self.options.dump_dir)
+            raise InternalError(
+                f"pass '{info.name}' produced a model ONNX Runtime cannot run: {type(exc).__name__}: {exc}",
+                hint=f"reproducer written to {where}",
+            ) from exc
+        if self.reference is None:
+            self.reference = self._outputs(self.initial, self.initial_post)
+        change = max(
+            (float(np.max(np.abs(p.astype(np.float64) - c.reshape(p.shape)))) if p.size == c.size else float("inf"))
+            for p, c in zip(previous, current)
+        )
+        if info.exact:
+            violation = max_exact_violation(previous, current)
+            if violation is not None:
+                where = write_reproducer(before, info.name, report.pipeline, self.ctx.target, self.options.dump_dir)
+                raise InternalError(
+                    f"exact pass '{info.name}' changed the outputs: max abs error {violation[0]:.3g} > "
+                    f"tolerance {violation[1]:.3g}",
+                    hint=f"this is a bug in the pass; reproducer written to {where}",
+                )
+            return change
+        deviation = max(
+            float(np.max(np.abs(r.astype(np.float64) - c.reshape(r.shape))))
+            for r, c in zip(self.reference, current)
+        )
+        limit = self.options.max_deviation
+        if limit is not None and deviation > limit:
+            raise VerificationError(
+                f"approximation '{info.name}' changed the outputs by {deviation:.4g} (max abs) on the "
+                f"calibration data, above --max-deviation {limit}",
+                hint=f"raise --max-deviation to at least {deviation:.4g}, or do not enable '{info.name}'",
+            )
+        return deviation

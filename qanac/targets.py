@@ -1,0 +1,59 @@
+"""Targets: what each device accepts, which passes prepare a model for it, and which backend emits it.
+
+A target is declarative. Its pipeline is a list of registered pass names (canonicalization first, then
+the target's legalization); its lint rules, when it has any, are one table used by both ``qanac lint``
+and legalization so the rules live in one place. Backends are imported only when used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from qanac.diagnostics import UsageError
+
+# Exact, target-independent normalisation of any imported model (docs/passes.md).
+CANONICALIZE: tuple[str, ...] = (
+    "upgrade-opset",
+    "remove-initializer-inputs",
+    "remove-dropout-identity",
+    "infer-shapes",
+    "fold-constants",
+    "explicit-pads",
+    "fold-batchnorm-into-conv",
+    "batchnorm-to-affine",
+    "strip-trailing-softmax",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    backend: str  # "module:Class"
+    pipeline: tuple[str, ...]
+    rules: str | None = None  # "module:attribute" holding the target's lint rule table
+    default_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def load_backend(self):
+        module_name, _, class_name = self.backend.partition(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, class_name)()
+
+
+TARGETS: dict[str, Target] = {
+    "onnxruntime": Target(
+        name="onnxruntime",
+        description="int8 QDQ ONNX model for ONNX Runtime (static, per-channel), the reference deployment",
+        backend="qanac.backends.onnxruntime:OnnxRuntimeBackend",
+        pipeline=CANONICALIZE,
+    ),
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"unknown target '{name}'", hint="targets: " + ", ".join(sorted(TARGETS))) from None
