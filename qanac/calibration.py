@@ -147,7 +147,7 @@ def load_data(
             array = preprocessing.apply(array)
         else:
             array = array.astype(np.float32)
-        _check_shape(spec, array, path)
+        check_shape(spec, array, path)
         model_ready[spec.name] = array
     return CalibrationData(
         arrays=model_ready,
@@ -192,7 +192,7 @@ def _read_npz(path: Path, inputs: Sequence[InputSpec]) -> tuple[dict[str, np.nda
     raise UsageError(f"{path} has arrays {sorted(stored)}; expected arrays named after the inputs: {names}")
 
 
-def _check_shape(spec: InputSpec, array: np.ndarray, path: Path) -> None:
+def check_shape(spec: InputSpec, array: np.ndarray, path: Path) -> None:
     expected = tuple(spec.shape[1:])
     if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != expected:
         hint = ""
@@ -213,27 +213,32 @@ def load_image_folder(path: Path, shape: Sequence[int]) -> tuple[np.ndarray, np.
     Images in sub-folders get integer labels from the sorted sub-folder names.
     """
 
-    from PIL import Image
-
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
-    channels, height, width = shape[1], shape[2], shape[3]
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise UsageError(f"image folders need a 1- or 3-channel input; the model has {channels}")
     classes = sorted({p.parent.relative_to(path).as_posix() for p in files} - {"."})
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as img:
-                img = img.convert(mode).resize((width, height), Image.BILINEAR)
-                array = np.asarray(img, dtype=np.uint8)
-        except OSError as exc:
-            raise UsageError(f"cannot read image {file}: {exc}") from exc
-        images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
     labels = None
     if classes:
         index = {name: i for i, name in enumerate(classes)}
         labels = np.array([index.get(p.parent.relative_to(path).as_posix(), -1) for p in files])
-    return np.stack(images), labels
+    return load_images(files, shape), labels
+
+
+def load_images(files: Sequence[Path], shape: Sequence[int]) -> np.ndarray:
+    """Read image files as uint8 NCHW resized to ``shape`` (N, C, H, W)."""
+
+    from PIL import Image
+
+    channels, height, width = shape[1], shape[2], shape[3]
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise UsageError(f"images need a 1- or 3-channel input; the model has {channels}")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                array = np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR), dtype=np.uint8)
+        except OSError as exc:
+            raise UsageError(f"cannot read image {file}: {exc}") from exc
+        images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+    return np.stack(images)

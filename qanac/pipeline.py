@@ -87,6 +87,8 @@ class PipelineReport:
     records: list[PassRecord]
     iterations: int
     stopped_after: str | None = None
+    # the model just before the first approximate pass: the float truth that verification compares to
+    float_reference: onnx.ModelProto | None = None
 
     def totals(self) -> dict[str, dict[str, Any]]:
         """Per pass: counts summed over sweeps, total seconds, and the largest measured change."""
@@ -154,6 +156,8 @@ def run_pipeline(
         changed_this_sweep: list[str] = []
         for info in passes:
             before = model.to_onnx()
+            if not info.exact and report.float_reference is None:
+                report.float_reference = before
             started = time.perf_counter()
             result = _run_one(info, model, ctx, before, report, options)
             seconds = time.perf_counter() - started

@@ -1,0 +1,331 @@
+"""The ``qanac`` command line (click). Each command's docstring is its --help text.
+
+Exit codes: 0 ok; 1 verification failed; 2 bad usage or unreadable input; 3 model not supported by the
+target; 4 internal error (a bug: please report it with the reproducer qanac wrote).
+Errors print one line and a hint on stderr (or a JSON object with --json); --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import click  # noqa: E402
+
+from qanac import __version__  # noqa: E402
+from qanac.diagnostics import EXIT_INTERNAL, EXIT_VERIFY_FAILED, QanacError, UsageError  # noqa: E402
+
+
+def emit_json(data: Any) -> None:
+    from qanac.bundle import _json_default
+
+    click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn QanacError into its exit code and a one-line message; anything else is an internal error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            return fn(*args, **kwargs)
+        except QanacError as exc:
+            if debug:
+                traceback.print_exc()
+            if as_json:
+                emit_json(exc.to_dict())
+            else:
+                click.echo(f"error: {exc.message}", err=True)
+                for diagnostic in exc.diagnostics:
+                    click.echo("  " + diagnostic.format().replace("\n", "\n  "), err=True)
+                if exc.hint:
+                    click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug: say so, with the way to see more
+            if debug:
+                traceback.print_exc()
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            if as_json:
+                emit_json({"error": "InternalError", "exit_code": EXIT_INTERNAL, "message": message})
+            else:
+                click.echo(message, err=True)
+                if not debug:
+                    click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qanac")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """qanac: compile convolutional networks for neuromorphic hardware, verified against the float model."""
+
+
+def _progress(label: str, total: int, enabled: bool = True):
+    """A click progress bar on stderr (hidden when stderr is not a terminal or in --json mode)."""
+
+    return click.progressbar(length=total, label=label, file=sys.stderr if enabled else open(os.devnull, "w"))
+
+
+def _parse_pass_options(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    for value in values:
+        key, sep, raw = value.partition("=")
+        pass_name, dot, option = key.rpartition(".")
+        if not sep or not dot:
+            raise UsageError(f"cannot parse --pass-option '{value}'", hint="use PASS.OPTION=VALUE")
+        try:
+            parsed: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = raw
+        options.setdefault(pass_name, {})[option] = parsed
+    return options
+
+
+def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--{name} takes comma-separated numbers, got '{text}'") from None
+
+
+@cli.command("compile")
+@click.argument("source")
+@click.option("--target", "-t", required=True, help="Target to compile for (see `qanac targets`).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--calib", help="Calibration data: X.npy, X.npz, an image folder, or 'random' (not advised).")
+@click.option("--num-calib", type=click.IntRange(min=1), help="Use only the first N calibration samples.")
+@click.option("--input-shape", help="Fix input shapes: 1,3,64,64 or NAME:1,3,64,64;NAME2:... .")
+@click.option("--weights", type=click.Path(), help="state_dict for a PyTorch factory source.")
+@click.option("--device", help="Device of the target (Akida: SixNodesIPv2, AKD1000, auto, ...).")
+@click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="onnxruntime target: how activation ranges are calibrated.")
+@click.option("--scale", type=float, help="Preprocessing: raw uint8 images are multiplied by this (default 1/255).")
+@click.option("--mean", help="Preprocessing: per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Preprocessing: per-channel std divided by after the mean.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), help="Text file: one class label per line.")
+@click.option("--pipeline", "pipeline_text", help="Comma-separated pass names replacing the target's pipeline.")
+@click.option("--disable-pass", multiple=True, help="Skip this pass (repeatable).")
+@click.option("--stop-after", help="Run the pipeline up to this pass, write OUTPUT/model.onnx, skip the backend.")
+@click.option("--approx", multiple=True, help="Enable an approximate pass (repeatable); always reported.")
+@click.option("--max-deviation", type=float, help="Fail (exit 1) if an approximation changes outputs by more.")
+@click.option("--pass-option", multiple=True, help="PASS.OPTION=VALUE setting for a pass (repeatable).")
+@click.option("--plugin", multiple=True, type=click.Path(), help="Python file registering extra passes.")
+@click.option("--dump-dir", type=click.Path(path_type=Path), help="Write the model after every changing pass.")
+@click.option("--time-passes", is_flag=True, help="Print the time spent in each pass.")
+@click.option("--verify-each", is_flag=True, help="Check outputs on calibration data after every pass.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+@handle_errors
+def compile_command(source: str, target: str, output: Path, calib: str | None, num_calib: int | None,
+                    input_shape: str | None, weights: str | None, device: str | None, calibrate_method: str,
+                    scale: float | None, mean: str | None, std: str | None, labels: str | None,
+                    pipeline_text: str | None, disable_pass: tuple[str, ...], stop_after: str | None,
+                    approx: tuple[str, ...], max_deviation: float | None, pass_option: tuple[str, ...],
+                    plugin: tuple[str, ...], dump_dir: Path | None, time_passes: bool, verify_each: bool,
+                    force: bool, as_json: bool) -> None:
+    """Compile SOURCE (an .onnx file, or a framework model) for a target into a bundle directory."""
+
+    from qanac.calibration import Preprocessing
+    from qanac.compiler import CompileRequest, compile_model
+    from qanac.pipeline import PipelineOptions, parse_pipeline
+    from qanac.registry import load_passes
+    from qanac.report import format_compile_result
+
+    load_passes(plugin)
+    preprocessing = Preprocessing(
+        scale=scale if scale is not None else 1.0 / 255.0,
+        mean=_parse_floats(mean, "mean") or (0.0,),
+        std=_parse_floats(std, "std") or (1.0,),
+    )
+    backend_options: dict[str, Any] = {"calibrate_method": calibrate_method}
+    if device:
+        backend_options["device"] = device
+    request = CompileRequest(
+        source=source,
+        target=target,
+        output=output,
+        calibration=calib,
+        num_calibration=num_calib,
+        input_shape=input_shape,
+        weights=weights,
+        force=force,
+        pipeline=parse_pipeline(pipeline_text) if pipeline_text else None,
+        pipeline_options=PipelineOptions(
+            dump_dir=dump_dir,
+            time_passes=time_passes,
+            verify_each=verify_each,
+            disabled=frozenset(disable_pass),
+            stop_after=stop_after,
+            max_deviation=max_deviation,
+        ),
+        approximations=frozenset(approx),
+        pass_options=_parse_pass_options(pass_option),
+        backend_options=backend_options,
+        plugins=plugin,
+        preprocessing=preprocessing,
+        labels=Path(labels).read_text().split() if labels else None,
+    )
+
+    def on_pass(record) -> None:
+        if not as_json and record.changed:
+            counts = ", ".join(f"{k} x{v}" for k, v in record.counts.items())
+            click.echo(f"  [{record.iteration}] {record.name}: {counts}", err=True)
+
+    if not as_json:
+        click.echo(f"compiling {source} for {target} ...", err=True)
+    result = compile_model(request, on_pass=on_pass)
+    if as_json:
+        emit_json({"output": str(result.output), "manifest": result.manifest, "report": result.report})
+    else:
+        click.echo(format_compile_result(result, time_passes=time_passes))
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Data to compare on: X.npy, X.npz (optional 'labels') or an image folder.")
+@click.option("--min-agreement", type=float, default=0.95, show_default=True, help="Minimum top-1 agreement.")
+@click.option("--min-sqnr", type=float, default=15.0, show_default=True, help="Minimum SQNR in dB.")
+@json_option
+@handle_errors
+def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: float, as_json: bool) -> None:
+    """Compare a bundle's compiled model with its float reference on DATA; exit 1 below the thresholds."""
+
+    from qanac.bundle import Bundle
+    from qanac.compare import Thresholds
+    from qanac.verify import compiled_runners, load_bundle_data, verify_bundle
+
+    opened = Bundle.open(bundle)
+    samples = load_bundle_data(opened, data)
+    models = 1 + len(compiled_runners(opened, {}))
+    with _progress("verifying", samples.num_samples * models, enabled=not as_json) as bar:
+        result = verify_bundle(opened, samples, Thresholds(min_agreement, min_sqnr), progress=bar.update)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        click.echo(result.format())
+    if not result.passed:
+        click.get_current_context().exit(EXIT_VERIFY_FAILED)
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", required=True, multiple=True,
+              help="X.npy / X.npz, an image folder, or image files (repeatable).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Save the outputs (.npy, or .npz for several).")
+@click.option("--hardware", is_flag=True, help="Run on a connected device (Akida) instead of the software backend.")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to print per sample.")
+@json_option
+@handle_errors
+def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, hardware: bool, top: int,
+                as_json: bool) -> None:
+    """Run a bundle on inputs with its recorded preprocessing; print predictions (with labels if recorded)."""
+
+    import numpy as np
+
+    from qanac.bundle import Bundle
+    from qanac.run import load_run_inputs, predictions
+    from qanac.verify import run_bundle
+
+    opened = Bundle.open(bundle)
+    data, names = load_run_inputs(opened, inputs)
+    with _progress("running", data.num_samples, enabled=not as_json) as bar:
+        outputs = run_bundle(opened, data, {"hardware": hardware}, progress=bar.update)
+    if output is not None:
+        if len(outputs) == 1 and output.suffix == ".npy":
+            np.save(output, outputs[0])
+        else:
+            np.savez(output, **dict(zip(opened.output_names, outputs)))
+    preds = predictions(outputs[0], opened.labels, names, top)
+    if as_json:
+        emit_json({"predictions": preds, "output_file": str(output) if output else None})
+    else:
+        for p in preds:
+            classes = ", ".join(f"{c['label']} ({c['score']:.4g})" for c in p["top"])
+            click.echo(f"{p['input']}: {classes}")
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def inspect_command(model: Path, as_json: bool) -> None:
+    """Show a model's inputs and outputs, op histogram, parameter count and MACs per sample."""
+
+    from qanac.graph import load_onnx
+    from qanac.model_summary import summarize
+
+    summary = summarize(load_onnx(model))
+    if as_json:
+        emit_json(summary.to_dict())
+    else:
+        click.echo(summary.format())
+
+
+@cli.command("passes")
+@click.option("--plugin", multiple=True, type=click.Path(), help="Python file registering extra passes.")
+@click.option("--target", help="Show only passes serving this target, in its pipeline order first.")
+@json_option
+@handle_errors
+def passes_command(plugin: tuple[str, ...], target: str | None, as_json: bool) -> None:
+    """List the registered passes (built-in, entry points, plugins) with their documentation."""
+
+    from qanac.registry import all_passes, load_passes
+    from qanac.targets import get_target
+
+    load_passes(plugin)
+    infos = all_passes()
+    if target is not None:
+        infos = [p for p in infos if p.serves(target)]
+        pipeline = get_target(target).pipeline
+        infos.sort(key=lambda p: pipeline.index(p.name) if p.name in pipeline else len(pipeline))
+    if as_json:
+        emit_json([p.to_dict() for p in infos])
+        return
+    for p in infos:
+        kind = "exact" if p.exact else "approximate (opt-in)"
+        click.echo(f"{p.name}  [{kind}; targets: {', '.join(sorted(p.targets))}]")
+        click.echo(f"    {p.summary}")
+        click.echo(f"    from {p.origin}")
+
+
+@cli.command("targets")
+@json_option
+@handle_errors
+def targets_command(as_json: bool) -> None:
+    """List the compilation targets and their pipelines."""
+
+    from qanac.targets import TARGETS
+
+    if as_json:
+        emit_json([{"name": t.name, "description": t.description, "pipeline": list(t.pipeline)} for t in TARGETS.values()])
+        return
+    for t in TARGETS.values():
+        click.echo(f"{t.name}: {t.description}\n    pipeline: {','.join(t.pipeline)}")
+
+
+def main() -> None:
+    cli(prog_name="qanac")
+
+
+if __name__ == "__main__":
+    main()

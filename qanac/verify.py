@@ -1,0 +1,144 @@
+"""Running a bundle and checking it against its float reference.
+
+``run_bundle`` executes the compiled model of a bundle with the post-processing the manifest records, so
+its outputs mean what the original model's outputs meant. ``verify_bundle`` runs the float reference and
+the compiled model (and any other model the backend offers, such as Akida's quantized ONNX) on the same
+data and compares them with explicit thresholds (qanac.compare).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from qanac.bundle import Bundle
+from qanac.calibration import CalibrationData, InputSpec, Preprocessing, load_data
+from qanac.compare import OutputComparison, Thresholds, compare_outputs, failures
+from qanac.diagnostics import UsageError
+from qanac.execution import apply_post_processing, make_session, run_session
+from qanac.targets import get_target
+
+Progress = Callable[[int], None]
+
+
+def bundle_inputs(bundle: Bundle) -> list[InputSpec]:
+    return [
+        InputSpec(i["name"], tuple(d if isinstance(d, int) and d > 0 else 1 for d in i["shape"]), i["dtype"])
+        for i in bundle.manifest["inputs"]
+    ]
+
+
+def bundle_preprocessing(bundle: Bundle) -> Preprocessing:
+    return Preprocessing.from_dict(bundle.manifest["inputs"][0].get("preprocessing", {}))
+
+
+def load_bundle_data(bundle: Bundle, source: str | Path) -> CalibrationData:
+    return load_data(source, bundle_inputs(bundle), bundle_preprocessing(bundle))
+
+
+def compiled_runners(bundle: Bundle, options: dict[str, Any]) -> dict[str, Any]:
+    """The compiled model's runner under the name ``compiled``, plus any the backend adds."""
+
+    backend = get_target(bundle.target).load_backend()
+    runners = {"compiled": backend.load_runner(bundle.path, bundle.manifest, options)}
+    extra = getattr(backend, "extra_runners", None)
+    if extra is not None:
+        runners.update(extra(bundle.path, bundle.manifest, options))
+    return runners
+
+
+def run_bundle(
+    bundle: Bundle, data: CalibrationData, options: dict[str, Any] | None = None, progress: Progress | None = None
+) -> list[np.ndarray]:
+    runner = compiled_runners(bundle, options or {})["compiled"]
+    outputs = _run(runner, data, progress)
+    return apply_post_processing(outputs, bundle.output_names, bundle.manifest.get("post_processing", []))
+
+
+def run_reference(bundle: Bundle, data: CalibrationData, progress: Progress | None = None) -> list[np.ndarray]:
+    session = make_session(str(bundle.file("reference")))
+    outputs = run_session(session, data.arrays, progress=progress)
+    return apply_post_processing(outputs, bundle.output_names, bundle.manifest.get("post_processing", []))
+
+
+def _run(runner: Any, data: CalibrationData, progress: Progress | None) -> list[np.ndarray]:
+    try:
+        return runner.run(data.arrays, progress=progress)
+    except TypeError:
+        outputs = runner.run(data.arrays)
+        if progress is not None:
+            progress(data.num_samples)
+        return outputs
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    samples: int
+    thresholds: Thresholds
+    comparisons: dict[str, list[OutputComparison]]
+    failures: list[str]
+    label_accuracy: dict[str, float] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "thresholds": self.thresholds.to_dict(),
+            "comparisons": {k: [c.to_dict() for c in v] for k, v in self.comparisons.items()},
+            "failures": self.failures,
+            "label_accuracy": self.label_accuracy,
+        }
+
+    def format(self) -> str:
+        lines = [f"{self.samples} samples; thresholds: top-1 agreement >= {self.thresholds.min_top1_agreement}, "
+                 f"SQNR >= {self.thresholds.min_sqnr_db} dB"]
+        for model_name, results in self.comparisons.items():
+            for r in results:
+                agreement = "n/a" if r.top1_agreement is None else f"{r.top1_agreement:.4f}"
+                lines.append(
+                    f"  float vs {model_name:<10} output {r.name}: top-1 agreement {agreement}, "
+                    f"max abs err {r.max_abs_error:.4g}, mean abs err {r.mean_abs_error:.4g}, SQNR {r.sqnr_db:.2f} dB"
+                )
+        if self.label_accuracy:
+            lines.append("  accuracy on labels: " + ", ".join(f"{k} {v:.4f}" for k, v in self.label_accuracy.items()))
+        lines.append("PASSED" if self.passed else "FAILED:\n  " + "\n  ".join(self.failures))
+        return "\n".join(lines)
+
+
+def verify_bundle(
+    bundle: Bundle,
+    data: CalibrationData,
+    thresholds: Thresholds,
+    options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> VerifyResult:
+    """Compare every model of the bundle with the float reference; only ``compiled`` decides pass/fail,
+    the others (e.g. ``quantized``) are there to tell quantization error from device error."""
+
+    names = bundle.output_names
+    post = bundle.manifest.get("post_processing", [])
+    reference = run_reference(bundle, data, progress)
+    comparisons: dict[str, list[OutputComparison]] = {}
+    outputs_by_model: dict[str, list[np.ndarray]] = {"float": reference}
+    for model_name, runner in compiled_runners(bundle, options or {}).items():
+        outputs = apply_post_processing(_run(runner, data, progress), names, post)
+        try:
+            comparisons[model_name] = compare_outputs(names, reference, outputs)
+        except ValueError as exc:
+            raise UsageError(f"{model_name} model of the bundle: {exc}") from exc
+        outputs_by_model[model_name] = outputs
+    problems = failures(comparisons["compiled"], thresholds)
+    accuracy = None
+    if data.labels is not None and len(data.labels) == data.num_samples and (data.labels >= 0).all():
+        accuracy = {
+            name: float(np.mean(np.argmax(out[0].reshape(len(out[0]), -1), axis=1) == data.labels))
+            for name, out in outputs_by_model.items()
+        }
+    return VerifyResult(data.num_samples, thresholds, comparisons, problems, accuracy)

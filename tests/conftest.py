@@ -1,0 +1,69 @@
+"""Shared fixtures: small models built in code (text-form ONNX or tiny PyTorch nets), never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper, parser
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_bn_relu_softmax(seed: int = 0, batch: str = "N") -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu -> GAP -> Flatten -> Gemm -> Softmax, random weights, NCHW 1x3x8x8."""
+
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
+        "scale": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        "bias": rng.normal(0, 0.1, 8).astype(np.float32),
+        "mean": rng.normal(0, 0.1, 8).astype(np.float32),
+        "var": rng.uniform(0.5, 1.5, 8).astype(np.float32),
+        "fc_w": rng.normal(0, 0.3, (5, 8)).astype(np.float32),
+        "fc_b": rng.normal(0, 0.1, 5).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn_relu_softmax",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [batch, 5])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def small_model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "small.onnx"
+    onnx.save(conv_bn_relu_softmax(), str(path))
+    return path
+
+
+@pytest.fixture
+def small_calib_path(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.npy"
+    np.save(path, np.random.default_rng(1).uniform(0, 1, (16, 3, 8, 8)).astype(np.float32))
+    return path
