@@ -2,28 +2,104 @@
 
 from __future__ import annotations
 
-from qanac.graph import CompilationModel, bypass_node, nodes_of
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qanac.graph import CompilationModel, bypass_node, constant_value, is_graph_output, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
+from qanac.passes._rewrite import derived_node_name, node_label
+
+# IR version 4 is the first in which an initializer need not also be listed as a graph input.
+FIRST_IR_WITHOUT_INITIALIZER_INPUTS = 4
+
+
+@register_pass("remove-initializer-inputs")
+def remove_initializer_inputs(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Stop listing initializers as graph inputs (old zoo models, IR version < 4).
+
+    Before IR 4 every initializer had to appear in ``graph.input`` too, which makes weights look like
+    model inputs. onnx-graphsurgeon already keeps initializers out of ``graph.inputs`` on import; this
+    pass removes any constant still listed there and raises the IR version to at least 4 so that the
+    exported model is valid without them. Invariant: ``graph.inputs`` holds only real (fed) inputs.
+    """
+
+    result = PassResult()
+    graph = model.graph
+    listed = [t for t in graph.inputs if isinstance(t, gs.Constant)]
+    if listed:
+        graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
+        result.count("remove-initializer-input", len(listed))
+    if graph.ir_version is not None and graph.ir_version < FIRST_IR_WITHOUT_INITIALIZER_INPUTS:
+        initializers = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+        if initializers and not listed:
+            # a valid IR<4 model listed every initializer as an input; the importer dropped them
+            result.count("remove-initializer-input", len(initializers))
+        result.details["ir_version"] = {"from": graph.ir_version, "to": FIRST_IR_WITHOUT_INITIALIZER_INPUTS}
+        graph.ir_version = FIRST_IR_WITHOUT_INITIALIZER_INPUTS
+        model.ir_version = FIRST_IR_WITHOUT_INITIALIZER_INPUTS
+        result.changed = True
+    return result
+
+
+@register_pass("sum-to-add")
+def sum_to_add(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Rewrite the legacy variadic ``Sum`` of exactly two inputs as ``Add`` (same broadcasting).
+
+    A one-input Sum is its input and becomes an Identity (removed by remove-dropout-identity); a Sum of
+    three or more inputs is left alone. The node is renamed ``<name>::sum-to-add``. Invariant: no Sum
+    with one or two inputs remains.
+    """
+
+    result = PassResult()
+    for node in nodes_of(model.graph, ["Sum"]):
+        if len(node.inputs) not in (1, 2):
+            result.details.setdefault("skipped", {})[node_label(node)] = f"Sum of {len(node.inputs)} inputs"
+            continue
+        node.op = "Add" if len(node.inputs) == 2 else "Identity"
+        node.name = derived_node_name(node, "sum-to-add")
+        model.record(node, "sum-to-add")
+        result.count("sum-to-add" if node.op == "Add" else "sum-to-identity")
+    return result
 
 
 @register_pass("remove-dropout-identity")
 def remove_dropout_identity(model: CompilationModel, ctx: PassContext) -> PassResult:
     """Remove Identity nodes and inference-mode Dropout (including opset-9 Dropout with a mask output).
 
-    A Dropout whose mask output is consumed, or whose ``training_mode`` input is not a constant false,
-    is left alone. Graph output names never change.
+    A Dropout is in inference mode when it has no ``training_mode`` input or that input is a constant
+    false. A Dropout whose mask output is consumed or is a graph output, or whose ``training_mode`` is
+    not a constant false, is left alone (the reason is in the result's details). Graph output names never
+    change: when the removed node writes a graph output, its input's producer is made to write it.
     """
 
     result = PassResult()
-    for node in nodes_of(model.graph, ["Identity", "Dropout"]):
+    skipped: dict[str, str] = {}
+    graph = model.graph
+    for node in nodes_of(graph, ["Identity", "Dropout"]):
         if node.op == "Dropout":
-            if len(node.outputs) > 1 and node.outputs[1].outputs:
+            reason = _dropout_kept_because(graph, node)
+            if reason:
+                skipped[node_label(node)] = reason
                 continue
-            if len(node.inputs) > 2 and node.inputs[2].name:
-                continue
-            while len(node.outputs) > 1:
-                node.outputs.pop()
-        if bypass_node(model.graph, node):
-            result.count(f"remove-{node.op.lower() or 'node'}")
+        unused_outputs = [node.outputs.pop() for _ in range(len(node.outputs) - 1)][::-1]
+        if bypass_node(graph, node):
+            result.count(f"remove-{node.op.lower()}")
+        else:
+            node.outputs.extend(unused_outputs)
+            skipped[node_label(node)] = "its input cannot take over its output's name (graph input, constant or shared)"
+    if skipped:
+        result.details["skipped"] = skipped
     return result
+
+
+def _dropout_kept_because(graph: gs.Graph, node: gs.Node) -> str:
+    if len(node.outputs) > 1 and (node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])):
+        return "its mask output is used"
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        training = constant_value(node.inputs[2])
+        if training is None:
+            return "training_mode is not a constant"
+        if bool(np.asarray(training).reshape(-1)[0]):
+            return "training_mode is true"
+    return ""

@@ -15,8 +15,9 @@ from qanac.diagnostics import UsageError
 
 # Exact, target-independent normalisation of any imported model (docs/passes.md).
 CANONICALIZE: tuple[str, ...] = (
-    "upgrade-opset",
     "remove-initializer-inputs",
+    "upgrade-opset",
+    "sum-to-add",
     "remove-dropout-identity",
     "infer-shapes",
     "fold-constants",

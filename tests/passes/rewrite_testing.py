@@ -1,0 +1,96 @@
+"""Helpers for pass tests: run one pass or a pipeline on a text-form model and compare with ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from qanac.calibration import CalibrationData, Preprocessing
+from qanac.compare import exact_tolerance
+from qanac.execution import apply_post_processing, make_session
+from qanac.graph import CompilationModel, output_names
+from qanac.pipeline import PassContext, PipelineOptions, PipelineReport, run_pipeline
+from qanac.registry import PassResult, get_pass, load_passes
+from tests.conftest import parse
+
+__all__ = [
+    "apply_pass",
+    "assert_outputs_equal",
+    "ops",
+    "parse",
+    "random_inputs",
+    "run",
+    "verify_pipeline",
+]
+
+
+def apply_pass(model: onnx.ModelProto | CompilationModel, name: str) -> tuple[CompilationModel, PassResult]:
+    """Run one pass once, as the pipeline does (including its cleanup after a change)."""
+
+    load_passes()
+    compiled = model if isinstance(model, CompilationModel) else CompilationModel.from_onnx(model)
+    result = get_pass(name).fn(compiled, PassContext(target="onnxruntime"))
+    if result.changed:
+        compiled.graph.cleanup().toposort()
+    return compiled, result
+
+
+def ops(model: CompilationModel | onnx.ModelProto) -> list[str]:
+    if isinstance(model, CompilationModel):
+        return [n.op for n in model.graph.nodes]
+    return [n.op_type for n in model.graph.node]
+
+
+def random_inputs(model: onnx.ModelProto, batch: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """Normal samples for every real input; a symbolic first dimension becomes ``batch``."""
+
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feed = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feed[value.name] = rng.normal(size=dims).astype(dtype)
+    return feed
+
+
+def run(model: onnx.ModelProto | CompilationModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``model`` in ONNX Runtime, with its recorded post-processing applied."""
+
+    proto = model.to_onnx() if isinstance(model, CompilationModel) else model
+    post = model.post_processing if isinstance(model, CompilationModel) else []
+    session = make_session(proto)
+    feed = {i.name: inputs[i.name] for i in session.get_inputs()}
+    return apply_post_processing(session.run(None, feed), output_names(proto), post)
+
+
+def assert_outputs_equal(
+    reference: onnx.ModelProto, compiled: CompilationModel, inputs: dict[str, np.ndarray]
+) -> None:
+    """Same output names, shapes and values up to ``qanac.compare.exact_tolerance`` (max abs error
+    <= 1e-4 * (1 + max |reference|)), the tolerance ``--verify-each`` holds exact passes to."""
+
+    proto = compiled.to_onnx(check=True)
+    assert output_names(proto) == output_names(reference)
+    expected = run(reference, inputs)
+    actual = run(compiled, inputs)
+    for name, want, got in zip(output_names(reference), expected, actual):
+        assert got.shape == want.shape, name
+        error = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) if want.size else 0.0
+        assert error <= exact_tolerance(want), f"output {name}: max abs error {error:.3g}"
+
+
+def verify_pipeline(
+    model: onnx.ModelProto, passes: list[str], inputs: dict[str, np.ndarray]
+) -> tuple[CompilationModel, PipelineReport]:
+    """Run ``passes`` through ``run_pipeline`` with ``verify_each`` on ``inputs`` (batched arrays)."""
+
+    load_passes()
+    compiled = CompilationModel.from_onnx(model)
+    calibration = CalibrationData(arrays=inputs, source="test", preprocessing=Preprocessing())
+    report = run_pipeline(
+        compiled, passes, PassContext(target="onnxruntime", calibration=calibration), PipelineOptions(verify_each=True)
+    )
+    return compiled, report
