@@ -1,28 +1,59 @@
 """Frontends (import name ``qanac.frontends``): turn what the user has into an ONNX ModelProto.
 
-``import_model`` dispatches on the source: an ``.onnx`` file goes to the ONNX frontend; framework models
-are added by the framework frontends. Every frontend returns fixed input shapes (batch may stay dynamic)
-and, where it knows them, the source framework's names for the ONNX nodes.
+``import_model`` dispatches on the source:
+    model.onnx                       the ONNX frontend (``onnx_file``)
+    pkg.module:factory, file.py:f    PyTorch module factory (``torch``), optional ``weights`` state_dict
+    model.pt, model.ts, model.pt2    TorchScript archive or torch.export program (``torch``)
+    model.keras, model.h5, DIR/      Keras 2 (tf_keras) or 3, or a TensorFlow SavedModel (``keras``)
+Every frontend returns fixed input shapes (the batch may stay dynamic), NCHW image inputs, and, where it
+knows them, the framework's names for the ONNX nodes (model metadata ``qanac.source_names``). Framework
+frontends check the ONNX export against the framework's own output before returning.
+
+``export_canonical`` is ``qanac export``: import, run the exact CANONICALIZE pipeline, write the ONNX file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import onnx
 
-from qanac.diagnostics import UsageError
+from qanac.diagnostics import InternalError, UsageError
 from qanac.frontends import onnx_file
 
 
 @dataclasses.dataclass
 class ImportedModel:
+    """An imported model and what the user should know about the import.
+
+    ``original_layout`` names the inputs whose layout the frontend changed, with the layout the framework
+    model took (``{"image": "NHWC"}`` for a Keras image model, which qanac feeds NCHW). ``notes`` are
+    sentences for the user (a layout change, a batch dimension that had to be fixed).
+    """
+
     model: onnx.ModelProto
     framework: str  # "onnx", "torch", "keras"
     source: str
     seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+    original_layout: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What ``export_canonical`` wrote: the file, the import, the pipeline's report and timings."""
+
+    path: Path
+    imported: ImportedModel
+    report: "PipelineReport"  # noqa: F821 (qanac.pipeline imports passes lazily)
+    seconds: dict[str, float]
+    max_abs_change: float
 
 
 def parse_input_shapes(text: str | None) -> dict[str, tuple[int, ...]] | tuple[int, ...] | None:
@@ -42,14 +73,111 @@ def parse_input_shapes(text: str | None) -> dict[str, tuple[int, ...]] | tuple[i
         raise UsageError(f"cannot parse --input-shape '{text}'", hint="use 1,3,64,64 or name:1,3,64,64") from None
 
 
-def import_model(source: str, input_shape: str | None = None) -> ImportedModel:
+def import_model(source: str, input_shape: str | None = None, weights: str | None = None) -> ImportedModel:
+    """Import ``source`` (see the module docstring) with the shapes of ``input_shape`` (``--input-shape``)."""
+
     started = time.perf_counter()
     shapes = parse_input_shapes(input_shape)
     path = Path(source)
-    if path.suffix == ".onnx" or (path.exists() and path.is_file() and path.suffix not in {".pt", ".pt2", ".h5", ".keras"}):
+    from qanac.frontends import keras as keras_frontend
+    from qanac.frontends import torch as torch_frontend
+
+    if weights is not None and not torch_frontend.is_factory(source):
+        raise UsageError(
+            "--weights applies to a PyTorch module factory (pkg.module:factory) only",
+            hint="ONNX, TorchScript, torch.export and Keras files carry their weights",
+        )
+    if torch_frontend.is_factory(source) or path.suffix in torch_frontend.SUFFIXES:
+        model, notes = torch_frontend.load(source, shapes, weights)
+        return ImportedModel(model, "torch", source, time.perf_counter() - started, notes)
+    if path.suffix in keras_frontend.SUFFIXES or path.is_dir():
+        model, notes = keras_frontend.load(path, shapes)
+        layouts = {name: "NHWC" for name in _image_inputs(model)}
+        return ImportedModel(model, "keras", source, time.perf_counter() - started, notes, layouts)
+    if path.suffix == ".onnx" or path.is_file():
         model = onnx_file.load(path, shapes)
         return ImportedModel(model, "onnx", source, time.perf_counter() - started)
+    if not path.exists() and ":" not in source:
+        raise UsageError(f"model not found: {source}")
     raise UsageError(
         f"cannot tell what kind of model '{source}' is",
-        hint="give an .onnx file",
+        hint="give an .onnx, .pt, .ts, .pt2, .keras or .h5 file, a SavedModel directory, or pkg.module:factory",
     )
+
+
+def _image_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [
+        i.name for i in model.graph.input if i.name not in inits and len(i.type.tensor_type.shape.dim) == 4
+    ]
+
+
+def export_canonical(
+    source: str,
+    output_path: str | Path,
+    input_shape: str | None = None,
+    weights: str | None = None,
+    pipeline: Sequence[str] | None = None,
+) -> ExportResult:
+    """Import ``source``, run the exact CANONICALIZE pipeline (or ``pipeline``) for the onnxruntime target,
+    check the result against the imported model on a sample, and write it to ``output_path`` atomically
+    (a temporary file in the same directory, renamed into place; nothing is written on failure)."""
+
+    from qanac.graph import CompilationModel
+    from qanac.pipeline import PassContext, run_pipeline
+    from qanac.registry import load_passes
+    from qanac.targets import CANONICALIZE
+
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise UsageError(f"output {output_path} is a directory; give a file name such as model.onnx")
+    if not output_path.parent.exists():
+        raise UsageError(f"output directory {output_path.parent} does not exist")
+    imported = import_model(source, input_shape, weights)
+    load_passes()
+    started = time.perf_counter()
+    model = CompilationModel.from_onnx(imported.model)
+    report = run_pipeline(model, list(pipeline or CANONICALIZE), PassContext(target="onnxruntime"))
+    canonical = model.to_onnx()
+    seconds = {"import": imported.seconds, "pipeline": time.perf_counter() - started}
+    change = _check_canonical(imported.model, canonical)
+    _write_atomically(canonical, output_path)
+    return ExportResult(output_path, imported, report, seconds, change)
+
+
+def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto) -> float:
+    """Max abs output change from canonicalization on one random sample; an exact pipeline must not
+    change outputs beyond float rounding (InternalError otherwise: a bug in a pass)."""
+
+    from qanac.compare import max_exact_violation
+    from qanac.execution import run_onnx
+    from qanac.graph import input_specs
+
+    rng = np.random.default_rng(0)
+    feeds = {
+        spec.name: rng.standard_normal((2, *spec.shape[1:])).astype(spec.dtype) for spec in input_specs(imported)
+    }
+    before = run_onnx(imported, feeds)
+    after = run_onnx(canonical, feeds)
+    violation = max_exact_violation(before, [a.reshape(b.shape) if a.size == b.size else a for b, a in zip(before, after)])
+    if violation is not None:
+        raise InternalError(
+            f"canonicalization changed the model's outputs: max abs error {violation[0]:.3g} > "
+            f"tolerance {violation[1]:.3g}",
+            hint="rerun with `qanac compile --verify-each` to find the pass, and report the bug",
+        )
+    return max(
+        (float(np.max(np.abs(b.astype(np.float64) - a.reshape(b.shape)))) if b.size else 0.0)
+        for b, a in zip(before, after)
+    ) if before else 0.0
+
+
+def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        onnx.save(model, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
