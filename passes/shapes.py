@@ -1,0 +1,243 @@
+"""Shape inference: every tensor gets a dtype and a static shape (the batch dimension may stay dynamic).
+
+qanac's rewrites compute padding, broadcast shapes and channel counts from tensor shapes, and its
+targets have fixed-size inputs, so a dimension other than the batch that stays unknown is a user-facing
+error naming the tensor, with the way out (``--input-shape``).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx.shape_inference
+import onnx_graphsurgeon as gs
+
+from qanac.diagnostics import Diagnostic, Level, UsageError
+from qanac.graph import CompilationModel
+from qanac.pipeline import PassContext
+from qanac.registry import PassResult, register_pass
+from qanac.passes._rewrite import node_label
+from qanac.passes.constants import foldable_nodes
+
+INPUT_SHAPE_HINT = "fix it with --input-shape NAME:1,3,64,64 (or 1,3,64,64 for a single input)"
+
+
+@register_pass("infer-shapes")
+def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Run ONNX shape inference (strict, with data propagation) and record what it learns on the graph.
+
+    Only knowledge is added: a tensor's dtype or shape is updated when inference knows more than the
+    graph did, and the pass reports a change only then, so it converges. Value-info that contradicts
+    inference (stale, from an exporter) is replaced; when strict inference fails, shapes are inferred
+    leniently with a warning naming the failure. Dimensions ONNX inference loses to a
+    symbolic batch are learned by inferring with the batch fixed to 2 and 3. Invariant: graph inputs
+    have static shapes except the batch dimension, else UsageError; once no constant folding can teach more, every
+    tensor has a static shape except its batch dimension, else UsageError naming the tensors.
+    """
+
+    result = PassResult()
+    graph = model.graph
+    _check_inputs(model)
+    proto = model.to_onnx()
+    inferred, overwrite, failure = _infer(proto)
+    if failure:
+        warning = Diagnostic(
+            Level.WARNING,
+            "SHP003",
+            f"strict ONNX shape inference failed, shapes were inferred leniently: {failure}",
+            pass_name="infer-shapes",
+            hint="check the shapes the model declares against what its nodes compute",
+        )
+        if warning not in ctx.diagnostics:  # said once, not once per sweep
+            result.diagnostics.append(warning)
+
+    learned = gs.import_onnx(inferred).tensors()
+    for name, tensor in graph.tensors().items():
+        new = learned.get(name)
+        if not isinstance(tensor, gs.Variable) or not isinstance(new, gs.Variable):
+            continue
+        if _knows_more(new, tensor, overwrite):
+            tensor.dtype = new.dtype if new.dtype is not None else tensor.dtype
+            tensor.shape = new.shape if new.shape is not None else tensor.shape
+            result.count("learn-shape")
+
+    unresolved = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and _unresolved(t)]
+    if unresolved and _has_dynamic_batch(graph):
+        learned_from_probes = _resolve_with_batch_probes(model.to_onnx(), unresolved)
+        if learned_from_probes:
+            result.count("learn-shape", learned_from_probes)
+            unresolved = [t for t in unresolved if _unresolved(t)]
+    if unresolved:
+        if not foldable_nodes(graph):
+            raise UsageError(
+                f"{len(unresolved)} tensor(s) have no static shape: "
+                + ", ".join(f"'{t.name}' {_describe(t)}" for t in unresolved[:5])
+                + (", ..." if len(unresolved) > 5 else ""),
+                diagnostics=[_unresolved_diagnostic(model, t) for t in unresolved],
+                hint="qanac needs static shapes except the batch dimension; if they follow from a dynamic "
+                "input, " + INPUT_SHAPE_HINT + "; data-dependent shapes (NonZero, dynamic Reshape) are "
+                "not supported",
+            )
+        result.details["unresolved_shapes"] = [t.name for t in unresolved]
+    return result
+
+
+def _infer(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool, str]:
+    """Infer shapes strictly, then strictly without the model's intermediate value_info (stale exporter
+    annotations), then leniently (ONNX's inference has gaps ONNX Runtime does not).
+
+    Returns the inferred model, whether inferred shapes replace existing ones, and the strict failure.
+    """
+
+    def run(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
+
+    try:
+        return run(proto, True), False, ""
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        failure = _first_line(exc)
+    del proto.graph.value_info[:]
+    try:
+        return run(proto, True), True, failure
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        failure = _first_line(exc)
+    try:
+        return run(proto, False), True, failure
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise UsageError(f"ONNX shape inference failed: {_first_line(exc)}") from exc
+
+
+# Two batch sizes that are not 1 (where broadcasting could hide a batch dependence).
+PROBE_BATCHES = (2, 3)
+
+
+def _has_dynamic_batch(graph: gs.Graph) -> bool:
+    return any(t.shape and not _is_static(t.shape[0]) for t in graph.inputs)
+
+
+def _resolve_with_batch_probes(proto: onnx.ModelProto, unresolved: list[gs.Variable]) -> int:
+    """Learn the dimensions ONNX inference loses to a symbolic batch (``x.view(x.size(0), -1)``).
+
+    Shapes are inferred twice more with the dynamic batch of every input fixed to 2 and to 3; a
+    dimension after the first that both agree on does not depend on the batch and is adopted.
+    Returns how many tensors became fully known.
+    """
+
+    probes = [_probe_shapes(proto, batch) for batch in PROBE_BATCHES]
+    resolved = 0
+    for tensor in unresolved:
+        shapes = [probe.get(tensor.name) for probe in probes]
+        if any(shape is None for shape in shapes) or len({len(shape) for shape in shapes}) != 1:
+            continue
+        first, second = shapes
+        rest = first[1:]
+        if rest != second[1:] or not all(_is_static(d) for d in rest):
+            continue
+        if first and first[0] == second[0] and _is_static(first[0]):
+            batch = first[0]
+        elif tensor.shape:
+            batch = tensor.shape[0]
+        else:
+            batch = "batch"
+        tensor.shape = [batch, *rest] if first else []
+        resolved += 1
+    return resolved
+
+
+def _probe_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, list]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.value_info[:]
+    for value in probe.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    for value in probe.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return {}
+    shapes = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    return shapes
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _check_inputs(model: CompilationModel) -> None:
+    problems = []
+    for tensor in model.graph.inputs:
+        if tensor.shape is None:
+            problems.append((tensor, f"input '{tensor.name}' has no shape"))
+            continue
+        for i, dim in enumerate(tensor.shape):
+            if i > 0 and not _is_static(dim):
+                problems.append(
+                    (tensor, f"input '{tensor.name}' has a dynamic dimension {i} ('{dim or '?'}')")
+                )
+                break
+    if problems:
+        raise UsageError(
+            "; ".join(message for _, message in problems),
+            diagnostics=[
+                Diagnostic(Level.ERROR, "SHP001", message, nodes=[], pass_name="infer-shapes", hint=INPUT_SHAPE_HINT)
+                for _, message in problems
+            ],
+            hint=INPUT_SHAPE_HINT,
+        )
+
+
+def _is_static(dim) -> bool:
+    return isinstance(dim, int) and dim >= 0
+
+
+def _information(tensor: gs.Variable) -> int:
+    if tensor.shape is None:
+        return -1
+    return sum(1 for d in tensor.shape if _is_static(d))
+
+
+def _knows_more(new: gs.Variable, old: gs.Variable, overwrite: bool) -> bool:
+    if new.dtype is not None and old.dtype is None:
+        return True
+    if new.shape is None:
+        return False
+    if old.shape is None:
+        return True
+    if overwrite:
+        return list(new.shape) != list(old.shape)
+    return len(new.shape) == len(old.shape) and _information(new) > _information(old)
+
+
+def _unresolved(tensor: gs.Variable) -> bool:
+    if tensor.is_empty():
+        return False
+    if tensor.shape is None:
+        return True
+    return any(i > 0 and not _is_static(d) for i, d in enumerate(tensor.shape))
+
+
+def _describe(tensor: gs.Variable) -> str:
+    shape = "unknown" if tensor.shape is None else "[" + ", ".join(str(d) if d is not None else "?" for d in tensor.shape) + "]"
+    producer = f" from {tensor.inputs[0].op} node '{node_label(tensor.inputs[0])}'" if tensor.inputs else ""
+    return f"(shape {shape}{producer})"
+
+
+def _unresolved_diagnostic(model: CompilationModel, tensor: gs.Variable) -> Diagnostic:
+    producer = tensor.inputs[0] if tensor.inputs else None
+    return Diagnostic(
+        Level.ERROR,
+        "SHP002",
+        f"tensor '{tensor.name}' has no static shape {_describe(tensor)}",
+        nodes=[node_label(producer)] if producer is not None else [],
+        sources=[model.source_of(producer.name)] if producer is not None else [],
+        pass_name="infer-shapes",
+        hint=INPUT_SHAPE_HINT,
+    )

@@ -1,0 +1,95 @@
+"""infer-shapes: learns shapes, converges, and refuses dynamic dimensions other than the batch."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from qanac.diagnostics import UsageError
+from qanac.targets import CANONICALIZE
+from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, parse, random_inputs, verify_pipeline
+
+CONV_RELU = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,2,6,6] x) => (float[N,4,1,1] y)
+<float[4,2,3,3] w = {%s}>
+{
+  c = Conv <strides = [2, 2]> (x, w)
+  r = Relu(c)
+  y = GlobalAveragePool(r)
+}
+""" % ", ".join(["0.1"] * 72)
+
+
+def shape_of(compiled, name):
+    return compiled.graph.tensors()[name].shape
+
+
+def test_shapes_are_learned_once_then_nothing_changes():
+    model = parse(CONV_RELU)
+    compiled, result = apply_pass(model, "infer-shapes")
+    assert result.counts == {"learn-shape": 2}  # c and r
+    assert shape_of(compiled, "c") == ["N", 4, 2, 2]
+    assert shape_of(compiled, "y") == ["N", 4, 1, 1]
+    _, again = apply_pass(compiled, "infer-shapes")
+    assert not again.changed and again.counts == {}
+
+
+def test_dynamic_input_dimension_other_than_batch_is_a_usage_error():
+    model = parse(CONV_RELU.replace("float[N,2,6,6] x", "float[N,2,H,6] x"))
+    with pytest.raises(UsageError, match="input 'x' has a dynamic dimension 2 \\('H'\\)") as caught:
+        apply_pass(model, "infer-shapes")
+    assert "--input-shape" in caught.value.hint
+
+
+def test_data_dependent_shape_is_a_usage_error_naming_the_tensor():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,8] x) => (int64[2, M] y) { [nz] y = NonZero(x) }
+        """
+    )
+    with pytest.raises(UsageError, match="'y' \\(shape \\[2, .*\\] from NonZero node 'nz'\\)") as caught:
+        apply_pass(model, "infer-shapes")
+    assert caught.value.diagnostics[0].nodes == ["nz"]
+
+
+def test_flatten_by_batch_size_is_resolved_by_probing_the_batch():
+    # torch's x.view(x.size(0), -1): ONNX inference alone leaves the second dimension unknown
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,3,4,4] x) => (float[N,48] y) {
+          s = Shape(x)
+          zero = Constant <value = int64 {0}> ()
+          n = Gather(s, zero)
+          axes = Constant <value = int64[1] {0}> ()
+          n1 = Unsqueeze(n, axes)
+          minus_one = Constant <value = int64[1] {-1}> ()
+          target = Concat <axis = 0> (n1, minus_one)
+          f = Reshape(x, target)
+          y = Relu(f)
+        }
+        """
+    )
+    compiled, result = apply_pass(model, "infer-shapes")
+    assert shape_of(compiled, "f") == ["N", 48]
+    assert shape_of(compiled, "y") == ["N", 48]
+    assert result.changed and "unresolved_shapes" not in result.details
+
+
+def test_stale_value_info_is_replaced_with_a_warning():
+    model = parse(CONV_RELU)
+    stale = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, ["N", 4, 5, 5])
+    model.graph.value_info.append(stale)
+    compiled, result = apply_pass(model, "infer-shapes")
+    assert shape_of(compiled, "c") == ["N", 4, 2, 2]
+    assert [d.code for d in result.diagnostics] == ["SHP003"]
+    assert_outputs_equal(parse(CONV_RELU), compiled, random_inputs(model))
+
+
+def test_infer_shapes_in_the_pipeline_with_verify_each():
+    model = parse(CONV_RELU)
+    compiled, report = verify_pipeline(model, list(CANONICALIZE), random_inputs(model))
+    assert report.totals()["infer-shapes"]["counts"] == {"learn-shape": 2}
+    assert all(t.shape is not None for t in compiled.graph.tensors().values())
