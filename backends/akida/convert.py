@@ -1,0 +1,671 @@
+"""Float ONNX -> quantizeml quantized ONNX -> cnn2snn -> akida.Model, never silently truncated.
+
+MetaTF's own tools only *warn* when part of a graph has no Akida equivalent: ``quantizeml.models.quantize``
+returns a hybrid graph ("The following nodes were not quantized ...") and ``cnn2snn.convert`` then stops
+at the first float node ("Conversion stops at node X because of a dequantizer") and returns a model
+truncated before it, with the wrong output. Here every such case is an ``UnsupportedModelError`` naming
+the node, its op type and why, and three invariants are checked after conversion:
+
+1. every node of the quantized graph is in the ``com.brainchip`` domain;
+2. cnn2snn emitted no "Conversion stops" warning;
+3. the Akida model's output shape equals the float model's output (excluding batch), Akida's (H, W, C)
+   read as the float model's (C, H, W), its squeezed form, or its NCHW flattening.
+
+Calibration samples (what quantizeml wants): ``quantize(model, qparams, samples=X)`` takes ONE float32
+array shaped like the model input, batch first (NCHW for an image model), holding the *model-ready*
+data, i.e. ``CalibrationData.arrays`` after preprocessing, not raw uint8 images: quantizeml runs the float
+model on it with ONNX Runtime and records per-channel min/max of every tensor it quantizes. When
+``samples`` is given its ``num_samples`` argument is ignored, so the sample count is applied by slicing.
+Only single-input models are accepted.
+
+Input dtype (``QuantizationParams.input_dtype``) is the type the InputQuantizer produces, i.e. what the
+first Akida layer receives; the Akida model still takes float input and quantizes it in software.
+``uint8`` is asymmetric (scale 255 / (max - min), zero point from the calibrated minimum, per channel):
+for inputs in [0, 1] calibrated on full-range images this is exactly the raw image bytes. ``int8`` is
+symmetric without zero point. quantizeml builds a first Gemm or a first depthwise Conv only on int8
+input (with uint8 it fails on a bare AssertionError), while a first standard Conv (Akida's InputConv2D,
+the image front end) takes both. ``choose_input_dtype`` therefore picks uint8 when the model starts with
+a standard Conv and int8 otherwise.
+
+Diagnostic codes (stable):
+    AKC101  a node quantizeml could not quantize although its inputs were quantized (a root cause)
+    AKC102  a node that has no Akida equivalent, downstream of a root cause
+    AKC103  nodes left unquantized only because an input comes from an unquantized node
+    AKC110  cnn2snn stopped the conversion at a node (a guard; AKC101 normally fires first)
+    AKC111  cnn2snn rejected a layer's parameters (stride, padding, kernel size, pooling)
+    AKC112  no quantizable pattern starts at the model input
+    AKC113  the first layer cannot take the chosen input type (Gemm or depthwise Conv on uint8)
+    AKC114  the model has other than one input and one output, or the input has several consumers
+    AKC120  the Akida output shape differs from the float model's
+    AKC190  quantizeml or cnn2snn failed in a way qanac does not recognise (its message is kept)
+    AKC199  a warning from quantizeml or cnn2snn that does not change the model (kept as a diagnostic)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import re
+import time
+import traceback
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qanac.calibration import CalibrationData
+from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
+from qanac.execution import run_onnx
+
+BRAINCHIP_DOMAIN = "com.brainchip"
+DEFAULT_NUM_SAMPLES = 1024  # quantizeml's own default
+CALIBRATION_BATCH = 32
+
+# Nodes an Akida model may start with before its first real layer (quantizeml folds or absorbs them).
+_INPUT_PRELUDE_OPS = {"Cast", "Transpose", "Sub", "Div", "Mul", "Add", "Flatten", "Reshape", "Identity"}
+
+# Op types with no Akida layer in any position, with the reason and the way out. Read against
+# quantizeml/onnx_support/quantization/register_patterns.py (PATTERNS_MAP) and its sanitizer, which has
+# already turned x*Sigmoid(x) into SiLU, whole-map AveragePool into GlobalAveragePool, Min/Max into Clip.
+_NO_AKIDA_LAYER: dict[str, tuple[str, str]] = {
+    "Sigmoid": (
+        "a bare Sigmoid has no Akida layer (Sigmoid is accepted only inside x * Sigmoid(x), i.e. SiLU, "
+        "directly after a Conv)",
+        "replace the gate by a bounded ReLU/Clip(0, 1)-style activation, or run it on the host",
+    ),
+    "HardSigmoid": (
+        "a bare HardSigmoid has no Akida layer (accepted only inside x * HardSigmoid(x), i.e. HardSwish, "
+        "directly after a Conv)",
+        "replace it by Clip(0, max) or run it on the host",
+    ),
+    "Tanh": ("Tanh has no Akida layer", "replace it by a ReLU/Clip activation"),
+    "Softmax": (
+        "Softmax has no Akida layer",
+        "strip the trailing Softmax (argmax is unchanged) and apply it on the host",
+    ),
+    "LogSoftmax": ("LogSoftmax has no Akida layer", "strip it and apply it on the host"),
+    "AveragePool": (
+        "only global average pooling exists on Akida (a window over the whole map, fused after a Conv); "
+        "a windowed AveragePool has no Akida layer",
+        "replace it by a stride-2 Conv or a MaxPool fused after the preceding Conv, or make it global",
+    ),
+}
+
+# Op types that exist on Akida only fused into a pattern; left over, they are in the wrong place.
+_PATTERN_ONLY: dict[str, tuple[str, str]] = {
+    "GlobalAveragePool": (
+        "global average pooling exists on Akida only fused into the Conv [+ activation] that feeds it, "
+        "and that Conv's output must have no other consumer",
+        "put the GlobalAveragePool directly after a Conv/ReLU whose output feeds nothing else",
+    ),
+    "MaxPool": (
+        "max pooling exists on Akida only fused after a Conv (Conv, MaxPool, activation)",
+        "place the MaxPool directly after a Conv whose output feeds nothing else",
+    ),
+    "PRelu": (
+        "PReLU is supported only with one slope shared by all channels, directly after a Conv",
+        "use a single shared slope, LeakyRelu, or ReLU",
+    ),
+    "Clip": (
+        "Clip is supported only as a ReLU-like activation (min = 0) directly after a Conv or Gemm",
+        "use Clip(0, max) or ReLU",
+    ),
+    "Relu": (
+        "an activation exists on Akida only fused into the Conv/Gemm that feeds it",
+        "place the activation directly after a Conv or Gemm",
+    ),
+    "LeakyRelu": (
+        "LeakyRelu exists on Akida only fused (as a LUT activation) after a Conv",
+        "place it directly after a Conv",
+    ),
+    "Resize": (
+        "only nearest-neighbour x2 upsampling has an Akida layer (DepthwiseConv2DTranspose)",
+        "use Resize(mode='nearest', scale 2)",
+    ),
+    "Reshape": ("a Reshape has no Akida equivalent at this position", "remove it or place it before a Gemm"),
+    "Flatten": ("a Flatten has an Akida equivalent only before a Gemm", "follow the Flatten by a Gemm"),
+    "Transpose": ("a Transpose inside the graph has no Akida equivalent", "remove the layout change"),
+    "BatchNormalization": (
+        "a BatchNormalization that could not be folded into a neighbouring Conv/Gemm has no Akida layer",
+        "place it right after a Conv or Gemm so it folds, or write input normalisation as Sub/Div",
+    ),
+}
+
+_CONVERSION_HINTS: tuple[tuple[str, str], ...] = (
+    (
+        "can't perform a Global Average Pooling",
+        "Akida's input layer (InputConv2D, on the HRC) cannot fuse a GlobalAveragePool: add a second Conv "
+        "between the first Conv and the pooling",
+    ),
+    (
+        "Stride 2 is only supported with kernel size 1 or 3",
+        "use a 3x3 or 1x1 kernel for stride-2 convolutions (or stride 1 followed by a fused MaxPool)",
+    ),
+    (
+        "'SameUpper' padding mode is only supported",
+        "strided convolutions with 'same' padding must use a 3x3 kernel; use 3x3, or pads of 0 (VALID)",
+    ),
+    (
+        "MaxPool is not supported with 'SameUpper'",
+        "use a MaxPool without padding (e.g. kernel 2, stride 2) after the Conv",
+    ),
+    ("Kernel size must be odd", "use odd kernel sizes (1, 3, 5, 7)"),
+    (
+        "maxpool",
+        "Akida pads a fused MaxPool only at the bottom/right (TensorFlow 'SAME'); PyTorch's symmetric "
+        "MaxPool2d(3, 2, 1) padding is rejected: use MaxPool2d(2, 2) or kernel 3 without padding",
+    ),
+)
+
+
+@dataclasses.dataclass
+class AkidaConversion:
+    """The result of ``compile_onnx``: the quantized ONNX, the Akida model and what was learnt on the way.
+
+    ``float_output_shape`` excludes the batch and is in the float model's layout; ``akida_output_shape``
+    is Akida's (H, W, C).
+    """
+
+    quantized: onnx.ModelProto
+    akida_model: Any
+    input_name: str
+    output_name: str
+    input_dtype: str
+    num_samples: int
+    float_output_shape: tuple[int, ...]
+    akida_output_shape: tuple[int, ...]
+    seconds: dict[str, float]
+    diagnostics: list[Diagnostic]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "input_dtype": self.input_dtype,
+            "num_samples": self.num_samples,
+            "output_shape": list(self.float_output_shape),
+            "akida_output_shape": list(self.akida_output_shape),
+        }
+
+
+def compile_onnx(
+    model: onnx.ModelProto,
+    calibration: CalibrationData,
+    num_samples: int | None = None,
+    input_dtype: str | None = None,
+) -> AkidaConversion:
+    """Quantize ``model`` (never mutated) on ``calibration`` and convert it to an Akida IP v2 model.
+
+    Raises UnsupportedModelError, naming nodes, for anything that Akida cannot run as a whole.
+    """
+
+    input_name, output_name = check_single_io(model)
+    samples = calibration_samples(model, calibration, num_samples)
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    float_output = run_onnx(model, {input_name: samples[:1]})[0]
+    float_output_shape = tuple(int(d) for d in float_output.shape[1:])
+    seconds["float_reference"] = time.perf_counter() - started
+
+    dtype = input_dtype or choose_input_dtype(model)
+    if dtype not in ("uint8", "int8"):
+        raise UsageError(f"input_dtype must be 'uint8' or 'int8', not '{dtype}'")
+
+    started = time.perf_counter()
+    quantized, diagnostics, failed_blocks = quantize_onnx(model, samples, dtype)
+    seconds["quantize"] = time.perf_counter() - started
+    check_fully_quantized(quantized, failed_blocks)
+
+    started = time.perf_counter()
+    akida_model, convert_diagnostics = convert_to_akida(quantized, model)
+    seconds["convert"] = time.perf_counter() - started
+    diagnostics.extend(convert_diagnostics)
+
+    akida_output_shape = tuple(int(d) for d in akida_model.output_shape)
+    check_output_shape(akida_output_shape, float_output_shape)
+    return AkidaConversion(
+        quantized=quantized,
+        akida_model=akida_model,
+        input_name=input_name,
+        output_name=output_name,
+        input_dtype=dtype,
+        num_samples=len(samples),
+        float_output_shape=float_output_shape,
+        akida_output_shape=akida_output_shape,
+        seconds=seconds,
+        diagnostics=diagnostics,
+    )
+
+
+def check_single_io(model: onnx.ModelProto) -> tuple[str, str]:
+    """The names of the model's only input and only output; anything else cannot become an Akida model."""
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    outputs = [o.name for o in model.graph.output]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UnsupportedModelError(
+            f"an Akida model has exactly one input and one output; this model has inputs {inputs} "
+            f"and outputs {outputs}",
+            diagnostics=[
+                Diagnostic(Level.ERROR, "AKC114", "Akida models have one input and one output", rule="akida-io")
+            ],
+            hint="split the model, or keep one output",
+        )
+    return inputs[0], outputs[0]
+
+
+def calibration_samples(
+    model: onnx.ModelProto, calibration: CalibrationData, num_samples: int | None = None
+) -> np.ndarray:
+    """The float32 model-ready array quantizeml calibrates on: the first ``num_samples`` of the input's data."""
+
+    input_name, _ = check_single_io(model)
+    if input_name not in calibration.arrays:
+        raise UsageError(
+            f"calibration data has no array for input '{input_name}' (it has {sorted(calibration.arrays)})"
+        )
+    samples = calibration.arrays[input_name]
+    if len(samples) == 0:
+        raise UsageError("the calibration data holds no samples")
+    limit = DEFAULT_NUM_SAMPLES if num_samples is None else int(num_samples)
+    if limit < 1:
+        raise UsageError(f"num_samples must be at least 1, not {num_samples}")
+    return np.ascontiguousarray(samples[:limit], dtype=np.float32)
+
+
+def first_layer(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The first node after the input that is not normalisation or layout (Cast, Transpose, Sub, Div, ...)."""
+
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {i.name for i in model.graph.initializer}
+    tensor = next(i.name for i in model.graph.input if i.name not in initializers)
+    for _ in range(len(model.graph.node)):
+        nodes = consumers.get(tensor, [])
+        if len(nodes) != 1:
+            return nodes[0] if nodes else None
+        node = nodes[0]
+        if node.op_type not in _INPUT_PRELUDE_OPS:
+            return node
+        tensor = node.output[0]
+    return None
+
+
+def is_depthwise(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
+    group = _attribute(node, "group", 1)
+    if node.op_type != "Conv" or group == 1:
+        return False
+    weights = {i.name: i for i in model.graph.initializer}.get(node.input[1])
+    return weights is not None and weights.dims[0] == group and weights.dims[1] == 1
+
+
+def choose_input_dtype(model: onnx.ModelProto) -> str:
+    """uint8 when the model starts with a standard Conv (Akida's InputConv2D), int8 otherwise."""
+
+    node = first_layer(model)
+    if node is not None and node.op_type == "Conv" and _attribute(node, "group", 1) == 1:
+        return "uint8"
+    return "int8"
+
+
+def quantize_onnx(
+    model: onnx.ModelProto, samples: np.ndarray, input_dtype: str
+) -> tuple[onnx.ModelProto, list[Diagnostic], dict[str, str]]:
+    """Run quantizeml on a deep copy of ``model`` (quantize() mutates its argument).
+
+    Returns the quantized model, the warnings that do not change it (AKC199), and, per node name, the
+    reasons quantizeml gave for blocks it matched but could not build ("Impossible to quantize ...").
+    Errors quantizeml raises become UnsupportedModelError naming the node they concern.
+    """
+
+    from quantizeml.models import QuantizationParams, quantize
+
+    qparams = QuantizationParams(input_dtype=input_dtype)
+    try:
+        with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()):
+            quantized = quantize(
+                copy.deepcopy(model),
+                qparams=qparams,
+                samples=samples,
+                num_samples=len(samples),
+                batch_size=min(len(samples), CALIBRATION_BATCH),
+            )
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:
+        raise _quantize_error(exc, model, input_dtype) from exc
+
+    diagnostics: list[Diagnostic] = []
+    failed_blocks: dict[str, str] = {}
+    for message in caught:
+        if message.startswith("The following nodes were not quantized"):
+            continue  # the graph itself says which nodes; check_fully_quantized reports them
+        if message.startswith("Impossible to quantize"):
+            name, reason = _parse_impossible_block(message)
+            if name:
+                failed_blocks[name] = reason
+                continue
+        diagnostics.append(Diagnostic(Level.WARNING, "AKC199", f"quantizeml: {message}"))
+    return quantized, diagnostics, failed_blocks
+
+
+def check_fully_quantized(quantized: onnx.ModelProto, failed_blocks: dict[str, str] | None = None) -> None:
+    """Every node must be in the com.brainchip domain; otherwise name the nodes and why, root causes first."""
+
+    leftover = [n for n in quantized.graph.node if n.domain != BRAINCHIP_DOMAIN]
+    if not leftover:
+        return
+    failed_blocks = failed_blocks or {}
+    quantized_outputs = {o for n in quantized.graph.node if n.domain == BRAINCHIP_DOMAIN for o in n.output}
+    constants = _constant_values(quantized)
+    graph_inputs = {i.name for i in quantized.graph.input}
+
+    roots, intrinsic, downstream = [], [], []
+    reasons: dict[str, tuple[str, str]] = {}
+    for node in leftover:
+        activations = [i for i in node.input if i and i not in constants]
+        reason, hint = _node_reason(node, constants)
+        if node.name in failed_blocks:
+            reason = f"{reason}; quantizeml: {failed_blocks[node.name]}" if reason else failed_blocks[node.name]
+        reasons[node.name] = (reason, hint)
+        if all(i in quantized_outputs or i in graph_inputs for i in activations):
+            roots.append(node)
+        elif _intrinsic_reason(node, constants) is not None or node.name in failed_blocks:
+            intrinsic.append(node)
+        else:
+            downstream.append(node)
+
+    diagnostics = []
+    for code, nodes in (("AKC101", roots), ("AKC102", intrinsic)):
+        for node in nodes:
+            reason, hint = reasons[node.name]
+            reason = reason or "no quantizeml pattern starts here"
+            diagnostics.append(
+                Diagnostic(
+                    Level.ERROR,
+                    code,
+                    f"{node.op_type} node cannot be quantized for Akida: {reason}",
+                    nodes=[node.name],
+                    rule="akida-quantizable",
+                    hint=hint,
+                )
+            )
+    if downstream:
+        diagnostics.append(
+            Diagnostic(
+                Level.ERROR,
+                "AKC103",
+                f"{len(downstream)} node(s) left unquantized because an input comes from an unquantized node",
+                nodes=[n.name for n in downstream],
+                rule="akida-quantizable",
+            )
+        )
+    first = (roots or intrinsic or downstream)[0]
+    reason, hint = reasons[first.name]
+    raise UnsupportedModelError(
+        f"{len(leftover)} node(s) cannot be quantized for Akida, so cnn2snn would silently truncate the "
+        f"model before them; the first is '{first.name}' ({first.op_type}): "
+        f"{reason or 'no quantizeml pattern starts at this node'}",
+        diagnostics=diagnostics,
+        hint=hint or "rewrite the node into a pattern of quantizeml's PATTERNS_MAP (register_patterns.py)",
+    )
+
+
+def convert_to_akida(
+    quantized: onnx.ModelProto, float_model: onnx.ModelProto | None = None
+) -> tuple[Any, list[Diagnostic]]:
+    """cnn2snn.convert with its "Conversion stops" warning and its errors turned into UnsupportedModelError."""
+
+    import cnn2snn
+
+    try:
+        with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()):
+            akida_model = cnn2snn.convert(quantized)
+    except Exception as exc:
+        raise _conversion_error(exc, quantized, float_model) from exc
+    diagnostics = []
+    for message in caught:
+        stop = re.search(r"Conversion stops\s+at node (\S+)", message)
+        if stop:
+            name = stop.group(1)
+            node = _node_by_name(quantized, name)
+            op_type = node.op_type if node is not None else "?"
+            raise UnsupportedModelError(
+                f"cnn2snn stops the conversion at node '{name}' ({op_type}) and drops the rest of the graph",
+                diagnostics=[
+                    Diagnostic(
+                        Level.ERROR,
+                        "AKC110",
+                        f"conversion stops at {op_type} node: the graph after it would be dropped",
+                        nodes=[name],
+                        rule="akida-convertible",
+                    )
+                ],
+                hint="make the node quantizable (see the AKC101 rules) so the whole graph converts",
+            )
+        diagnostics.append(Diagnostic(Level.WARNING, "AKC199", f"cnn2snn: {message}"))
+    return akida_model, diagnostics
+
+
+def check_output_shape(akida_shape: tuple[int, ...], float_shape: tuple[int, ...]) -> None:
+    """Akida's (H, W, C) must be the float output's (C, H, W), its squeezed form, or its NCHW flattening."""
+
+    if output_shapes_match(akida_shape, float_shape):
+        return
+    raise UnsupportedModelError(
+        f"the Akida model's output shape (H, W, C) = {tuple(akida_shape)} does not match the float model's "
+        f"output (N, {', '.join(map(str, float_shape))}): the conversion changed or dropped part of the graph",
+        diagnostics=[
+            Diagnostic(
+                Level.ERROR,
+                "AKC120",
+                f"Akida output {tuple(akida_shape)} (HWC) != float output {tuple(float_shape)}",
+                rule="akida-output-shape",
+            )
+        ],
+    )
+
+
+def output_shapes_match(akida_shape: tuple[int, ...], float_shape: tuple[int, ...]) -> bool:
+    if len(akida_shape) != 3:
+        return tuple(akida_shape) == tuple(float_shape)
+    height, width, channels = akida_shape
+    chw = (channels, height, width)
+    if tuple(float_shape) == chw:
+        return True
+    if int(np.prod(float_shape)) != channels * height * width:
+        return False
+    squeezed = tuple(d for d in float_shape if d != 1)
+    return squeezed == tuple(d for d in chw if d != 1) or tuple(float_shape) == (channels * height * width,)
+
+
+def akida_to_float_layout(outputs: np.ndarray, float_shape: tuple[int, ...]) -> np.ndarray:
+    """Akida's (N, H, W, C) outputs in the float model's layout: (N, C, H, W), squeezed or NCHW-flattened."""
+
+    if outputs.ndim == 4:
+        outputs = outputs.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(outputs.reshape(len(outputs), *float_shape), dtype=np.float32)
+
+
+# -- error translation --------------------------------------------------------------------------------
+
+
+def _quantize_error(exc: Exception, model: onnx.ModelProto, input_dtype: str) -> Exception:
+    text = str(exc)
+    node = first_layer(model)
+    where = [node.name] if node is not None else []
+    label = f"'{node.name}' ({node.op_type})" if node is not None else "the first node"
+    if "No quantizable pattern found" in text:
+        return UnsupportedModelError(
+            f"no Akida pattern starts at the model input: its first layer {label} cannot begin an Akida model "
+            "(quantizeml: No quantizable pattern found)",
+            diagnostics=[
+                Diagnostic(
+                    Level.ERROR,
+                    "AKC112",
+                    "no quantizable pattern starts at the model input",
+                    nodes=where,
+                    rule="akida-input-layer",
+                    hint="an Akida model starts with a Conv (optionally after Sub/Div normalisation) or a Gemm",
+                )
+            ],
+            hint="write input normalisation as Sub/Div (folded exactly into the first Conv) or fold an input "
+            "BatchNormalization into the first Conv",
+        )
+    if "single input" in text or "exactly one consumer" in text:
+        return UnsupportedModelError(
+            f"quantizeml: {text}",
+            diagnostics=[Diagnostic(Level.ERROR, "AKC114", text, nodes=where, rule="akida-io")],
+            hint="the model input must feed exactly one node",
+        )
+    if "Requantizing a model is not supported" in text:
+        return UsageError("the model is already quantized by quantizeml", hint="compile the float model")
+    if isinstance(exc, AssertionError) and node is not None:
+        first_gemm = node.op_type in ("Gemm", "MatMul")
+        if input_dtype == "uint8" and (first_gemm or is_depthwise(node, model)):
+            kind = "Gemm (fully connected)" if first_gemm else "depthwise Conv"
+            return UnsupportedModelError(
+                f"the first layer {label} is a {kind}, which quantizeml builds only on int8 input, but "
+                "input_dtype is uint8 (quantizeml fails with a bare AssertionError)",
+                diagnostics=[
+                    Diagnostic(
+                        Level.ERROR,
+                        "AKC113",
+                        f"a first-layer {kind} needs input_dtype int8",
+                        nodes=[node.name],
+                        rule="akida-input-layer",
+                    )
+                ],
+                hint="set the input_dtype option to int8 (the default for such models), or start the model "
+                "with a standard Conv",
+            )
+    return UnsupportedModelError(
+        f"quantizeml failed: {_describe_exception(exc)}",
+        diagnostics=[Diagnostic(Level.ERROR, "AKC190", f"quantizeml: {_describe_exception(exc)}", rule="akida")],
+    )
+
+
+def _conversion_error(exc: Exception, quantized: onnx.ModelProto, float_model: onnx.ModelProto | None) -> Exception:
+    text = str(exc)
+    match = re.match(r"Cannot convert (\S+?): (.*)", text, re.S)
+    if match is None:
+        return UnsupportedModelError(
+            f"cnn2snn failed: {_describe_exception(exc)}",
+            diagnostics=[Diagnostic(Level.ERROR, "AKC190", f"cnn2snn: {_describe_exception(exc)}", rule="akida")],
+        )
+    name, detail = match.group(1), match.group(2).strip()
+    qnode = _node_by_name(quantized, name)
+    fnode = _node_by_name(float_model, name) if float_model is not None else None
+    op_type = fnode.op_type if fnode is not None else (qnode.op_type if qnode is not None else "?")
+    akida_layer = f" (quantized as {qnode.op_type})" if qnode is not None else ""
+    hint = next((h for key, h in _CONVERSION_HINTS if key in detail), "")
+    return UnsupportedModelError(
+        f"cnn2snn cannot convert node '{name}' ({op_type}){akida_layer}: {detail}",
+        diagnostics=[
+            Diagnostic(
+                Level.ERROR, "AKC111", f"{op_type} node rejected by cnn2snn: {detail}", nodes=[name],
+                rule="akida-convertible", hint=hint,
+            )
+        ],
+        hint=hint,
+    )
+
+
+def _intrinsic_reason(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """Why ``node`` has no Akida layer wherever it stands, or None when it is fine in the right pattern."""
+
+    if node.op_type in _NO_AKIDA_LAYER:
+        return _NO_AKIDA_LAYER[node.op_type]
+    if node.op_type == "Mul" and _is_mul_of_two_tensors(node, constants):
+        return (
+            "a Mul of two activation tensors (an attention gate such as squeeze-excitation or ECA) has no "
+            "Akida layer; only a Mul by a constant folds into a neighbouring Conv/Gemm",
+            "remove the attention branch, or run it on the host",
+        )
+    if node.op_type == "Conv":
+        if any(d != 1 for d in _attribute(node, "dilations", [1, 1])):
+            return ("dilated convolutions have no Akida layer", "use dilation 1 (a larger kernel or a stride)")
+        if _attribute(node, "group", 1) != 1:
+            return (
+                "grouped convolutions other than depthwise (group == in == out channels) have no Akida layer",
+                "use group 1 or a depthwise Conv",
+            )
+    if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in constants:
+        if float(np.asarray(constants[node.input[1]]).min()) != 0.0:
+            return _PATTERN_ONLY["Clip"]
+    if node.op_type == "PRelu" and len(node.input) > 1 and node.input[1] in constants:
+        if np.unique(constants[node.input[1]]).size > 1:
+            return _PATTERN_ONLY["PRelu"]
+    return None
+
+
+def _node_reason(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[str, str]:
+    intrinsic = _intrinsic_reason(node, constants)
+    if intrinsic is not None:
+        return intrinsic
+    if node.op_type == "Mul":
+        return ("a Mul by a constant that could not be folded into a neighbouring Conv/Gemm", "")
+    return _PATTERN_ONLY.get(node.op_type, ("", ""))
+
+
+def _is_mul_of_two_tensors(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
+    return node.op_type == "Mul" and sum(1 for i in node.input if i and i not in constants) >= 2
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _parse_impossible_block(message: str) -> tuple[str | None, str]:
+    name = re.search(r'^name: "([^"]*)"', message, re.M)
+    traces = re.findall(r"^\t\* (.*)$", message, re.M)
+    useful = [t for t in traces if "it is handled by the Conv layer" not in t] or traces
+    return (name.group(1) if name else None), "; ".join(useful)
+
+
+def _node_by_name(model: onnx.ModelProto | None, name: str) -> onnx.NodeProto | None:
+    if model is None:
+        return None
+    return next((n for n in model.graph.node if n.name == name), None)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _describe_exception(exc: Exception) -> str:
+    text = str(exc)
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno} ({frame.line})" if frame else ""
+    return f"bare {type(exc).__name__}{where}"
+
+
+@contextlib.contextmanager
+def _captured_warnings():
+    """Collect the messages of warnings raised by MetaTF (quantizeml, cnn2snn, akida), let others through."""
+
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        yield messages
+    for record in records:
+        if any(pkg in record.filename for pkg in ("quantizeml", "cnn2snn", "akida")):
+            messages.append(str(record.message))
+        else:
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
