@@ -1,0 +1,109 @@
+"""AkidaBackend: emit writes the bundle files, runners agree with each other in the float layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import akida_models
+from qanac.backend import Backend
+from qanac.backends.akida.backend import AkidaBackend
+from qanac.diagnostics import UnsupportedModelError, UsageError
+
+pytestmark = pytest.mark.slow
+
+
+def bundle_manifest(result) -> dict:
+    """What the bundle writer makes of an EmitResult (files as entries with a path)."""
+
+    return {**result.manifest, "files": {role: {"path": name} for role, name in result.files.items()}}
+
+
+@pytest.fixture(scope="module")
+def emitted(tiny_model, tiny_calibration, tmp_path_factory):
+    out = tmp_path_factory.mktemp("akida_bundle")
+    result = AkidaBackend().emit(tiny_model, tiny_calibration, {"num_samples": 16}, out)
+    return out, result
+
+
+def test_backend_satisfies_the_protocol():
+    backend: Backend = AkidaBackend()
+    assert backend.name == "akida"
+
+
+def test_emit_writes_files_and_report(emitted):
+    out, result = emitted
+    assert result.files == {"compiled": "model.fbz", "quantized": "quantized.onnx"}
+    assert (out / "model.fbz").stat().st_size > 0 and (out / "quantized.onnx").stat().st_size > 0
+    assert result.manifest["device"] == "SixNodesIPv2"
+    assert result.manifest["ip_version"] == "v2"
+    assert result.manifest["akida"]["num_samples"] == 16
+    assert result.manifest["akida"]["output_shape"] == [10]
+    json.dumps(result.manifest)
+    report = result.report
+    assert report["mapping"]["fully_on_hardware"] is True
+    assert report["agreement"]["flagged"] is False
+    assert {"quantize", "convert", "map", "agreement", "total"} <= set(report["seconds"])
+    assert not result.diagnostics
+
+
+def test_software_runner_matches_quantized_onnx(emitted, tiny_model):
+    out, result = emitted
+    manifest = bundle_manifest(result)
+    backend = AkidaBackend()
+    akida_runner = backend.load_runner(out, manifest, {})
+    quantized_runner = backend.extra_runners(out, manifest, {})["quantized"]
+    assert akida_runner.output_names == quantized_runner.output_names == ["logits"]
+
+    data = akida_models.image_calibration(tiny_model, count=24, seed=7).arrays
+    akida_out = akida_runner.run(data)[0]
+    quantized_out = quantized_runner.run(data)[0]
+    assert akida_out.shape == quantized_out.shape == (24, 10)
+    assert np.array_equal(akida_out, quantized_out)  # bit-exact for this model
+
+
+def test_runner_reports_progress(emitted, tiny_model):
+    out, result = emitted
+    runner = AkidaBackend().load_runner(out, bundle_manifest(result), {})
+    seen: list[int] = []
+    data = akida_models.image_calibration(tiny_model, count=40).arrays
+    runner.run(data, progress=seen.append)
+    assert sum(seen) == 40
+
+
+def test_feature_map_output_comes_back_nchw(tmp_path):
+    model = akida_models.conv_map_output(size=8)
+    calibration = akida_models.image_calibration(model, count=8)
+    backend = AkidaBackend()
+    result = backend.emit(model, calibration, {"agreement_samples": 0}, tmp_path)
+    runner = backend.load_runner(tmp_path, bundle_manifest(result), {})
+    from qanac.execution import run_onnx
+
+    akida_out = runner.run(calibration.arrays)[0]
+    float_out = run_onnx(model, calibration.arrays)[0]
+    assert akida_out.shape == float_out.shape == (8, 4, 8, 8)
+    scale = float(np.abs(float_out).max())
+    assert float(np.abs(akida_out - float_out).max()) < 0.1 * scale
+    assert "agreement" not in result.report
+
+
+def test_hardware_runner_without_a_board_is_a_usage_error(emitted):
+    out, result = emitted
+    with pytest.raises(UsageError, match="no Akida hardware device found"):
+        AkidaBackend().load_runner(out, bundle_manifest(result), {"hardware": True})
+
+
+def test_v1_device_fails_before_any_work(tiny_model, tiny_calibration, tmp_path):
+    with pytest.raises(UnsupportedModelError, match="device AKD1000 is an Akida IP v1 device"):
+        AkidaBackend().emit(tiny_model, tiny_calibration, {"device": "AKD1000"}, tmp_path)
+    assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_unsupported_model_writes_nothing(tmp_path):
+    model = akida_models.squeeze_excitation()
+    with pytest.raises(UnsupportedModelError, match="se_squeeze"):
+        AkidaBackend().emit(model, akida_models.image_calibration(model, count=8), {}, tmp_path)
+    assert list(Path(tmp_path).iterdir()) == []
