@@ -1,0 +1,98 @@
+"""explicit-pads: auto_pad resolved from the input shape into pads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, parse, random_inputs, run, verify_pipeline
+
+
+def values(*shape: int, seed: int = 0) -> str:
+    data = np.random.default_rng(seed).normal(size=shape)
+    return ", ".join(f"{v:.4f}" for v in data.reshape(-1))
+
+
+def single_node(op: str, attrs: str, x: str = "float[N,2,7,6] x", weight: str = "") -> str:
+    inputs = "(x, w)" if weight else "(x)"
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g ({x}) => (float[N,?,?,?] y)
+        {weight}
+        {{
+          [node] y = {op} <{attrs}> {inputs}
+        }}
+        """
+
+
+CONV_WEIGHT = f"<float[3,2,3,3] w = {{{values(3, 2, 3, 3)}}}>"
+CONV_T_WEIGHT = f"<float[2,3,3,3] w = {{{values(2, 3, 3, 3)}}}>"
+
+CASES = {
+    # op, attributes, weight, expected pads [h_begin, w_begin, h_end, w_end] for a 7x6 input
+    "conv-same-upper-stride-2": ("Conv", 'auto_pad = "SAME_UPPER", strides = [2, 2]', CONV_WEIGHT, [1, 0, 1, 1]),
+    "conv-same-lower-stride-1": ("Conv", 'auto_pad = "SAME_LOWER"', CONV_WEIGHT, [1, 1, 1, 1]),
+    "conv-valid": ("Conv", 'auto_pad = "VALID", strides = [2, 2]', CONV_WEIGHT, [0, 0, 0, 0]),
+    "maxpool-same-upper": ("MaxPool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 2], strides = [2, 2]', "", [0, 0, 1, 0]),
+    "maxpool-same-lower": ("MaxPool", 'auto_pad = "SAME_LOWER", kernel_shape = [2, 2], strides = [2, 2]', "", [1, 0, 0, 0]),
+    "avgpool-same-lower": ("AveragePool", 'auto_pad = "SAME_LOWER", kernel_shape = [3, 2]', "", [1, 1, 1, 0]),
+    "avgpool-same-upper-count-pad": (
+        "AveragePool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 3], strides = [3, 2], count_include_pad = 1', "", [0, 0, 1, 1]
+    ),
+    "convtranspose-same-upper": ("ConvTranspose", 'auto_pad = "SAME_UPPER", strides = [2, 2]', CONV_T_WEIGHT, [0, 0, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_auto_pad_becomes_explicit_pads(case):
+    op, attrs, weight, expected = CASES[case]
+    model = parse(single_node(op, attrs, weight=weight))
+    compiled, result = apply_pass(model, "explicit-pads")
+    mode = attrs.split('"')[1]
+    assert result.counts == {f"explicit-pads-{mode.lower().replace('_', '-')}": 1}
+    node = compiled.graph.nodes[0]
+    assert "auto_pad" not in node.attrs
+    assert list(node.attrs["pads"]) == expected
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_dilated_same_padding_that_onnx_runtime_refuses_becomes_runnable():
+    # ONNX Runtime refuses "Dilation ... for AutoPadType::SAME_UPPER" (and onnx.reference gets the size
+    # wrong), so there is no reference run: the pads are checked by hand. Rows: 7 in, stride 2 -> 4 out,
+    # dilated extent 5, total (4-1)*2 + 5 - 7 = 4 -> 2 + 2; columns: 6 -> 3, extent 3, total 1 -> 0 + 1.
+    model = parse(single_node("Conv", 'auto_pad = "SAME_UPPER", dilations = [2, 1], strides = [2, 2]', weight=CONV_WEIGHT))
+    compiled, result = apply_pass(model, "explicit-pads")
+    assert list(compiled.graph.nodes[0].attrs["pads"]) == [2, 0, 2, 1]
+    (output,) = run(compiled, random_inputs(model))
+    assert output.shape == (4, 3, 4, 3)
+
+
+def test_notset_is_left_alone():
+    model = parse(single_node("Conv", 'pads = [1, 1, 1, 1], strides = [2, 2]', weight=CONV_WEIGHT))
+    compiled, result = apply_pass(model, "explicit-pads")
+    assert not result.changed and "skipped" not in result.details
+    assert list(compiled.graph.nodes[0].attrs["pads"]) == [1, 1, 1, 1]
+
+
+def test_pooling_whose_ceil_mode_disagrees_with_valid_is_left_alone():
+    # VALID with ceil_mode: ceil((6 - 2 + 1) / 2) = 3 columns; pads of 0 with ceil_mode give 3 too,
+    # but on the 7 rows: ceil((7 - 2 + 1) / 2) = 3 against ceil((7 - 2) / 2) + 1 = 4
+    model = parse(single_node("MaxPool", 'auto_pad = "VALID", kernel_shape = [2, 2], strides = [2, 2], ceil_mode = 1'))
+    compiled, result = apply_pass(model, "explicit-pads")
+    assert not result.changed
+    assert compiled.graph.nodes[0].attrs["auto_pad"] == "VALID"
+    assert "auto_pad VALID gives 3" in result.details["skipped"]["node"]
+
+
+def test_unknown_spatial_size_is_left_for_a_later_sweep():
+    model = parse(single_node("MaxPool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 2]', x="float[N,2,H,W] x"))
+    _, result = apply_pass(model, "explicit-pads")
+    assert not result.changed
+    assert "unknown" in result.details["skipped"]["node"]
+
+
+def test_explicit_pads_in_the_pipeline_with_verify_each():
+    model = parse(single_node("Conv", 'auto_pad = "SAME_UPPER", strides = [2, 2]', weight=CONV_WEIGHT))
+    compiled, report = verify_pipeline(model, ["infer-shapes", "explicit-pads"], random_inputs(model))
+    assert report.totals()["explicit-pads"]["counts"] == {"explicit-pads-same-upper": 1}
+    assert compiled.graph.nodes[0].outputs[0].shape == ["N", 3, 4, 3]
