@@ -1,0 +1,178 @@
+"""fold-batchnorm-into-conv and batchnorm-to-affine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qanac.targets import CANONICALIZE
+from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+
+
+def values(*shape: int, low: float | None = None, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    data = rng.uniform(low, 1.5, size=shape) if low is not None else rng.normal(size=shape)
+    return ", ".join(f"{v:.4f}" for v in data.reshape(-1))
+
+
+def bn_params(channels: int, seed: int = 1) -> str:
+    """Initializers scale, shift, mean and var, to go inside the model's ``<...>`` initializer list."""
+
+    return (
+        f"float[{channels}] scale = {{{values(channels, low=0.5, seed=seed)}}}, "
+        f"float[{channels}] shift = {{{values(channels, seed=seed + 1)}}}, "
+        f"float[{channels}] mean = {{{values(channels, seed=seed + 2)}}}, "
+        f"float[{channels}] var = {{{values(channels, low=0.2, seed=seed + 3)}}}"
+    )
+
+
+def conv_bn(group: int = 1, bias: bool = True, extra: str = "", outputs: str = "float[N,4,5,5] y") -> str:
+    weight = f"float[4,{4 // group},3,3] w = {{{values(4, 4 // group, 3, 3)}}}, float[4] b = {{{values(4, seed=9)}}}"
+    conv_inputs = "(x, w, b)" if bias else "(x, w)"
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,5,5] x) => ({outputs})
+        <{weight}, {bn_params(4)}>
+        {{
+          [conv] c = Conv <pads = [1, 1, 1, 1], group = {group}> {conv_inputs}
+          [bn] y = BatchNormalization <epsilon = 0.001> (c, scale, shift, mean, var)
+          {extra}
+        }}
+        """
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm_folds_into_conv(group, bias):
+    model = parse(conv_bn(group, bias))
+    compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
+    assert result.counts == {"fold-batchnorm-into-conv": 1}
+    assert ops(compiled) == ["Conv"]
+    conv = compiled.graph.nodes[0]
+    assert conv.name == "conv::fold-batchnorm-into-conv"
+    assert compiled.provenance[conv.name] == "fold-batchnorm-into-conv"
+    assert conv.outputs[0].name == "y" and len(conv.inputs) == 3
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_shared_weights_are_not_overwritten():
+    text = conv_bn(extra="[conv2] z = Conv <pads = [1, 1, 1, 1]> (x, w, b)", outputs="float[N,4,5,5] y, float[N,4,5,5] z")
+    model = parse(text)
+    compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
+    assert result.counts == {"fold-batchnorm-into-conv": 1}
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_conv_output_used_twice_is_not_folded_but_made_affine():
+    text = conv_bn(extra="[relu] r = Relu(c)", outputs="float[N,4,5,5] y, float[N,4,5,5] r")
+    model = parse(text)
+    compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
+    assert not result.changed
+    assert result.details["skipped"] == {"bn": "output of Conv 'conv' has other consumers"}
+    compiled, result = apply_pass(compiled, "batchnorm-to-affine")
+    assert result.counts == {"batchnorm-to-affine": 1}
+    assert ops(compiled) == ["Conv", "Relu", "Mul", "Add"]
+    mul = next(n for n in compiled.graph.nodes if n.op == "Mul")
+    assert mul.name == "bn::batchnorm-to-affine:0" and mul.inputs[1].values.shape == (4, 1, 1)
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_training_mode_batchnorm_is_left_alone():
+    text = conv_bn().replace("<epsilon = 0.001>", "<epsilon = 0.001, training_mode = 1>")
+    model = parse(text)
+    for name in ("fold-batchnorm-into-conv", "batchnorm-to-affine"):
+        compiled, result = apply_pass(model, name)
+        assert not result.changed
+        assert result.details["skipped"] == {"bn": "training_mode=1 (uses batch statistics)"}
+        assert ops(compiled) == ["Conv", "BatchNormalization"]
+
+
+GEMM_BN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,6] x) => (float[N,3] y)
+<float[{w_shape}] w = {{{w}}}, float[3] c = {{{c}}}, {bn}>
+{{
+  [fc] h = Gemm <transB = {trans_b}, alpha = 0.5, beta = 2.0> ({gemm_inputs})
+  [bn] y = BatchNormalization(h, scale, shift, mean, var)
+}}
+"""
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm_folds_into_gemm(trans_b, bias):
+    model = parse(
+        GEMM_BN.format(
+            w_shape="3,6" if trans_b else "6,3",
+            w=values(18),
+            c=values(3, seed=5),
+            bn=bn_params(3),
+            trans_b=trans_b,
+            gemm_inputs="x, w, c" if bias else "x, w",
+        )
+    )
+    compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
+    assert result.counts == {"fold-batchnorm-into-gemm": 1}
+    gemm = compiled.graph.nodes[0]
+    assert ops(compiled) == ["Gemm"] and gemm.attrs["alpha"] == 1.0 and gemm.attrs["beta"] == 1.0
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_batchnorm_folds_into_conv_transpose(group):
+    model = parse(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,3,3] x) => (float[N,6,5,5] y)
+        <float[4,{6 // group},3,3] w = {{{values(4, 6 // group, 3, 3)}}}, {bn_params(6)}>
+        {{
+          [up] t = ConvTranspose <group = {group}> (x, w)
+          [bn] y = BatchNormalization(t, scale, shift, mean, var)
+        }}
+        """
+    )
+    compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
+    assert result.counts == {"fold-batchnorm-into-convtranspose": 1}
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_standalone_batchnorm_becomes_mul_add(rank):
+    dims = ["N", "4", "5", "6"][:rank]
+    model = parse(
+        f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[{",".join(dims)}] x) => (float[{",".join(dims)}] y)
+        <{bn_params(4)}>
+        {{
+          [relu] r = Relu(x)
+          [bn] y = BatchNormalization(r, scale, shift, mean, var)
+        }}
+        """
+    )
+    compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
+    assert not result.changed
+    compiled, result = apply_pass(compiled, "batchnorm-to-affine")
+    assert result.counts == {"batchnorm-to-affine": 1}
+    assert ops(compiled) == ["Relu", "Mul", "Add"]
+    mul, add = compiled.graph.nodes[1:]
+    assert mul.inputs[1].values.shape == add.inputs[1].values.shape == (4,) + (1,) * (rank - 2)
+    assert add.outputs[0].name == "y" and add.name == "bn::batchnorm-to-affine:1"
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_batchnorm_after_conv_is_left_to_the_fold():
+    compiled, result = apply_pass(parse(conv_bn()), "batchnorm-to-affine")
+    assert not result.changed
+    assert result.details["skipped"] == {"bn": "left to fold-batchnorm-into-conv"}
+
+
+def test_batchnorm_passes_in_the_pipeline_with_verify_each():
+    text = conv_bn(extra="[relu] r = Relu(y)\n [bn2] z = BatchNormalization(r, scale, shift, mean, var)",
+                   outputs="float[N,4,5,5] z")
+    model = parse(text)
+    compiled, report = verify_pipeline(model, list(CANONICALIZE), random_inputs(model))
+    totals = report.totals()
+    assert totals["fold-batchnorm-into-conv"]["counts"] == {"fold-batchnorm-into-conv": 1}
+    assert totals["batchnorm-to-affine"]["counts"] == {"batchnorm-to-affine": 1}
+    assert ops(compiled) == ["Conv", "Relu", "Mul", "Add"]
