@@ -264,6 +264,55 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, hard
             click.echo(f"{p['input']}: {classes}")
 
 
+@cli.command("lint")
+@click.argument("source")
+@click.option("--target", "-t", required=True, help="Target whose rules to check (see `qanac targets`).")
+@click.option("--device", help="Also check that the device can take the model (Akida: AKD1000 is IP v1, ...).")
+@click.option("--input-shape", help="Fix input shapes: 1,3,64,64 or NAME:1,3,64,64;... .")
+@click.option("--weights", type=click.Path(), help="state_dict for a PyTorch factory source.")
+@click.option("--plugin", multiple=True, type=click.Path(), help="Python file registering extra passes.")
+@json_option
+@handle_errors
+def lint_command(source: str, target: str, device: str | None, input_shape: str | None, weights: str | None,
+                 plugin: tuple[str, ...], as_json: bool) -> None:
+    """Check SOURCE against every rule of a target and list all problems at once (exit 3 on errors).
+
+    The model is first run through the target's exact pipeline, as `qanac compile` would, so what is
+    listed is what legalization could not fix. Each finding names the node (and its layer in the source
+    framework), the rule, what the vendor toolchain would do, and the way out.
+    """
+
+    from qanac.compiler import CompileRequest, lint_for_target, prepare_model
+    from qanac.diagnostics import EXIT_UNSUPPORTED, Level
+    from qanac.targets import get_target
+
+    request = CompileRequest(source=source, target=target, output=Path("."), input_shape=input_shape,
+                             weights=weights, plugins=plugin)
+    target_info = get_target(target)
+    prepared = prepare_model(request, calibration=None)
+    findings = lint_for_target(target_info, prepared.model, device)
+    errors = sum(1 for f in findings if f.level == Level.ERROR)
+    warnings_count = sum(1 for f in findings if f.level == Level.WARNING)
+    applied = prepared.pipeline.applied()
+    if as_json:
+        emit_json({
+            "source": source, "target": target, "device": device,
+            "errors": errors, "warnings": warnings_count,
+            "findings": [f.to_dict() for f in findings],
+            "passes_applied": applied,
+        })
+    else:
+        for finding in findings:
+            click.echo(finding.format())
+        if applied:
+            rewrites = ", ".join(f"{p['pass']} ({sum(p['counts'].values())})" for p in applied)
+            click.echo(f"passes applied before linting: {rewrites}")
+        click.echo(f"{errors} error(s), {warnings_count} warning(s) for target {target}"
+                   + (f" on {device}" if device else ""))
+    if errors:
+        click.get_current_context().exit(EXIT_UNSUPPORTED)
+
+
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @json_option
@@ -284,9 +333,10 @@ def inspect_command(model: Path, as_json: bool) -> None:
 @cli.command("passes")
 @click.option("--plugin", multiple=True, type=click.Path(), help="Python file registering extra passes.")
 @click.option("--target", help="Show only passes serving this target, in its pipeline order first.")
+@click.option("--markdown", is_flag=True, help="Print the pass reference as Markdown (docs/passes.md).")
 @json_option
 @handle_errors
-def passes_command(plugin: tuple[str, ...], target: str | None, as_json: bool) -> None:
+def passes_command(plugin: tuple[str, ...], target: str | None, markdown: bool, as_json: bool) -> None:
     """List the registered passes (built-in, entry points, plugins) with their documentation."""
 
     from qanac.registry import all_passes, load_passes
@@ -300,6 +350,11 @@ def passes_command(plugin: tuple[str, ...], target: str | None, as_json: bool) -
         infos.sort(key=lambda p: pipeline.index(p.name) if p.name in pipeline else len(pipeline))
     if as_json:
         emit_json([p.to_dict() for p in infos])
+        return
+    if markdown:
+        from qanac.report import format_pass_reference
+
+        click.echo(format_pass_reference(infos), nl=False)
         return
     for p in infos:
         kind = "exact" if p.exact else "approximate (opt-in)"

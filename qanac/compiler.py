@@ -74,6 +74,45 @@ def load_calibration(request: CompileRequest, model: onnx.ModelProto) -> tuple[C
     return data, diagnostics
 
 
+@dataclasses.dataclass
+class PreparedModel:
+    """A model imported and run through a target's pipeline: what lint checks and backends emit."""
+
+    imported: ImportedModel
+    model: CompilationModel
+    context: PassContext
+    pipeline: PipelineReport
+    seconds: dict[str, float]
+
+
+def prepare_model(
+    request: CompileRequest,
+    calibration: CalibrationData | None,
+    diagnostics: list[Diagnostic] | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
+    imported: ImportedModel | None = None,
+) -> PreparedModel:
+    """Import the source (unless given) and run the target's pipeline on it."""
+
+    target = get_target(request.target)
+    load_passes(request.plugins)
+    pass_names = request.pipeline or list(target.pipeline)
+    if imported is None:
+        imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
+    model = CompilationModel.from_onnx(imported.model)
+    ctx = PassContext(
+        target=target.name,
+        calibration=calibration,
+        approximations=request.approximations,
+        options=request.pass_options,
+        diagnostics=list(diagnostics or []),
+    )
+    started = time.perf_counter()
+    report = run_pipeline(model, pass_names, ctx, request.pipeline_options, on_pass=on_pass)
+    seconds = {"import": imported.seconds, "pipeline": time.perf_counter() - started}
+    return PreparedModel(imported, model, ctx, report, seconds)
+
+
 def compile_model(
     request: CompileRequest, on_pass: Callable[[PassRecord], None] | None = None
 ) -> CompileResult:
@@ -81,33 +120,22 @@ def compile_model(
     target = get_target(request.target)
     bundle_io.check_output_dir(request.output, request.force)
     load_passes(request.plugins)
-    pass_names = request.pipeline or list(target.pipeline)
-
     imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
     calibration, diagnostics = load_calibration(request, imported.model)
-    model = CompilationModel.from_onnx(imported.model)
-    ctx = PassContext(
-        target=target.name,
-        calibration=calibration,
-        approximations=request.approximations,
-        options=request.pass_options,
-        diagnostics=diagnostics,
-    )
-    t_pipeline = time.perf_counter()
-    report = run_pipeline(model, pass_names, ctx, request.pipeline_options, on_pass=on_pass)
-    seconds = {"import": imported.seconds, "pipeline": time.perf_counter() - t_pipeline}
+    prepared = prepare_model(request, calibration, diagnostics, on_pass, imported)
+    model, ctx, report, seconds = prepared.model, prepared.context, prepared.pipeline, prepared.seconds
 
     if report.stopped_after is not None:
         return _write_partial(request, model, report, seconds, started)
 
     final = model.to_onnx()
     reference = report.float_reference or final
-    lint_diagnostics = lint_for_target(target, model)
+    lint_diagnostics = lint_for_target(target, model, request.backend_options.get("device"))
     ctx.diagnostics.extend(lint_diagnostics)
     errors = [d for d in lint_diagnostics if d.level == Level.ERROR]
     if errors:
         raise UnsupportedModelError(
-            f"{len(errors)} node(s) cannot run on target '{target.name}' after legalization",
+            f"{len(errors)} problem(s) keep this model from target '{target.name}' after legalization",
             diagnostics=errors,
             hint=f"run `qanac lint {request.source} --target {target.name}` for every finding and its fix",
         )
@@ -144,12 +172,12 @@ def _frontend_kwargs(request: CompileRequest) -> dict[str, Any]:
     return {"weights": request.weights} if request.weights else {}
 
 
-def lint_for_target(target: Target, model: CompilationModel) -> list[Diagnostic]:
+def lint_for_target(target: Target, model: CompilationModel, device: str | None = None) -> list[Diagnostic]:
     if target.rules is None:
         return []
     from qanac.lint import lint_model
 
-    return lint_model(model, target)
+    return lint_model(model, target, device)
 
 
 def build_manifest(

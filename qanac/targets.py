@@ -21,6 +21,8 @@ CANONICALIZE: tuple[str, ...] = (
     "remove-dropout-identity",
     "infer-shapes",
     "fold-constants",
+    "remove-layout-transposes",
+    "flatten-dense-to-gemm",
     "explicit-pads",
     "fold-batchnorm-into-conv",
     "batchnorm-to-affine",
@@ -35,6 +37,7 @@ class Target:
     backend: str  # "module:Class"
     pipeline: tuple[str, ...]
     rules: str | None = None  # "module:attribute" holding the target's lint rule table
+    device_check: str | None = None  # "module:function(device) -> list[Diagnostic]" for --device
     default_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def load_backend(self):
@@ -49,6 +52,14 @@ TARGETS: dict[str, Target] = {
         description="int8 QDQ ONNX model for ONNX Runtime (static, per-channel), the reference deployment",
         backend="qanac.backends.onnxruntime:OnnxRuntimeBackend",
         pipeline=CANONICALIZE,
+    ),
+    "akida": Target(
+        name="akida",
+        description="BrainChip Akida IP v2 (.fbz through quantizeml + cnn2snn), mapped on a virtual or real device",
+        backend="qanac.backends.akida.backend:AkidaBackend",
+        pipeline=CANONICALIZE,
+        rules="qanac.akida_rules:AKIDA_RULES",
+        device_check="qanac.akida_rules:device_findings",
     ),
 }
 

@@ -196,3 +196,10 @@ def test_console_script_hides_tracebacks(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_pass_reference_doc_is_in_sync():
+    result = invoke("passes", "--markdown")
+    assert result.exit_code == 0, result.output
+    documented = (REPO / "docs" / "passes.md").read_text()
+    assert documented == result.output, "docs/passes.md is stale: regenerate with `qanac passes --markdown`"

@@ -63,7 +63,7 @@ def test_name_clash_names_both_origins(clean_registry):
             return PassResult()
 
     message = str(excinfo.value)
-    assert "test-clash" in message and message.count("test_registry") == 2
+    assert "test-clash" in message and message.count("test_registry.py") == 2
 
 
 def test_unknown_pass_lists_known_ones(clean_registry):
