@@ -16,6 +16,7 @@ FAMILIES = (
     "padding",
     "batchnorm",
     "softmax",
+    "layout",
 )
 
 
