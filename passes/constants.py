@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.execution import make_session
@@ -166,9 +167,11 @@ def fold_constants(model: CompilationModel, ctx: PassContext) -> PassResult:
 
     if foldable_nodes(graph):
         try:
-            graph.fold_constants(
-                fold_shapes=False, error_ok=False, partitioning=None, should_exclude_node=_excluded
-            )
+            # graphsurgeon's own warnings repeat the failure this pass turns into an error naming the node
+            with G_LOGGER.suppress(G_LOGGER.ERROR):
+                graph.fold_constants(
+                    fold_shapes=False, error_ok=False, partitioning=None, should_exclude_node=_excluded
+                )
         except Exception as exc:  # ONNX Runtime or graphsurgeon failed on a constant subgraph
             raise _fold_error(model, exc) from exc
         graph.cleanup()

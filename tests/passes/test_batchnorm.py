@@ -176,3 +176,41 @@ def test_batchnorm_passes_in_the_pipeline_with_verify_each():
     assert totals["fold-batchnorm-into-conv"]["counts"] == {"fold-batchnorm-into-conv": 1}
     assert totals["batchnorm-to-affine"]["counts"] == {"batchnorm-to-affine": 1}
     assert ops(compiled) == ["Conv", "Relu", "Mul", "Add"]
+
+
+def random_layer_bn(seed: int):
+    """A random Conv/ConvTranspose (group, stride, dilation, pads, bias) followed by a BatchNormalization."""
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    group = int(rng.choice([1, 2, 3]))
+    c_in, c_out = group * int(rng.integers(1, 3)), group * int(rng.integers(1, 4))
+    k, stride, dilation, pad = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(0, 2))
+    op = "Conv" if rng.random() < 0.6 else "ConvTranspose"
+    shape = (c_out, c_in // group, k, k) if op == "Conv" else (c_in, c_out // group, k, k)
+    inits = {"w": rng.normal(size=shape), "b": rng.normal(size=c_out), "scale": rng.uniform(0.5, 1.5, c_out),
+             "shift": rng.normal(size=c_out), "mean": rng.normal(size=c_out), "var": rng.uniform(0.1, 2.0, c_out)}
+    bias = rng.random() < 0.5
+    layer = helper.make_node(op, ["x", "w", "b"] if bias else ["x", "w"], ["t"], name="layer", group=group,
+                             strides=[stride] * 2, dilations=[dilation] * 2, pads=[pad] * 4)
+    bn = helper.make_node("BatchNormalization", ["t", "scale", "shift", "mean", "var"], ["y"], name="bn",
+                          epsilon=float(rng.uniform(1e-5, 1e-2)))
+    graph = helper.make_graph(
+        [layer, bn], "random", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items() if k != "b" or bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_layer_batchnorm_pairs_fold_exactly(seed):
+    model = random_layer_bn(seed)
+    inputs = random_inputs(model, seed=seed)
+    compiled, report = verify_pipeline(model, list(CANONICALIZE), inputs)
+    assert [n.op for n in compiled.graph.nodes] in (["Conv"], ["ConvTranspose"])
+    assert sum(report.totals()["fold-batchnorm-into-conv"]["counts"].values()) == 1
+    assert_outputs_equal(model, compiled, inputs)
