@@ -49,7 +49,7 @@ def _excluded(node: gs.Node) -> bool:
 
     return (
         node.op in NEVER_FOLD
-        or node.domain not in ("", "ai.onnx")
+        or (node.domain or "") not in ("", "ai.onnx")
         or any(isinstance(v, gs.Graph) for v in node.attrs.values())
         or any(isinstance(v, gs.Node.AttributeRef) for v in node.attrs.values())
     )

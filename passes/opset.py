@@ -57,11 +57,11 @@ def conversion_target(version: int) -> int | None:
 def upgrade_opset(model: CompilationModel, ctx: PassContext) -> PassResult:
     """Convert the default-domain opset into the window 13..21 with ``onnx.version_converter``.
 
-    Below 13 the model is upgraded to opset 17; above 21 it is converted down to 21; inside the window it
-    is left exactly as it is. The IR version is raised to the new opset's when upgrading, and set to it
-    when converting down (ONNX Runtime 1.23 reads IR <= 11). Invariant
-    after the pass: the default-domain opset is within 13..21 and the model computes the same function.
-    A conversion the converter cannot do is a UsageError naming the operator (and its nodes).
+    Below 13 the model is upgraded to opset 17; above 21 it is converted down to 21; inside the window
+    it is left exactly as it is. The IR version is raised to the new opset's when upgrading, and set to
+    it when converting down (ONNX Runtime 1.23 reads IR <= 11). Invariant: the default-domain opset is
+    within 13..21 and the model computes the same function. A conversion the converter cannot do is a
+    UsageError naming the operator and its nodes.
     """
 
     result = PassResult()
@@ -114,7 +114,7 @@ def _ops_missing_at(graph: gs.Graph, target: int) -> list[str]:
     experimental operators)."""
 
     missing = []
-    for op in sorted({n.op for n in graph.nodes if n.domain in ("", "ai.onnx")}):
+    for op in sorted({n.op for n in graph.nodes if (n.domain or "") in ("", "ai.onnx")}):
         try:
             onnx.defs.get_schema(op, target, "")
         except onnx.defs.SchemaError:

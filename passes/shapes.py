@@ -27,28 +27,33 @@ def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
 
     Only knowledge is added: a tensor's dtype or shape is updated when inference knows more than the
     graph did, and the pass reports a change only then, so it converges. Value-info that contradicts
-    inference (stale, from an exporter) is replaced; when strict inference fails, shapes are inferred
-    leniently with a warning naming the failure. Dimensions ONNX inference loses to a
-    symbolic batch are learned by inferring with the batch fixed to 2 and 3. Invariant: graph inputs
-    have static shapes except the batch dimension, else UsageError; once no constant folding can teach more, every
-    tensor has a static shape except its batch dimension, else UsageError naming the tensors.
+    inference (stale, from an exporter) is replaced, with a warning; when strict inference fails even
+    without it, shapes are inferred leniently, with a warning naming the failure. Dimensions ONNX
+    inference loses to a symbolic batch are learned by inferring with the batch fixed to 2 and 3.
+    Invariant: graph inputs have static shapes except the batch dimension, else UsageError; once no
+    constant folding can teach more, every tensor has a static shape except its batch dimension, else
+    UsageError naming the tensors.
     """
 
     result = PassResult()
     graph = model.graph
     _check_inputs(model)
-    proto = model.to_onnx()
-    inferred, overwrite, failure = _infer(proto)
-    if failure:
+    inferred, mode, failure = _infer(model.to_onnx())
+    if mode != STRICT:
+        message = {
+            WITHOUT_VALUE_INFO: f"stale shape annotations were replaced by inferred shapes ({failure})",
+            LENIENT: f"strict ONNX shape inference failed, shapes were inferred leniently ({failure})",
+        }[mode]
         warning = Diagnostic(
             Level.WARNING,
             "SHP003",
-            f"strict ONNX shape inference failed, shapes were inferred leniently: {failure}",
+            message,
             pass_name="infer-shapes",
             hint="check the shapes the model declares against what its nodes compute",
         )
         if warning not in ctx.diagnostics:  # said once, not once per sweep
             result.diagnostics.append(warning)
+    overwrite = mode != STRICT
 
     learned = gs.import_onnx(inferred).tensors()
     for name, tensor in graph.tensors().items():
@@ -81,28 +86,32 @@ def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
     return result
 
 
-def _infer(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, bool, str]:
+STRICT, WITHOUT_VALUE_INFO, LENIENT = "strict", "strict without value_info", "lenient"
+
+
+def _infer(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str, str]:
     """Infer shapes strictly, then strictly without the model's intermediate value_info (stale exporter
     annotations), then leniently (ONNX's inference has gaps ONNX Runtime does not).
 
-    Returns the inferred model, whether inferred shapes replace existing ones, and the strict failure.
+    Returns the inferred model, the mode that succeeded and the first strict failure.
     """
 
     def run(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=True)
 
+    errors = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError)
     try:
-        return run(proto, True), False, ""
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        return run(proto, True), STRICT, ""
+    except errors as exc:
         failure = _first_line(exc)
     del proto.graph.value_info[:]
     try:
-        return run(proto, True), True, failure
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        return run(proto, True), WITHOUT_VALUE_INFO, failure
+    except errors as exc:
         failure = _first_line(exc)
     try:
-        return run(proto, False), True, failure
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        return run(proto, False), LENIENT, failure
+    except errors as exc:
         raise UsageError(f"ONNX shape inference failed: {_first_line(exc)}") from exc
 
 

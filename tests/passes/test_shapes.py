@@ -93,3 +93,22 @@ def test_infer_shapes_in_the_pipeline_with_verify_each():
     compiled, report = verify_pipeline(model, list(CANONICALIZE), random_inputs(model))
     assert report.totals()["infer-shapes"]["counts"] == {"learn-shape": 2}
     assert all(t.shape is not None for t in compiled.graph.tensors().values())
+
+
+def test_onnx_inference_gap_falls_back_to_lenient_inference_with_a_warning():
+    # ONNX's AveragePool inference ignores the ceil_mode rule that drops a window starting in the end
+    # padding and infers 2x2; ONNX Runtime (and the declared output) say 1x1
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 19]>
+        g (float[1,3,2,2] x) => (float[1,3,1,1] y) {
+          y = AveragePool <ceil_mode = 1, count_include_pad = 1, kernel_shape = [3, 3], pads = [1, 1, 1, 1],
+                           strides = [3, 3]> (x)
+        }
+        """
+    )
+    compiled, result = apply_pass(model, "infer-shapes")
+    assert [d.code for d in result.diagnostics] == ["SHP003"]
+    assert "inferred leniently" in result.diagnostics[0].message
+    assert shape_of(compiled, "y") == [1, 3, 1, 1]
+    assert_outputs_equal(model, compiled, random_inputs(model))
