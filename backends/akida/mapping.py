@@ -198,20 +198,31 @@ def _first_hardware_failure(model: Any, device: Any) -> tuple[str, str] | None:
 
 
 def _software_reason(model: Any, name: str, device: Any, first_failure: tuple[str, str] | None) -> str:
-    import akida
-
     if first_failure is not None and first_failure[0] == name:
         return first_failure[1]
     layer = model.get_layer(name)
     if len(layer.inbounds) > 1:
         return "akida names no reason (a layer with several inputs cannot be mapped alone to ask)"
+    refusal = hardware_refusal(model, name, device)
+    return refusal or "maps to hardware on its own; placed in software by the layout of its sequence"
+
+
+def hardware_refusal(model: Any, name: str, device: Any) -> str | None:
+    """akida's reason why layer ``name`` alone cannot map in hardware on ``device``; None if it can.
+
+    The layer is copied into a one-layer model (akida adds the input layer); layers with several
+    inputs cannot be isolated that way and raise ValueError.
+    """
+
+    import akida
+
+    alone = akida.Model(layers=[model.get_layer(name)])
     try:
-        alone = akida.Model(layers=[layer])
         alone.map(device, hw_only=True)
-    except (RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:
         match = _LAYER_FAILURE.match(str(exc))
         return match.group(2).strip() if match else str(exc)
-    return "maps to hardware on its own; placed in software by the layout of its sequence"
+    return None
 
 
 def _type_name(value: Any) -> str:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import akida_models
-from qanac.backends.akida import convert, mapping
+from qanac.backends.akida import convert, devices, mapping
 from qanac.diagnostics import UnsupportedModelError
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,15 @@ def test_large_gap_falls_to_software_with_akidas_reason():
     warnings = mapping.mapping_diagnostics(report)
     assert [d.nodes for d in warnings] == [["features"]] and warnings[0].code == "AKM201"
     assert "in software because: When using Global Average Pooling" in mapping.format_mapping_report(report)
+
+
+def test_hardware_refusal_asks_one_layer_alone():
+    model = akida_models.conv_gap_classifier(size=16)
+    conversion = convert.compile_onnx(model, akida_models.image_calibration(model, count=8))
+    device = devices.virtual_device("SixNodesIPv2")
+    refusal = mapping.hardware_refusal(conversion.akida_model, "features", device)
+    assert refusal == "When using Global Average Pooling, input dimensions width * height cannot exceed 144."
+    assert mapping.hardware_refusal(conversion.akida_model, "stem", device) is None
 
 
 def test_auto_sizes_a_device_or_says_why_not(tiny_conversion):
