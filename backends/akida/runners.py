@@ -8,7 +8,10 @@ quantized vs Akida on the same arrays without any reshaping of its own.
   board ("An actual hardware device is required."), so it runs an unmapped copy
   (``akida.Model(layers=m.layers)``); a model read from .fbz is unmapped anyway (the mapping is not saved).
   The Akida model begins with a Quantizer that takes the float input and quantizes it as calibrated, and
-  ends with a Dequantizer; its (N, H, W, C) outputs are put back in the float layout.
+  ends with a Dequantizer; its (N, H, W, C) outputs are put back in the float layout. Inputs are always
+  given as float: akida takes a uint8 array as already quantized and skips the calibrated scale, which
+  equals the float path only when calibration spanned exactly the byte range with scale 1/255 and mean 0
+  (measured: outputs off by 0.10 on a range of 0.22 when the calibration images used half the range).
 - ``AkidaHardwareRunner``: the same model mapped on an attached board (``akida.devices()``). It cannot be
   exercised without hardware; without a board it raises a UsageError.
 - ``QuantizedOnnxRunner``: quantizeml's quantized ONNX. Its com.brainchip nodes are ONNX *functions*
