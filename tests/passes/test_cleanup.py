@@ -29,6 +29,15 @@ def test_initializer_inputs_are_removed_and_ir_raised():
     assert_outputs_equal(model, compiled, random_inputs(model))
 
 
+def test_old_zoo_model_through_the_pipeline_with_verify_each():
+    model = parse(INITIALIZER_INPUT.replace('"" : 13', '"" : 8'))
+    compiled, report = verify_pipeline(model, ["remove-initializer-inputs", "upgrade-opset"], random_inputs(model))
+    assert report.totals()["remove-initializer-inputs"]["counts"] == {"remove-initializer-input": 1}
+    assert report.totals()["upgrade-opset"]["counts"] == {"convert-opset": 1}
+    proto = compiled.to_onnx(check=True)
+    assert [i.name for i in proto.graph.input] == ["x"] and proto.ir_version == 8
+
+
 def test_modern_model_keeps_its_inputs():
     model = parse(INITIALIZER_INPUT.replace("ir_version: 3", "ir_version: 8").replace(", float[4] w)", ")"))
     compiled, result = apply_pass(model, "remove-initializer-inputs")
