@@ -15,7 +15,9 @@ choice: in the pinned stack the dynamo exporter cannot run at all (it needs a ne
 MetaTF's quantizeml pins), and where it runs it is 5 to 40 times slower on CNNs and emits ReduceMean and
 Reshape where this one emits GlobalAveragePool and Flatten. The export is checked against the module's
 own output (``qanac.frontends.finish``) at the traced batch and at one more; a model that only works at
-the traced batch is re-exported with that batch fixed, and the import says so.
+the traced batch is re-exported with that batch fixed, and the import says so. A torch.export program is
+re-exported at the ``--input-shape`` batch (the TorchScript tracer cannot follow its symbolic sizes), so
+its batch is always fixed.
 
 Source names: the exporter names nodes after the module scopes they come from
 (``/features/features.3/conv/conv.0/Conv``); ``module_paths`` resolves those against the module tree to
@@ -24,14 +26,16 @@ Source names: the exporter names nodes after the module scopes they come from
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import io
+import os
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -40,6 +44,7 @@ from qanac.diagnostics import UsageError
 from qanac.frontends.finish import check_export, first_line, set_source_names
 
 OPSET = 17
+PROGRAM = "torch.export program"
 SUFFIXES = {".pt", ".ts", ".pt2"}
 _FACTORY = re.compile(r"^(?P<module>[^:]+):(?P<attr>[A-Za-z_][\w.]*)$")
 
@@ -66,21 +71,31 @@ def load(source: str, shapes: Shapes, weights: str | None = None) -> tuple[onnx.
     named = _named_shapes(shapes)
     notes: list[str] = []
     samples = _samples(torch, named, batch=None)
+    batch = next(iter(named.values()))[0]
+    if kind == PROGRAM:
+        module = _program_module(torch, module, samples)
     expected = _run(torch, module, samples)
     output_names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
-    model = _export(torch, module, samples, list(named), output_names, dynamic_batch=True)
-    check_export(model, _feeds(named, samples), expected, "PyTorch")
-    batch = next(iter(named.values()))[0]
-    try:
-        larger = _samples(torch, named, batch=batch + 1)
-        check_export(model, _feeds(named, larger), _run(torch, module, larger), "PyTorch")
-    except UsageError as exc:
+    if kind == PROGRAM:
         model = _export(torch, module, samples, list(named), output_names, dynamic_batch=False)
         check_export(model, _feeds(named, samples), expected, "PyTorch")
         notes.append(
-            f"the batch dimension is fixed at {batch}: the model does not run at another batch size "
-            f"({exc.message})"
+            f"the batch dimension is fixed at {batch}: a torch.export program is exported at the batch "
+            "of --input-shape (a module factory or TorchScript file keeps it dynamic)"
         )
+    else:
+        model = _export(torch, module, samples, list(named), output_names, dynamic_batch=True)
+        check_export(model, _feeds(named, samples), expected, "PyTorch")
+        try:
+            larger = _samples(torch, named, batch=batch + 1)
+            check_export(model, _feeds(named, larger), _run(torch, module, larger), "PyTorch")
+        except UsageError as exc:
+            model = _export(torch, module, samples, list(named), output_names, dynamic_batch=False)
+            check_export(model, _feeds(named, samples), expected, "PyTorch")
+            notes.append(
+                f"the batch dimension is fixed at {batch}: the model does not run at another batch size "
+                f"({exc.message})"
+            )
     set_source_names(model, module_paths([n.name for n in model.graph.node], _module_names(module)))
     return model, notes
 
@@ -255,7 +270,6 @@ def _load_torchscript(torch: Any, path: Path) -> Any:
 def _load_exported_program(torch: Any, path: Path) -> tuple[Any, str, tuple[int, ...] | None]:
     try:
         program = torch.export.load(str(path))
-        module = torch.export.unflatten(program)
     except Exception as exc:
         raise UsageError(
             f"{path} is not a loadable torch.export program: {first_line(exc)}",
@@ -267,7 +281,21 @@ def _load_exported_program(torch: Any, path: Path) -> tuple[Any, str, tuple[int,
         shape = tuple(int(d) for d in placeholder.shape)
     except Exception:  # example inputs are optional in a .pt2 and may hold symbolic sizes
         shape = None
-    return module, "torch.export program", shape
+    return program, PROGRAM, shape
+
+
+def _program_module(torch: Any, program: Any, samples: list[Any]) -> Any:
+    """The program as a module the TorchScript exporter can trace: re-exported at the samples' shapes
+    (the tracer cannot follow symbolic sizes) and unflattened, which keeps the module paths."""
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            static = torch.export.export(program.module(), tuple(samples))
+            return torch.export.unflatten(static)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(s.shape)) for s in samples)
+        raise UsageError(f"the torch.export program does not run at input shape {shapes}: {first_line(exc)}") from exc
 
 
 def _named_shapes(shapes: dict[str, tuple[int, ...]] | tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -325,7 +353,7 @@ def _export(
     buffer = io.BytesIO()
     dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stdout_discarded():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -345,6 +373,23 @@ def _export(
             hint="export it yourself with torch.onnx.export and pass the .onnx file",
         ) from exc
     return onnx.load_from_string(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def _native_stdout_discarded() -> Iterator[None]:
+    """Discard what native code writes to file descriptor 1 (the TorchScript exporter prints its whole IR
+    graph there when an export fails; the error itself is raised and reported)."""
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _module_names(module: Any) -> set[str]:
