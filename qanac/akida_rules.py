@@ -30,6 +30,7 @@ STRIDE2_KERNELS = {1, 3}  # "Stride 2 is only supported with kernel size 1 or 3.
 # kernel size, so the table is what was measured; a count between the fitting and failing one is warned
 # about conservatively. Kernel sizes not measured are not checked.
 MAX_CNP_INPUT_CHANNELS = {3: 640, 5: 192, 7: 64}
+MAX_DENSE_INPUTS = 2048  # "Input dimensions are too large to fit in a FNP. The maximum value is 2048."
 MAX_INPUT_CONV_FILTERS = 512  # "The filters number should be set between 1 and 512." (input layer)
 
 ACTIVATIONS = {"Relu", "Clip", "Gelu", "LeakyRelu", "PRelu", "HardSwish"}
@@ -185,15 +186,10 @@ def maxpool_pads(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
-def input_not_conv(node: gs.Node, ctx: LintContext) -> str | None:
-    if node is not input_layer(ctx):
-        return None
-    if node.op == "BatchNormalization":
+def input_batchnorm(node: gs.Node, ctx: LintContext) -> str | None:
+    # A first dense or depthwise layer is fine: qanac's Akida backend then quantizes the input as int8.
+    if node is input_layer(ctx) and node.op == "BatchNormalization":
         return "the model starts with BatchNormalization"
-    if node.op in ("Gemm", "MatMul"):
-        return "the first layer is a dense layer"
-    if node.op == "Conv" and is_depthwise(node):
-        return "the first layer is a depthwise convolution"
     return None
 
 
@@ -267,6 +263,19 @@ def input_conv_filters(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
+def dense_too_wide(node: gs.Node, ctx: LintContext) -> str | None:
+    if node.op not in ("Gemm", "MatMul"):
+        return None
+    weights = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weights is None or weights.ndim != 2:
+        return None
+    trans_b = int(_attr(node, "transB", 0)) if node.op == "Gemm" else 0
+    features = weights.shape[1] if trans_b else weights.shape[0]
+    if features > MAX_DENSE_INPUTS:
+        return f"a dense layer over {features} inputs (at most {MAX_DENSE_INPUTS} fit a FNP)"
+    return None
+
+
 def maxpool_last_in_sequence(node: gs.Node, ctx: LintContext) -> str | None:
     if node.op != "Conv":
         return None
@@ -311,9 +320,10 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD109", "max pooling padding", Level.ERROR, maxpool_pads,
          "convert() raises 'Expect pads [0, 0, 1, 1]'",
          "pool without padding, or with SAME_UPPER padding (pads only at the bottom and right)"),
-    Rule("AKD110", "first layer not a convolution", Level.ERROR, input_not_conv,
-         "quantize() raises ('No quantizable pattern found.' or a bare AssertionError)",
-         "start the model with a standard convolution; write input normalisation as Sub/Div by constants"),
+    Rule("AKD110", "batch normalization as the first layer", Level.ERROR, input_batchnorm,
+         "quantize() raises 'No quantizable pattern found.'",
+         "write input normalisation as a per-channel Mul/Add or Sub/Div by constants",
+         fixed_by="batchnorm-to-affine"),
     Rule("AKD111", "input convolution with global pooling", Level.ERROR, input_conv_with_gap,
          "quantize() raises 'No quantizable pattern found.' (InputConv2D can't perform a Global Average Pooling)",
          "add a convolution between the input convolution and the global pooling"),
@@ -338,6 +348,9 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD204", "max pooling at the end of a sequence", Level.WARNING, maxpool_last_in_sequence,
          "map() puts the layer in a Software sequence: 'A layer with max pooling cannot be the last layer of a sequence'",
          "follow the pooled convolution with another convolution"),
+    Rule("AKD206", "dense layer too wide", Level.WARNING, dense_too_wide,
+         "map() puts the layer in a Software sequence: 'Input dimensions are too large to fit in a FNP.'",
+         "pool or convolve down to at most 2048 features before the dense layer"),
     Rule("AKD205", "too many filters in the input layer", Level.WARNING, input_conv_filters,
          "map() puts the layer in a Software sequence: 'The filters number should be set between 1 and 512.'",
          "use at most 512 filters in the first convolution"),

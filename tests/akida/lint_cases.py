@@ -1,0 +1,90 @@
+"""One small PyTorch model per Akida lint rule (and models that must pass clean), for lint-vs-reality tests.
+
+Each case is (builder, expected lint codes); DISABLED_PASSES names canonicalization a case must skip to
+reach its rule (a BatchNorm input layer is otherwise rewritten before lint sees it). 32x32x3 input; the stem downsamples to 8x8 so a final global
+pooling stays within the 144-pixel limit unless the case is about that limit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def cbr(cin, cout, k=3, s=1, g=1, d=1, p=None):
+    return [nn.Conv2d(cin, cout, k, s, k // 2 * d if p is None else p, groups=g, dilation=d), nn.ReLU()]
+
+
+def stem():
+    return cbr(3, 16, 3, 2) + cbr(16, 16, 3, 2)
+
+
+def head(c, n=5):
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n)]
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.f = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.f(x)
+
+
+class ResidualConcat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(*stem())
+        self.b = nn.Sequential(*cbr(16, 16))
+        self.c = nn.Sequential(*cbr(16, 16))
+        self.h = nn.Sequential(*head(32))
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.h(torch.cat([self.b(y) + y, self.c(y)], 1))
+
+
+S = nn.Sequential
+CASES = {
+    # must pass clean and map fully on hardware
+    "clean_relu": (lambda: S(*stem(), *cbr(16, 32), *head(32)), set()),
+    "clean_relu6": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.ReLU6(), *head(32)), set()),
+    "clean_depthwise": (lambda: S(*stem(), *cbr(16, 16, g=16), *cbr(16, 32, 1), *head(32)), set()),
+    "clean_prelu_per_channel": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.PReLU(32), *head(32)), set()),
+    "clean_hardswish": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.Hardswish(), *head(32)), set()),
+    "clean_residual_concat": (ResidualConcat, set()),
+    "clean_batchnorm_first": (lambda: S(nn.BatchNorm2d(3), *stem(), *cbr(16, 32), *head(32)), set()),
+    "clean_depthwise_first": (lambda: S(*cbr(3, 3, 3, 2, g=3), *cbr(3, 32, 3, 2), *cbr(32, 32), *head(32)), set()),
+    # errors: conversion fails or would be truncated
+    "sigmoid": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.Sigmoid(), *head(32)), {"AKD102", "AKD113"}),
+    "tanh": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.Tanh(), *head(32)), {"AKD102", "AKD113"}),
+    "squeeze_excite": (lambda: S(*stem(), *cbr(16, 32), SqueezeExcite(32), *head(32)), {"AKD102", "AKD103", "AKD113"}),
+    "clip_min_nonzero": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.Hardtanh(-1, 1), *head(32)), {"AKD104"}),
+    "grouped_conv": (lambda: S(*stem(), *cbr(16, 32, g=4), *head(32)), {"AKD105"}),
+    "dilated_conv": (lambda: S(*stem(), *cbr(16, 32, d=2), *head(32)), {"AKD106"}),
+    "stride2_kernel5": (lambda: S(*stem(), *cbr(16, 32, 5, 2), *cbr(32, 32), *head(32)), {"AKD107"}),
+    "even_kernel": (lambda: S(*stem(), *cbr(16, 32, 2, 1, p=0), *head(32)), {"AKD108"}),
+    "maxpool_padded": (lambda: S(*stem(), *cbr(16, 32), nn.MaxPool2d(3, 2, 1), *cbr(32, 32), *head(32)), {"AKD109"}),
+    "batchnorm_first_unfolded": (lambda: S(nn.BatchNorm2d(3), *stem(), *cbr(16, 32), *head(32)), {"AKD110"}),
+    "input_conv_gap": (lambda: S(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), *head(16)), {"AKD111", "AKD202"}),
+    "average_pool": (lambda: S(*stem(), *cbr(16, 32), nn.AvgPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD112"}),
+    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113", "AKD204"}),
+    # warnings: converts, but the layer runs in software
+    "gap_too_large": (lambda: S(*cbr(3, 16, 3, 2), *cbr(16, 32), *head(32)), {"AKD201"}),
+    "gap_after_strided_conv": (lambda: S(*stem(), *cbr(16, 32, 3, 2), *head(32)), {"AKD202"}),
+    "filter_too_big": (lambda: S(*stem(), *cbr(16, 704, 1), *cbr(704, 64), *head(64)), {"AKD203"}),
+    "maxpool_before_dense": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4 * 4, 5)), {"AKD204"}),
+    "dense_too_wide": (lambda: S(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 5)), {"AKD206"}),
+    "input_conv_too_many_filters": (lambda: S(nn.Conv2d(3, 640, 3, 2, 1), nn.ReLU(), *cbr(640, 32, 1, 2), *cbr(32, 32), *head(32)), {"AKD205"}),
+}
+
+DISABLED_PASSES = {"batchnorm_first_unfolded": frozenset({"batchnorm-to-affine"})}
+
+
+def export(name: str, path) -> None:
+    builder, _ = CASES[name]
+    torch.manual_seed(0)
+    model = builder().eval()
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), opset_version=17, dynamo=False,
+                      input_names=["x"], output_names=["y"])
