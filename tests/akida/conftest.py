@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import akida_models
+from tests.akida import akida_models
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import akida_models
+from tests.akida import akida_models
 from qanac.backend import Backend
 from qanac.backends.akida.backend import AkidaBackend
 from qanac.diagnostics import UnsupportedModelError, UsageError

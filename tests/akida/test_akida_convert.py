@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import akida_models
+from tests.akida import akida_models
 from qanac.backends.akida import convert
 from qanac.diagnostics import UnsupportedModelError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import akida_models
+from tests.akida import akida_models
 from qanac.backends.akida.agreement import compare_akida_to_quantized, fused_gap_layers
 from qanac.backends.akida.backend import AkidaBackend
 from qanac.backends.akida.convert import compile_onnx

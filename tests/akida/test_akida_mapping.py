@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import akida_models
+from tests.akida import akida_models
 from qanac.backends.akida import convert, devices, mapping
 from qanac.diagnostics import UnsupportedModelError
 
