@@ -1,0 +1,127 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from qanac.diagnostics import UsageError
+from qanac.zoo.data import (
+    HAM10000_CLASSES,
+    class_weights,
+    grouped_stratified_split,
+    load_digits_splits,
+    load_ham10000,
+    load_image_folder_splits,
+    write_ham10000_fixture,
+)
+
+
+def _lesion_data(seed=0, lesions_per_class=(60, 30, 12, 8)):
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for label, n in enumerate(lesions_per_class):
+        for lesion in range(n):
+            for _ in range(rng.integers(1, 4)):  # 1..3 images per lesion, like HAM10000
+                labels.append(label)
+                groups.append(f"L{label}_{lesion}")
+    return np.array(labels), np.array(groups)
+
+
+def test_no_lesion_in_two_splits_and_every_image_assigned():
+    labels, groups = _lesion_data()
+    train, val, test = grouped_stratified_split(labels, groups, (0.7, 0.15, 0.15), seed=3)
+    sets = [set(groups[s]) for s in (train, val, test)]
+    assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
+
+
+def test_split_is_stratified_by_class():
+    labels, groups = _lesion_data()
+    splits = grouped_stratified_split(labels, groups, (0.6, 0.2, 0.2), seed=1)
+    for label in np.unique(labels):
+        total = np.sum(labels == label)
+        shares = [np.sum(labels[s] == label) / total for s in splits]
+        # whole lesions of at most 3 images: each share within 3 images of its target
+        for share, target in zip(shares, (0.6, 0.2, 0.2)):
+            assert abs(share - target) * total <= 3, (label, shares)
+
+
+def test_split_is_seeded():
+    labels, groups = _lesion_data()
+    first = grouped_stratified_split(labels, groups, seed=7)
+    again = grouped_stratified_split(labels, groups, seed=7)
+    other = grouped_stratified_split(labels, groups, seed=8)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_bad_fractions():
+    with pytest.raises(UsageError):
+        grouped_stratified_split([0, 1], ["a", "b"], (0.5, 0.5, 0.5))
+
+
+def test_ham10000_fixture_layout_and_loader(tmp_path):
+    root = write_ham10000_fixture(tmp_path / "ham", images_per_class=6)
+    rows = list(csv.DictReader(open(root / "HAM10000_metadata.csv")))
+    assert len(rows) == 42 and {r["dx"] for r in rows} == set(HAM10000_CLASSES)
+    assert len({r["lesion_id"] for r in rows}) < len(rows)  # repeated lesion ids
+    assert any((root / "HAM10000_images_part_2").iterdir())
+    data = load_ham10000(root, image_size=32, fractions=(0.5, 0.25, 0.25), seed=0)
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 7
+    lesion_of = {r["image_id"]: r["lesion_id"] for r in rows}
+    assert len(data.train) + len(data.val) + len(data.test) == 42
+    assert data.info["grouped"] and data.describe()["counts"]["train"]["nv"] > 0
+    # the cache is reused
+    assert (root / ".qanac_cache_32x32.npz").is_file()
+    again = load_ham10000(root, image_size=32, fractions=(0.5, 0.25, 0.25), seed=0)
+    assert np.array_equal(again.test.images, data.test.images)
+    assert lesion_of  # metadata read
+
+
+def test_ham10000_missing_metadata_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="HAM10000_metadata.csv"):
+        load_ham10000(tmp_path)
+
+
+def test_augmentation_only_on_training_split():
+    data = load_digits_splits(16)
+    for split in (data.val, data.test):
+        assert not split.augment
+        image, _ = split[0]
+        assert torch.equal(image, torch.from_numpy(split.images[0]).float() / 255)
+        assert torch.equal(split[0][0], image)
+    assert data.train.augment
+    views = torch.stack([data.train[0][0] for _ in range(12)])
+    assert len({v.numpy().tobytes() for v in views}) > 1
+    assert views.min() >= 0 and views.max() <= 1
+
+
+def test_digits_are_upsampled_rgb_in_unit_range():
+    data = load_digits_splits(32, channels=3)
+    image, label = data.train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert 0 <= int(label) < 10 and data.num_classes == 10
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert data.preprocessing.scale == pytest.approx(1 / 255)
+
+
+def test_class_weights_balance_the_loss():
+    labels = np.array([0] * 90 + [1] * 10)
+    weights = class_weights(labels, 3)
+    assert weights[2] == 0 and weights[1] / weights[0] == pytest.approx(9.0)
+    per_class_mass = weights[:2] * torch.tensor([90.0, 10.0])
+    assert per_class_mass[0] == pytest.approx(per_class_mass[1])
+
+
+def test_image_folder_loader(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    data = load_image_folder_splits(tmp_path, 16, fractions=(0.6, 0.2, 0.2))
+    assert data.class_names == ("cat", "dog")
+    assert data.input_shape == (3, 16, 16)
+    assert len(data.train) == 12 and len(data.val) == 4 and len(data.test) == 4

@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from qanac.diagnostics import UsageError
+from qanac.zoo.data import load_ham10000, write_ham10000_fixture
+from qanac.zoo.qat import QATConfig, prepare_qat
+from qanac.zoo.registry import ModelSpec, build_model, resolve_spec
+from qanac.zoo.train import TrainConfig, train
+
+TINY = dict(width_mult=0.25, input_size=32)
+
+
+@pytest.fixture(scope="module")
+def ham(tmp_path_factory):
+    root = write_ham10000_fixture(tmp_path_factory.mktemp("ham"), images_per_class=6)
+    return load_ham10000(root, image_size=32, fractions=(0.5, 0.25, 0.25), seed=0)
+
+
+@pytest.mark.parametrize("variant", ["native", "paper"])
+def test_fixture_end_to_end(ham, tmp_path, variant):
+    events = []
+    config = TrainConfig(epochs=1, qat_epochs=1, batch_size=8)
+    result = train(resolve_spec("qana", variant, **TINY), ham, config, tmp_path, callback=events.append)
+
+    kinds = [e.event for e in events]
+    assert kinds[0] == "phase_start" and "batch" in kinds and "epoch_end" in kinds and kinds[-1] == "done"
+    assert {e.phase for e in events} == {"float", "qat"}
+    for name in ("config.json", "metrics.json", "float.pt", "qat.pt", "model.onnx", "float.onnx"):
+        assert (tmp_path / name).is_file(), name
+
+    # ONNX Runtime on the exported model equals PyTorch
+    images, _ = ham.test.arrays()
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        reference = result.model(torch.from_numpy(images)).numpy()
+    got = np.concatenate([session.run(None, {"input": x[None]})[0] for x in images])
+    np.testing.assert_allclose(got, reference, atol=1e-4)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 32, 32]
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["onnx_check"]["max_abs_diff"] < 1e-4
+    assert {"val", "test"} <= set(metrics["float"]) and {"val", "test"} <= set(metrics["qat"])
+    assert metrics["history"][0]["phase"] == "float" and metrics["history"][-1]["phase"] == "qat"
+
+    # the checkpoint rebuilds from config.json
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["class_names"] == list(ham.class_names)
+    assert stored["preprocessing"]["scale"] == pytest.approx(1 / 255)
+    model = build_model(ModelSpec.from_dict(stored["model"]))
+    model.load_state_dict(torch.load(tmp_path / "float.pt"))
+    qmodel = prepare_qat(model, QATConfig(**stored["train"]["qat"]))
+    qmodel.load_state_dict(torch.load(tmp_path / "qat.pt"))
+    qmodel.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(qmodel(torch.from_numpy(images)).numpy(),
+                                   result.qat_model(torch.from_numpy(images)).numpy(), atol=1e-5)
+
+
+def test_test_split_never_drives_training(ham, monkeypatch):
+    """Early stopping and the schedule see only validation metrics: test labels can be garbage."""
+
+    import qanac.zoo.train as train_module
+
+    seen = []
+    original = train_module.evaluate
+
+    def spy(model, dataset, class_names):
+        seen.append(dataset)
+        return original(model, dataset, class_names)
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    train(resolve_spec("qana", "native", **TINY), ham, TrainConfig(epochs=2, batch_size=16))
+    during = seen[:2]  # one validation pass per epoch, then the final reports
+    assert all(d is ham.val for d in during)
+    assert seen.count(ham.test) == 1
+
+
+def test_input_size_mismatch_is_a_usage_error(ham):
+    with pytest.raises(UsageError, match="input"):
+        train(resolve_spec("qana", "native", width_mult=0.25, input_size=64), ham, TrainConfig(epochs=1))
+
+
+def test_bad_config():
+    with pytest.raises(UsageError):
+        TrainConfig(schedule="step")
+    with pytest.raises(UsageError):
+        TrainConfig(monitor="loss")
