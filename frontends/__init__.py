@@ -121,9 +121,13 @@ def export_canonical(
 ) -> ExportResult:
     """Import ``source``, run the exact CANONICALIZE pipeline (or ``pipeline``) for the onnxruntime target,
     check the result against the imported model on a sample, and write it to ``output_path`` atomically
-    (a temporary file in the same directory, renamed into place; nothing is written on failure)."""
+    (a temporary file in the same directory, renamed into place; nothing is written on failure).
 
-    from qanac.graph import CompilationModel
+    A trailing Softmax is moved out of the graph by strip-trailing-softmax and recorded in the model's
+    metadata (``qanac.post_processing``); the check applies it, and ``imported.notes`` says so.
+    """
+
+    from qanac.graph import POST_PROCESSING_KEY, CompilationModel
     from qanac.pipeline import PassContext, run_pipeline
     from qanac.registry import load_passes
     from qanac.targets import CANONICALIZE
@@ -140,25 +144,31 @@ def export_canonical(
     report = run_pipeline(model, list(pipeline or CANONICALIZE), PassContext(target="onnxruntime"))
     canonical = model.to_onnx()
     seconds = {"import": imported.seconds, "pipeline": time.perf_counter() - started}
-    change = _check_canonical(imported.model, canonical)
+    change = _check_canonical(imported.model, canonical, model.post_processing)
+    for step in model.post_processing:
+        imported.notes.append(
+            f"the model's final {step.get('op', 'step')} was moved out of the graph into host post-processing "
+            f"(metadata '{POST_PROCESSING_KEY}'); the written model's outputs are the values before it"
+        )
     _write_atomically(canonical, output_path)
     return ExportResult(output_path, imported, report, seconds, change)
 
 
-def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto) -> float:
-    """Max abs output change from canonicalization on one random sample; an exact pipeline must not
-    change outputs beyond float rounding (InternalError otherwise: a bug in a pass)."""
+def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto, post_processing: list) -> float:
+    """Max abs output change from canonicalization on one random sample, with the post-processing the
+    pipeline recorded applied; an exact pipeline must not change outputs beyond float rounding
+    (InternalError otherwise: a bug in a pass)."""
 
     from qanac.compare import max_exact_violation
-    from qanac.execution import run_onnx
-    from qanac.graph import input_specs
+    from qanac.execution import apply_post_processing, run_onnx
+    from qanac.graph import input_specs, output_names
 
     rng = np.random.default_rng(0)
     feeds = {
         spec.name: rng.standard_normal((2, *spec.shape[1:])).astype(spec.dtype) for spec in input_specs(imported)
     }
     before = run_onnx(imported, feeds)
-    after = run_onnx(canonical, feeds)
+    after = apply_post_processing(run_onnx(canonical, feeds), output_names(canonical), post_processing)
     violation = max_exact_violation(before, [a.reshape(b.shape) if a.size == b.size else a for b, a in zip(before, after)])
     if violation is not None:
         raise InternalError(
