@@ -10,7 +10,9 @@ same inputs and flags any disagreement, and ``fused_gap_layers`` names the suspe
 Thresholds are explicit (``qanac.compare.Thresholds``): the two should be identical, so the defaults are
 strict: top-1 agreement >= 0.99 and SQNR >= 30 dB, with the quantized ONNX as the reference signal.
 
-Diagnostic code: AKV301 (error) the Akida model disagrees with the quantized ONNX.
+Diagnostic code: AKV301 (warning) the Akida model disagrees with the quantized ONNX. A warning, not an
+error: the bundle is still the model that would be deployed, and ``qanac verify`` against the float
+reference decides whether it is good enough; the warning says why it may not be.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Agreement:
         )
         return [
             Diagnostic(
-                Level.ERROR,
+                Level.WARNING,
                 "AKV301",
                 "the Akida model disagrees with quantizeml's quantized ONNX: " + "; ".join(self.problems),
                 nodes=names,
