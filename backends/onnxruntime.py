@@ -4,6 +4,13 @@ Quantization is onnxruntime.quantization's own (``quant_pre_process`` then ``qua
 per-channel symmetric int8 weights, asymmetric uint8 activations (the CPU execution provider's fast
 path), calibration by MinMax unless ``calibrate_method`` says Entropy or Percentile. qanac adds only the
 data reader and the bundle around it.
+
+Weights use ``reduce_range`` (7 bits) by default. ONNX Runtime's fused int8 kernels on x86 CPUs without
+VNNI can saturate the intermediate sums of 8-bit products. Measured on the demo digits CNN on this
+machine (AVX2, no VNNI), the same QDQ model scored 89.4 % with ORT's optimizations on and 97.7 % with
+them off (float 97.5 %); with reduce_range it scores 97.7 % either way. After quantizing, ``emit``
+runs the model both ways on calibration samples and reports any disagreement (ORT001), so this kind of
+kernel error is never silent.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from onnxruntime.quantization import (
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
-from qanac.diagnostics import UnsupportedModelError, UsageError
+from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
 from qanac.execution import make_session, run_session
 
 QDQ_FILE = "model.qdq.onnx"
+KERNEL_CHECK_SAMPLES = 64
+MIN_KERNEL_AGREEMENT = 0.99
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -79,6 +88,7 @@ class OnnxRuntimeBackend:
                     reader,
                     quant_format=QuantFormat.QDQ,
                     per_channel=True,
+                    reduce_range=bool(options.get("reduce_range", True)),
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=CALIBRATION_METHODS[method_name],
@@ -92,20 +102,59 @@ class OnnxRuntimeBackend:
         histogram: dict[str, int] = {}
         for node in quantized.graph.node:
             histogram[node.op_type] = histogram.get(node.op_type, 0) + 1
+        kernels = check_fused_kernels(out_dir / QDQ_FILE, calibration)
         report = {
+            "kernel_check": kernels,
             "quantization": {
                 "format": "QDQ",
-                "weights": "int8 symmetric per-channel",
+                "weights": "int8 symmetric per-channel"
+                + (", 7-bit range (reduce_range)" if options.get("reduce_range", True) else ""),
                 "activations": "uint8 asymmetric per-tensor",
                 "calibrate_method": method_name,
                 "calibration_samples": calibration.num_samples,
             },
             "quantized_ops": histogram,
         }
-        return EmitResult(files={"compiled": QDQ_FILE}, report=report, manifest={"device": "cpu"})
+        diagnostics = []
+        if kernels["top1_agreement"] < MIN_KERNEL_AGREEMENT:
+            diagnostics.append(
+                Diagnostic(
+                    Level.WARNING,
+                    "ORT001",
+                    f"ONNX Runtime's fused int8 kernels disagree with the quantized model's own arithmetic on "
+                    f"{kernels['samples']} calibration samples (top-1 agreement {kernels['top1_agreement']:.3f}, "
+                    f"max abs difference {kernels['max_abs_difference']:.3g})",
+                    rule="int8 kernels on CPUs without VNNI can saturate",
+                    hint="keep reduce_range on (the default), or run on a CPU with VNNI",
+                )
+            )
+        return EmitResult(files={"compiled": QDQ_FILE}, report=report, manifest={"device": "cpu"},
+                          diagnostics=diagnostics)
 
     def load_runner(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> "OnnxRuntimeRunner":
         return OnnxRuntimeRunner(bundle_dir / manifest["files"]["compiled"]["path"])
+
+
+def check_fused_kernels(path: Path, calibration: CalibrationData) -> dict[str, Any]:
+    """Run the QDQ model with ORT's fused int8 kernels and with its plain QDQ arithmetic; compare."""
+
+    from onnxruntime import GraphOptimizationLevel, InferenceSession, SessionOptions
+
+    samples = calibration.take(KERNEL_CHECK_SAMPLES).arrays
+    outputs = []
+    for level in (GraphOptimizationLevel.ORT_ENABLE_ALL, GraphOptimizationLevel.ORT_DISABLE_ALL):
+        options = SessionOptions()
+        options.graph_optimization_level = level
+        options.log_severity_level = 3
+        session = InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        outputs.append(run_session(session, samples)[0])
+    fused, plain = (o.reshape(len(o), -1) for o in outputs)
+    agreement = float(np.mean(np.argmax(fused, axis=1) == np.argmax(plain, axis=1))) if fused.shape[1] > 1 else 1.0
+    return {
+        "samples": int(len(fused)),
+        "top1_agreement": agreement,
+        "max_abs_difference": float(np.max(np.abs(fused - plain))),
+    }
 
 
 class OnnxRuntimeRunner:
