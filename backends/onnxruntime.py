@@ -128,8 +128,13 @@ class OnnxRuntimeBackend:
                     hint="keep reduce_range on (the default), or run on a CPU with VNNI",
                 )
             )
+        summary = (
+            f"onnxruntime QDQ model: {report['quantization']['weights']} weights, "
+            f"{report['quantization']['activations']} activations; fused int8 kernels agree with the QDQ "
+            f"arithmetic on {kernels['top1_agreement']:.1%} of {kernels['samples']} calibration samples"
+        )
         return EmitResult(files={"compiled": QDQ_FILE}, report=report, manifest={"device": "cpu"},
-                          diagnostics=diagnostics)
+                          diagnostics=diagnostics, summary=summary)
 
     def load_runner(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> "OnnxRuntimeRunner":
         return OnnxRuntimeRunner(bundle_dir / manifest["files"]["compiled"]["path"])

@@ -24,13 +24,15 @@ class EmitResult:
 
     ``files`` maps a role (``compiled``, ``quantized``, ...) to a file name relative to the bundle;
     ``report`` goes into report.json under the backend's name; ``manifest`` entries are merged into
-    manifest.json (``device`` and the like).
+    manifest.json (``device`` and the like); ``summary`` is the human text `qanac compile` prints
+    (for Akida, the mapping report).
     """
 
     files: dict[str, str]
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
     diagnostics: list[Diagnostic] = dataclasses.field(default_factory=list)
+    summary: str = ""
 
 
 class Runner(Protocol):

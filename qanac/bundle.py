@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -87,8 +88,26 @@ def staged_directory(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
+def json_text(data: Any) -> str:
+    """Standard JSON (no NaN/Infinity literals: non-finite floats become the strings "inf", "-inf", "nan")."""
+
+    return json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.floating):
+        return _finite(float(value))
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    path.write_text(json_text(data) + "\n")
 
 
 def _json_default(value: Any) -> Any:

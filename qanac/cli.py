@@ -24,9 +24,9 @@ from qanac.diagnostics import EXIT_INTERNAL, EXIT_VERIFY_FAILED, QanacError, Usa
 
 
 def emit_json(data: Any) -> None:
-    from qanac.bundle import _json_default
+    from qanac.bundle import json_text
 
-    click.echo(json.dumps(data, indent=2, default=_json_default))
+    click.echo(json_text(data))
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -361,6 +361,30 @@ def passes_command(plugin: tuple[str, ...], target: str | None, markdown: bool, 
         click.echo(f"{p.name}  [{kind}; targets: {', '.join(sorted(p.targets))}]")
         click.echo(f"    {p.summary}")
         click.echo(f"    from {p.origin}")
+
+
+@cli.command("devices")
+@json_option
+@handle_errors
+def devices_command(as_json: bool) -> None:
+    """List Akida devices: the virtual ones qanac maps onto, and any real hardware attached."""
+
+    from qanac.backends.akida.devices import DEFAULT_DEVICE, VIRTUAL_DEVICES, list_hardware_devices
+
+    hardware = list_hardware_devices()
+    if as_json:
+        emit_json({
+            "virtual": [spec.to_dict() for spec in VIRTUAL_DEVICES.values()],
+            "default": DEFAULT_DEVICE,
+            "hardware": hardware,
+        })
+        return
+    click.echo("virtual devices (for mapping; inference runs on akida's software backend):")
+    for spec in VIRTUAL_DEVICES.values():
+        default = "  (default)" if spec.name == DEFAULT_DEVICE else ""
+        click.echo(f"  {spec.name:<16} IP {spec.ip_version}, {spec.num_nps or '?'} NPs: {spec.description}{default}")
+    click.echo("  auto             the smallest device that holds the whole model")
+    click.echo("hardware: " + (", ".join(f"#{d['index']} {d['desc']}" for d in hardware) if hardware else "none attached"))
 
 
 @cli.command("targets")

@@ -162,6 +162,7 @@ def compile_model(
             "diagnostics": [d.to_dict() for d in ctx.diagnostics],
             "model": summarize(reference).to_dict(),
             "backend": emitted.report,
+            "backend_summary": emitted.summary,
         }
         bundle_io.write_json(stage / bundle_io.MANIFEST, manifest)
         bundle_io.write_json(stage / bundle_io.REPORT, full_report)

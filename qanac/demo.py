@@ -1,10 +1,11 @@
 """``make demo``: build the bundled example model, compile it, verify it, print the report.
 
-The example is a small CNN (Conv/BatchNorm/ReLU, depthwise-separable block, global average pooling,
+The example is a small CNN (Conv/BatchNorm/ReLU6, a depthwise-separable block, global average pooling,
 a linear head and a trailing Softmax) trained for a few seconds on scikit-learn's bundled handwritten
-digits (real 8x8 images, upsampled to 24x24). Nothing is downloaded.
+digits (real 8x8 images, upsampled to 24x24). Every layer of it maps onto Akida hardware: the global
+pooling sees a 6x6 map after a stride-1 convolution. Nothing is downloaded.
 
-    python -m qanac.demo OUT_DIR [--target onnxruntime]
+    python -m qanac.demo OUT_DIR [--target akida|onnxruntime]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build_example_cnn(num_classes: int = 10, channels: int = 1):
         return [
             nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
             nn.BatchNorm2d(cout),
-            nn.ReLU(),
+            nn.ReLU6(),
         ]
 
     return nn.Sequential(
@@ -47,6 +48,7 @@ def build_example_cnn(num_classes: int = 10, channels: int = 1):
         *conv_bn(16, 16, groups=16),
         *conv_bn(16, 32, kernel=1),
         *conv_bn(32, 32, stride=2),
+        *conv_bn(32, 32, kernel=1),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Dropout(0.1),
@@ -113,7 +115,7 @@ def prepare(out: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--target", default="onnxruntime")
+    parser.add_argument("--target", default="akida")
     args = parser.parse_args(argv)
 
     from qanac.cli import cli

@@ -45,9 +45,8 @@ def format_compile_result(result: CompileResult, time_passes: bool = False) -> s
         lines.append(f"host post-processing: {steps}")
     lines.append(f"pipeline    {len(result.pipeline.pipeline)} passes, {result.pipeline.iterations} sweep(s):")
     lines += format_pass_table(totals, time_passes)
-    backend_text = report["backend"].get("text")
-    if backend_text:
-        lines.append(backend_text)
+    if report.get("backend_summary"):
+        lines.append(report["backend_summary"])
     for d in report["diagnostics"]:
         lines.append(("  " if d["level"] == "info" else "") + f"{d['level']}: {d['code']}: {d['message']}")
     seconds = result.seconds

@@ -69,7 +69,6 @@ class AkidaBackend:
         report: dict[str, Any] = {
             "conversion": conversion.describe(),
             "mapping": mapping,
-            "mapping_text": format_mapping_report(mapping),
         }
         agreement_samples = int(options.get("agreement_samples", DEFAULT_AGREEMENT_SAMPLES))
         if agreement_samples > 0:
@@ -97,6 +96,7 @@ class AkidaBackend:
                 "akida": {**conversion.describe(), "device": mapping["device"]},
             },
             diagnostics=diagnostics,
+            summary=format_mapping_report(mapping),
         )
 
     def load_runner(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> AkidaSoftwareRunner:
