@@ -211,15 +211,26 @@ def average_pool(node: gs.Node, ctx: LintContext) -> str | None:
 
 
 def unfused_gap(node: gs.Node, ctx: LintContext) -> str | None:
+    """GAP fuses into the conv before it (through its activation) only if nothing else reads that output;
+    after Add or Concat quantizeml inserts an identity conv to fuse it into."""
+
     if node.op != "GlobalAveragePool":
         return None
-    producer = ctx.producer(node.inputs[0])
+    tensor = node.inputs[0]
+    producer = ctx.producer(tensor)
+    shared = len(tensor.outputs) > 1
     while producer is not None and producer.op in ACTIVATIONS:
-        producer = ctx.producer(producer.inputs[0])
+        tensor = producer.inputs[0]
+        shared = shared or len(tensor.outputs) > 1
+        producer = ctx.producer(tensor)
     if producer is None:
         return "global average pooling of the model input"
-    if producer.op in ("Conv", "Add", "Concat"):
+    if producer.op in ("Add", "Concat"):
         return None
+    if producer.op == "Conv" and not shared:
+        return None
+    if producer.op == "Conv":
+        return f"global average pooling of '{producer.name}', whose output is also used elsewhere (it cannot be fused)"
     return f"global average pooling after {producer.op} '{producer.name}' (it must follow a convolution)"
 
 
@@ -332,7 +343,7 @@ AKIDA_RULES: list[Rule] = [
          "use a stride-2 convolution or max pooling instead"),
     Rule("AKD113", "global pooling not after a convolution", Level.ERROR, unfused_gap,
          "quantize() leaves it unquantized and convert() silently truncates the model before it",
-         "put the global average pooling directly after a convolution (and its activation), not after max pooling"),
+         "pool directly after a convolution (and its activation) that feeds nothing else, not after max pooling"),
     Rule("AKD114", "softmax inside the graph", Level.ERROR, softmax_inside,
          "quantize() leaves it unquantized and convert() silently truncates the model before it",
          "move the softmax to the end of the model (qanac then runs it on the host)"),

@@ -1,0 +1,158 @@
+"""`qanac compile --target akida` end to end, through the CLI as a user runs it.
+
+- A trained PyTorch CNN with Conv/BN/ReLU6/depthwise/residual Add/Concat/GAP/Linear agrees with its float
+  model on >= 99 % of a held-out set (397 scikit-learn digits not used for training or calibration), and
+  `qanac run` reproduces akida.Model.predict exactly.
+- Models Akida cannot run exit 3 naming the node, and leave no bundle.
+- An IP v1 device is refused with the reason.
+- `qanac verify` catches the conv+GAP saturation that makes Akida disagree with quantizeml's simulation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from qanac.cli import cli
+from qanac.demo import digits_uint8
+from tests.akida import akida_models
+from tests.akida.lint_cases import export
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+class ResidualDigitsNet(nn.Module):
+    """Conv/BN/ReLU6, a depthwise-separable residual block (Add), two branches joined by Concat, GAP, Linear."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cbr(cin, cout, k=3, s=1, g=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
+
+        self.stem = nn.Sequential(cbr(1, 16), cbr(16, 16, s=2))
+        self.block = nn.Sequential(cbr(16, 16, g=16), cbr(16, 16, k=1))
+        self.left = cbr(16, 16, s=2)
+        self.right = cbr(16, 16, k=1, s=2)
+        self.mix = cbr(32, 32, k=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.block(y)
+        y = torch.cat([self.left(y), self.right(y)], dim=1)
+        return self.head(self.mix(y))
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory):
+    """The residual net trained on 1400 digits, exported, compiled for Akida; the other 397 held out."""
+
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = digits_uint8()
+    order = np.random.default_rng(0).permutation(len(images))
+    train, test = order[:1400], order[1400:]
+    torch.manual_seed(0)
+    model = ResidualDigitsNet()
+    x = torch.from_numpy(images[train] / 255.0).float()
+    y = torch.from_numpy(labels[train])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(6):
+        model.train()
+        perm = torch.randperm(len(x))
+        for start in range(0, len(x), 64):
+            batch = perm[start : start + 64]
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    path = root / "residual.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 24, 24),), str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
+    np.save(root / "calib.npy", images[train[:256]])
+    np.savez(root / "test.npz", image=images[test], labels=labels[test])
+    bundle = root / "bundle"
+    result = invoke("compile", path, "--target", "akida", "--calib", root / "calib.npy", "-o", bundle, "--json")
+    assert result.exit_code == 0, result.output
+    return root, bundle, json.loads(result.output)
+
+
+def test_residual_concat_net_maps_and_agrees_with_float(digits_bundle):
+    root, bundle, compiled = digits_bundle
+    mapping = compiled["report"]["backend"]["mapping"]
+    assert mapping["hardware_mac_share"] == 1.0, compiled["report"]["backend_summary"]
+    result = invoke("verify", bundle, "--data", root / "test.npz", "--min-agreement", "0.99", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["samples"] == 397
+    assert report["comparisons"]["compiled"][0]["top1_agreement"] >= 0.99
+    assert report["label_accuracy"]["float"] > 0.9
+
+
+def test_run_reproduces_akida_predict_exactly(digits_bundle, tmp_path):
+    import akida
+
+    root, bundle, _ = digits_bundle
+    out = tmp_path / "preds.npy"
+    result = invoke("run", bundle, "--input", root / "test.npz", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    test_images = np.load(root / "test.npz")["image"]
+    direct = akida.Model(str(bundle / "model.fbz")).predict((test_images / np.float32(255.0)).astype(np.float32))
+    np.testing.assert_array_equal(np.load(out), direct.reshape(len(test_images), -1))
+
+
+@pytest.mark.parametrize("case, node", [
+    ("squeeze_excite", "/6/f/f.0/GlobalAveragePool"),
+    ("sigmoid", "/5/Sigmoid"),
+])
+def test_unsupported_models_exit_3_naming_the_node(case, node, tmp_path):
+    model = tmp_path / f"{case}.onnx"
+    export(case, model)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
+    out = tmp_path / "bundle"
+    result = invoke("compile", model, "--target", "akida", "--calib", calib, "-o", out)
+    assert result.exit_code == 3, result.output
+    assert node in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_v1_device_is_refused_with_the_reason(tmp_path):
+    model = tmp_path / "ok.onnx"
+    export("clean_relu", model)
+    result = invoke("compile", model, "--target", "akida", "--calib", "random", "--device", "AKD1000", "-o",
+                    tmp_path / "b")
+    assert result.exit_code == 3, result.output
+    assert "IP v1" in result.output and "AKD301" in result.output
+    lint = invoke("lint", model, "--target", "akida", "--device", "AKD1000")
+    assert lint.exit_code == 3 and "AKD301" in lint.output
+
+
+def test_verify_catches_conv_gap_saturation(tmp_path):
+    model = akida_models.conv_gap_classifier(size=32)
+    path = tmp_path / "conv_gap.onnx"
+    onnx.save(model, str(path))
+    data = akida_models.image_calibration(model, count=64)
+    np.save(tmp_path / "images.npy", data.raw["input"])
+    bundle = tmp_path / "bundle"
+    result = invoke("compile", path, "--target", "akida", "--calib", tmp_path / "images.npy", "-o", bundle)
+    assert result.exit_code == 0, result.output
+    assert "AKV301" in result.output  # the compile report already warns
+    result = invoke("verify", bundle, "--data", tmp_path / "images.npy", "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    quantized, compiled = report["comparisons"]["quantized"][0], report["comparisons"]["compiled"][0]
+    assert quantized["sqnr_db"] > 30.0  # quantizeml's own simulation looks fine...
+    assert compiled["sqnr_db"] < 15.0  # ...while the Akida model itself is off
