@@ -85,7 +85,7 @@ def test_cancelled_pair_writing_a_graph_output_keeps_the_output_name():
     assert [o.name for o in compiled.graph.outputs] == ["y"]
 
 
-def flatten_dense(perm: str, transpose_out: str, gemm: str) -> str:
+def flatten_dense(perm: str, dense: str) -> str:
     return f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N,3,6,6] x) => (float[N,5] y)
@@ -95,20 +95,20 @@ def flatten_dense(perm: str, transpose_out: str, gemm: str) -> str:
           [conv] c = Conv (x, w)
           [to_nhwc] t = Transpose <perm = {perm}> (c)
           [flatten] f = Reshape (t, shape)
-          {gemm}
+          {dense}
         }}
         """
 
 
 def test_nhwc_transpose_before_flatten_is_absorbed_into_matmul_weights():
-    compiled, result = run_layout(flatten_dense("[0, 2, 3, 1]", "", "[fc] y = MatMul (f, fc)"))
+    compiled, result = run_layout(flatten_dense("[0, 2, 3, 1]", "[fc] y = MatMul (f, fc)"))
     assert result.counts == {"absorb-transpose-into-dense": 1}
     assert ops(compiled) == ["Conv", "Reshape", "MatMul"]
     assert compiled.source_of(compiled.graph.nodes[-1].name) == compiled.source_of("fc")
 
 
 def test_nhwc_transpose_before_flatten_is_absorbed_into_gemm_with_trans_b():
-    compiled, result = run_layout(flatten_dense("[0, 3, 2, 1]", "", "[fc] y = Gemm <transB = 1> (f, fct)"))
+    compiled, result = run_layout(flatten_dense("[0, 3, 2, 1]", "[fc] y = Gemm <transB = 1> (f, fct)"))
     assert result.counts == {"absorb-transpose-into-dense": 1}
     assert ops(compiled) == ["Conv", "Reshape", "Gemm"]
 
@@ -131,13 +131,13 @@ def test_transpose_before_flatten_stays_when_the_dense_weights_are_not_constant(
 
 
 def test_transpose_with_a_second_consumer_stays():
-    text = f"""
+    text = """
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N,3,6,6] x) => (float[N,6,6,3] y, float[N,3,6,6] z)
-        {{
+        {
           [to_nhwc] y = Transpose <perm = [0, 2, 3, 1]> (x)
           [back] z = Transpose <perm = [0, 3, 1, 2]> (y)
-        }}
+        }
         """
     compiled, result = apply_pass(with_shapes(text), LAYOUT)
     assert not result.changed
@@ -248,7 +248,7 @@ def test_layout_passes_sit_in_canonicalize_after_constant_folding():
 def test_onnx_model_outputs_are_unchanged_through_canonicalize():
     from qanac.targets import CANONICALIZE
 
-    model = parse(flatten_dense("[0, 2, 3, 1]", "", "[fc] y = MatMul (f, fc)"))
+    model = parse(flatten_dense("[0, 2, 3, 1]", "[fc] y = MatMul (f, fc)"))
     compiled, report = verify_pipeline(model, list(CANONICALIZE), random_inputs(model))
     assert ops(compiled) == ["Conv", "Flatten", "Gemm"]
     assert isinstance(compiled.to_onnx(check=True), onnx.ModelProto)
