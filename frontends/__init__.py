@@ -19,13 +19,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnx
 
 from qanac.diagnostics import InternalError, UsageError
 from qanac.frontends import onnx_file
+
+if TYPE_CHECKING:  # the pipeline loads passes; import it only when exporting
+    from qanac.pipeline import PipelineReport
 
 
 @dataclasses.dataclass
@@ -51,7 +54,7 @@ class ExportResult:
 
     path: Path
     imported: ImportedModel
-    report: "PipelineReport"  # noqa: F821 (qanac.pipeline imports passes lazily)
+    report: PipelineReport
     seconds: dict[str, float]
     max_abs_change: float
 
