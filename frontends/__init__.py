@@ -122,12 +122,13 @@ def export_canonical(
     weights: str | None = None,
     pipeline: Sequence[str] | None = None,
 ) -> ExportResult:
-    """Import ``source``, run the exact CANONICALIZE pipeline (or ``pipeline``) for the onnxruntime target,
+    """Import ``source``, run the exact canonicalization passes (or ``pipeline``) for the onnxruntime target,
     check the result against the imported model on a sample, and write it to ``output_path`` atomically
     (a temporary file in the same directory, renamed into place; nothing is written on failure).
 
-    A trailing Softmax is moved out of the graph by strip-trailing-softmax and recorded in the model's
-    metadata (``qanac.post_processing``); the check applies it, and ``imported.notes`` says so.
+    The default pipeline is CANONICALIZE without strip-trailing-softmax: an exported file stands alone, so
+    its outputs must mean what the source model's outputs meant. (A given ``pipeline`` that strips a
+    Softmax records it in the model's metadata ``qanac.post_processing``; ``imported.notes`` says so.)
     """
 
     from qanac.graph import POST_PROCESSING_KEY, CompilationModel
@@ -144,7 +145,8 @@ def export_canonical(
     load_passes()
     started = time.perf_counter()
     model = CompilationModel.from_onnx(imported.model)
-    report = run_pipeline(model, list(pipeline or CANONICALIZE), PassContext(target="onnxruntime"))
+    names = list(pipeline) if pipeline else [p for p in CANONICALIZE if p != "strip-trailing-softmax"]
+    report = run_pipeline(model, names, PassContext(target="onnxruntime"))
     canonical = model.to_onnx()
     seconds = {"import": imported.seconds, "pipeline": time.perf_counter() - started}
     change = _check_canonical(imported.model, canonical, model.post_processing)

@@ -194,10 +194,44 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
     if not as_json:
         click.echo(f"compiling {source} for {target} ...", err=True)
     result = compile_model(request, on_pass=on_pass)
+    if not as_json:
+        for note in result.manifest.get("source", {}).get("notes", []):
+            click.echo(f"note: {note}", err=True)
     if as_json:
         emit_json({"output": str(result.output), "manifest": result.manifest, "report": result.report})
     else:
         click.echo(format_compile_result(result, time_passes=time_passes))
+
+
+@cli.command("export")
+@click.argument("source")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--input-shape", help="Input shapes: 1,3,64,64 or NAME:1,3,64,64;... (needed for PyTorch factories).")
+@click.option("--weights", type=click.Path(), help="state_dict for a PyTorch factory source.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+@handle_errors
+def export_command(source: str, output: Path, input_shape: str | None, weights: str | None, force: bool,
+                   as_json: bool) -> None:
+    """Write SOURCE (PyTorch, Keras or ONNX) as a canonical ONNX model, checked against the framework's output."""
+
+    from qanac.frontends import export_canonical
+
+    if output.exists() and not force:
+        raise UsageError(f"output {output} already exists", hint="choose another -o or pass --force")
+    result = export_canonical(source, output, input_shape=input_shape, weights=weights)
+    applied = result.report.applied()
+    if as_json:
+        emit_json({"output": str(result.path), "framework": result.imported.framework, "notes": result.imported.notes,
+                   "passes_applied": applied, "seconds": result.seconds, "max_abs_change": result.max_abs_change})
+        return
+    click.echo(f"wrote {result.path} ({result.imported.framework} model, checked against the framework: "
+               f"max abs difference {result.max_abs_change:.3g})")
+    for note in result.imported.notes:
+        click.echo(f"note: {note}")
+    for entry in applied:
+        counts = ", ".join(f"{k} x{v}" for k, v in entry["counts"].items())
+        click.echo(f"  {entry['pass']}: {counts}")
 
 
 @cli.command("verify")

@@ -200,6 +200,8 @@ def build_manifest(
         "source": {
             "path": str(request.source),
             "framework": imported.framework,
+            "notes": imported.notes,
+            "original_layout": imported.original_layout,
             **({"sha256": bundle_io.sha256_of(Path(request.source))} if Path(request.source).is_file() else {}),
         },
         "inputs": [

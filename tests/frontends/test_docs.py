@@ -1,9 +1,7 @@
 """The commands in docs/from-pytorch.md and docs/from-keras.md, run as written in a scratch directory.
 
 Python blocks whose first line is ``# name.py`` are written to that file; every line of an ``sh`` block is
-a command. ``qanac export`` runs through the CLI when the CLI has the command and through
-``export_canonical`` (the function behind it) otherwise; ``test_documented_commands_through_the_cli``
-is the test that proves the CLI version and is skipped until ``qanac export`` exists.
+a command, run through the ``qanac`` CLI as a user would.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from pathlib import Path
 import onnx
 import pytest
 
-from qanac.frontends import export_canonical
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 GUIDES = ["from-pytorch.md", "from-keras.md"]
@@ -39,13 +36,6 @@ def documented(guide: str) -> tuple[dict[str, str], list[list[str]]]:
     return files, commands
 
 
-def cli_has_export() -> bool:
-    probe = subprocess.run(
-        [sys.executable, "-m", "qanac.cli", "export", "--help"], capture_output=True, text=True, timeout=300
-    )
-    return probe.returncode == 0
-
-
 def run_cli(argv: list[str], cwd: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "qanac.cli", *argv], cwd=cwd, capture_output=True, text=True, timeout=600
@@ -53,20 +43,7 @@ def run_cli(argv: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, f"qanac {' '.join(argv)}\n{proc.stdout}\n{proc.stderr}"
 
 
-def export_through_the_library(argv: list[str]) -> None:
-    """``qanac export SOURCE -o OUT [--input-shape S] [--weights W]`` as a call of export_canonical."""
-
-    source, options = argv[0], dict(zip(argv[1::2], argv[2::2]))
-    assert set(options) <= {"-o", "--output", "--input-shape", "--weights"}, argv
-    export_canonical(
-        source,
-        options.get("-o") or options["--output"],
-        input_shape=options.get("--input-shape"),
-        weights=options.get("--weights"),
-    )
-
-
-def run_guide(guide: str, folder: Path, monkeypatch: pytest.MonkeyPatch, through_cli: bool) -> list[Path]:
+def run_guide(guide: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     files, commands = documented(guide)
     assert commands, f"{guide} documents no commands"
     for name, source in files.items():
@@ -78,10 +55,7 @@ def run_guide(guide: str, folder: Path, monkeypatch: pytest.MonkeyPatch, through
             proc = subprocess.run([sys.executable, *argv[1:]], cwd=folder, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr
         elif argv[:2] == ["qanac", "export"]:
-            if through_cli:
-                run_cli(argv[1:], folder)
-            else:
-                export_through_the_library(argv[2:])
+            run_cli(argv[1:], folder)
             written.append(folder / argv[argv.index("-o") + 1])
         elif argv[0] == "qanac":
             run_cli(argv[1:], folder)
@@ -103,12 +77,5 @@ def check_outputs(written: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("guide", GUIDES)
-def test_documented_commands_through_the_library(guide, tmp_path, monkeypatch):
-    check_outputs(run_guide(guide, tmp_path, monkeypatch, through_cli=False))
-
-
-@pytest.mark.parametrize("guide", GUIDES)
-def test_documented_commands_through_the_cli(guide, tmp_path, monkeypatch):
-    if not cli_has_export():
-        pytest.skip("`qanac export` is not wired into the CLI yet (qanac/cli.py)")
-    check_outputs(run_guide(guide, tmp_path, monkeypatch, through_cli=True))
+def test_documented_commands(guide, tmp_path, monkeypatch):
+    check_outputs(run_guide(guide, tmp_path, monkeypatch))
