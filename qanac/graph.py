@@ -40,6 +40,19 @@ def original_name(name: str) -> str:
     return name.split("::", 1)[0]
 
 
+def lookup_source(source_names: dict[str, str], node_name: str) -> str:
+    """The original framework's name for a node, or for the node it was derived from ("" if unknown)."""
+
+    return source_names.get(node_name) or source_names.get(original_name(node_name), "")
+
+
+def source_names_of(model: onnx.ModelProto) -> dict[str, str]:
+    """The node-name -> framework-name table a qanac model carries in its metadata."""
+
+    value = next((p.value for p in model.metadata_props if p.key == SOURCE_NAMES_KEY), "{}")
+    return json.loads(value)
+
+
 @dataclasses.dataclass
 class CompilationModel:
     """The graph being compiled and the side tables that onnx-graphsurgeon cannot hold."""
@@ -93,7 +106,7 @@ class CompilationModel:
     def source_of(self, node_name: str) -> str:
         """The original framework's name for a node (or for the node it was derived from)."""
 
-        return self.source_names.get(node_name) or self.source_names.get(original_name(node_name), "")
+        return lookup_source(self.source_names, node_name)
 
     def record(self, node: gs.Node, rule: str) -> None:
         self.provenance[node.name] = rule

@@ -28,11 +28,12 @@ import onnx
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
+from qanac.graph import source_names_of
 
 from .agreement import compare_akida_to_quantized
 from .convert import compile_onnx
 from .devices import DEFAULT_DEVICE, MODEL_IP_VERSION, check_ip_version
-from .mapping import format_mapping_report, map_on_device, mapping_diagnostics
+from .mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
 from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunner
 
 COMPILED_FILE = "model.fbz"
@@ -59,6 +60,7 @@ class AkidaBackend:
 
         t_map = time.perf_counter()
         mapping = map_on_device(conversion.akida_model, device_name)
+        annotate_sources(mapping, source_names_of(model))
         seconds["map"] = time.perf_counter() - t_map
 
         out_dir = Path(out_dir)

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
+from qanac.graph import lookup_source
 
 from .devices import describe_device, device_ip_version, virtual_device
 
@@ -123,6 +124,13 @@ def mapping_diagnostics(report: dict[str, Any]) -> list[Diagnostic]:
     ]
 
 
+def annotate_sources(report: dict[str, Any], source_names: dict[str, str]) -> None:
+    """Give every layer the name its node had in the source framework (module path, Keras layer)."""
+
+    for entry in report["layers"]:
+        entry["source"] = lookup_source(source_names, entry["name"])
+
+
 def format_mapping_report(report: dict[str, Any]) -> str:
     """A human rendering of ``map_on_device``'s report: device, totals, then each sequence and its layers."""
 
@@ -149,7 +157,8 @@ def format_mapping_report(report: dict[str, Any]) -> str:
                 parts.append(", ".join(f"{n} {t}" for t, n in entry["nps"].items()))
             if entry["external_memory_bytes"]:
                 parts.append(f"{entry['external_memory_bytes']:,} B external")
-            lines.append(f"    {name} ({entry['type']}) {entry['output_shape']}: {'; '.join(parts)}")
+            source = f" <- {entry['source']}" if entry.get("source") else ""
+            lines.append(f"    {name}{source} ({entry['type']}) {entry['output_shape']}: {'; '.join(parts)}")
             if entry.get("software_reason"):
                 lines.append(f"      in software because: {entry['software_reason']}")
     return "\n".join(lines)
