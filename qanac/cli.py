@@ -347,6 +347,29 @@ def lint_command(source: str, target: str, device: str | None, input_shape: str 
         click.get_current_context().exit(EXIT_UNSUPPORTED)
 
 
+@cli.command("rules")
+@click.argument("target")
+@click.option("--markdown", is_flag=True, help="Print the rule table as Markdown (docs/akida.md).")
+@json_option
+@handle_errors
+def rules_command(target: str, markdown: bool, as_json: bool) -> None:
+    """List the lint rules of TARGET: code, level, what breaks, what the vendor toolchain does, the way out."""
+
+    from qanac.lint import load_rules
+    from qanac.report import format_rules_reference
+    from qanac.targets import get_target
+
+    rules = load_rules(get_target(target))
+    if as_json:
+        emit_json([r.to_dict() for r in rules])
+    elif markdown:
+        click.echo(format_rules_reference(target, rules), nl=False)
+    else:
+        for rule in rules:
+            fixed = f" [fixed by {rule.fixed_by}]" if rule.fixed_by else ""
+            click.echo(f"{rule.code} {rule.level.value:<7} {rule.title}{fixed}\n    {rule.consequence}\n    fix: {rule.fix}")
+
+
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @json_option

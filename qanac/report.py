@@ -77,3 +77,16 @@ def format_pass_reference(infos: list[PassInfo]) -> str:
         lines += [f"## {info.name}", "", f"*{kind}; targets: {', '.join(sorted(info.targets))}*", ""]
         lines += [info.to_dict()["doc"], ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def format_rules_reference(target_name: str, rules) -> str:
+    """A target's lint rules in Markdown (regenerate with `qanac rules TARGET --markdown`)."""
+
+    lines = [
+        f"| code | level | rule | what the toolchain does | way out |",
+        "|---|---|---|---|---|",
+    ]
+    for rule in rules:
+        fix = rule.fix + (f" (pass `{rule.fixed_by}`)" if rule.fixed_by else "")
+        lines.append(f"| {rule.code} | {rule.level.value} | {rule.title} | {rule.consequence} | {fix} |")
+    return "\n".join(lines) + "\n"

@@ -205,3 +205,11 @@ def test_pass_reference_doc_is_in_sync():
     assert proc.returncode == 0, proc.stderr
     documented = (REPO / "docs" / "passes.md").read_text()
     assert documented == proc.stdout, "docs/passes.md is stale: regenerate with `qanac passes --markdown`"
+
+
+def test_akida_rules_doc_is_in_sync():
+    result = invoke("rules", "akida", "--markdown")
+    assert result.exit_code == 0, result.output
+    text = (REPO / "docs" / "akida.md").read_text()
+    documented = text.split("<!-- rules:begin -->\n", 1)[1].split("<!-- rules:end -->", 1)[0]
+    assert documented == result.output, "docs/akida.md's rule table is stale: `qanac rules akida --markdown`"
