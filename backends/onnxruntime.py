@@ -62,6 +62,7 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    variants: tuple[str, ...] = ()
 
     def emit(
         self, model: onnx.ModelProto, calibration: CalibrationData, options: dict[str, Any], out_dir: Path
@@ -136,8 +137,8 @@ class OnnxRuntimeBackend:
         return EmitResult(files={"compiled": QDQ_FILE}, report=report, manifest={"device": "cpu"},
                           diagnostics=diagnostics, summary=summary)
 
-    def load_runner(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> "OnnxRuntimeRunner":
-        return OnnxRuntimeRunner(bundle_dir / manifest["files"]["compiled"]["path"])
+    def load_runner(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> "OnnxRuntimeRunner":
+        return OnnxRuntimeRunner(segment_dir / segment["files"]["compiled"])
 
 
 def check_fused_kernels(path: Path, calibration: CalibrationData) -> dict[str, Any]:

@@ -44,7 +44,12 @@ class Runner(Protocol):
 
 
 class Backend(Protocol):
+    """``emit`` writes one device segment's files into ``out_dir``; ``load_runner`` gets that folder and the
+    segment's manifest entry (``files`` by role, plus what ``EmitResult.manifest`` held). ``variants``
+    names extra models ``extra_runners`` can run besides the compiled one (Akida: ``quantized``)."""
+
     name: str
+    variants: tuple[str, ...]
 
     def emit(
         self,
@@ -54,4 +59,4 @@ class Backend(Protocol):
         out_dir: Path,
     ) -> EmitResult: ...
 
-    def load_runner(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> Runner: ...
+    def load_runner(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> Runner: ...

@@ -128,6 +128,9 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--stop-after", help="Run the pipeline up to this pass, write OUTPUT/model.onnx, skip the backend.")
 @click.option("--approx", multiple=True, help="Enable an approximate pass (repeatable); always reported.")
 @click.option("--max-deviation", type=float, help="Fail (exit 1) if an approximation changes outputs by more.")
+@click.option("--no-partition", is_flag=True, help="Refuse (exit 3) instead of running unsupported nodes on the host.")
+@click.option("--min-device-share", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="A device segment with a smaller share of the model's MACs runs on the host instead.")
 @click.option("--pass-option", multiple=True, help="PASS.OPTION=VALUE setting for a pass (repeatable).")
 @click.option("--plugin", multiple=True, type=click.Path(), help="Python file registering extra passes.")
 @click.option("--dump-dir", type=click.Path(path_type=Path), help="Write the model after every changing pass.")
@@ -140,7 +143,8 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
                     input_shape: str | None, weights: str | None, device: str | None, calibrate_method: str,
                     scale: float | None, mean: str | None, std: str | None, labels: str | None,
                     pipeline_text: str | None, disable_pass: tuple[str, ...], stop_after: str | None,
-                    approx: tuple[str, ...], max_deviation: float | None, pass_option: tuple[str, ...],
+                    approx: tuple[str, ...], max_deviation: float | None, no_partition: bool,
+                    min_device_share: float, pass_option: tuple[str, ...],
                     plugin: tuple[str, ...], dump_dir: Path | None, time_passes: bool, verify_each: bool,
                     force: bool, as_json: bool) -> None:
     """Compile SOURCE (an .onnx file, or a framework model) for a target into a bundle directory."""
@@ -184,6 +188,8 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         plugins=plugin,
         preprocessing=preprocessing,
         labels=Path(labels).read_text().split() if labels else None,
+        partition=not no_partition,
+        min_device_share=min_device_share,
     )
 
     def on_pass(record) -> None:

@@ -9,6 +9,7 @@ directory, and renames the finished bundle into place.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -22,9 +23,21 @@ from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageErr
 from qanac.frontends import ImportedModel, import_model
 from qanac.graph import CompilationModel, input_specs, save_onnx
 from qanac.model_summary import summarize
+from qanac.partition import (
+    DEFAULT_MIN_DEVICE_SHARE,
+    DEVICE,
+    HOST,
+    PartitionPlan,
+    Segment,
+    boundary_samples,
+    extract_segment,
+    plan_segments,
+)
 from qanac.pipeline import PassContext, PassRecord, PipelineOptions, PipelineReport, run_pipeline
 from qanac.registry import load_passes
 from qanac.targets import Target, get_target
+
+HOST_FILE = "host.onnx"
 
 
 @dataclasses.dataclass
@@ -45,6 +58,8 @@ class CompileRequest:
     preprocessing: Preprocessing = dataclasses.field(default_factory=Preprocessing)
     labels: list[str] | None = None
     num_calibration: int | None = None
+    partition: bool = True  # run what the target rejects on the host (qanac/partition.py)
+    min_device_share: float = DEFAULT_MIN_DEVICE_SHARE
 
 
 @dataclasses.dataclass
@@ -131,28 +146,32 @@ def compile_model(
     final = model.to_onnx()
     reference = report.float_reference or final
     lint_diagnostics = lint_for_target(target, model, request.backend_options.get("device"))
-    ctx.diagnostics.extend(lint_diagnostics)
     errors = [d for d in lint_diagnostics if d.level == Level.ERROR]
-    if errors:
+    # errors are either fatal below or handled by partitioning (each reported there as PART001)
+    ctx.diagnostics.extend(d for d in lint_diagnostics if d.level != Level.ERROR)
+    model_errors = [d for d in errors if not d.nodes]
+    if model_errors or (errors and not request.partition):
         raise UnsupportedModelError(
             f"{len(errors)} problem(s) keep this model from target '{target.name}' after legalization",
             diagnostics=errors,
-            hint=f"run `qanac lint {request.source} --target {target.name}` for every finding and its fix",
+            hint=(f"run `qanac lint {request.source} --target {target.name}` for every finding and its fix"
+                  + ("" if model_errors else "; without --no-partition those nodes run on the host")),
         )
+    host_nodes = {d.nodes[0]: f"{d.code} {d.rule.split(':')[0]}" for d in errors}
 
     backend = target.load_backend()
     t_backend = time.perf_counter()
     with bundle_io.staged_directory(request.output, request.force) as stage:
         save_onnx(reference, stage / bundle_io.REFERENCE)
-        emitted = backend.emit(final, calibration, request.backend_options, stage)
+        emitted = emit_segments(final, host_nodes, calibration, backend, request, stage)
         seconds["backend"] = time.perf_counter() - t_backend
         seconds["total"] = time.perf_counter() - started
         ctx.diagnostics.extend(emitted.diagnostics)
         manifest = build_manifest(request, target, imported, model, reference, calibration, report)
-        manifest.update(emitted.manifest)
-        manifest["files"] = bundle_io.file_entries(
-            stage, {"reference": bundle_io.REFERENCE, **emitted.files}
-        )
+        manifest.update(emitted.device_manifest)
+        manifest["segments"] = emitted.segments
+        manifest["partition"] = emitted.partition
+        manifest["files"] = bundle_io.file_entries(stage, {"reference": bundle_io.REFERENCE, **emitted.files})
         full_report = {
             "target": target.name,
             "seconds": seconds,
@@ -161,12 +180,146 @@ def compile_model(
             "sweeps": report.iterations,
             "diagnostics": [d.to_dict() for d in ctx.diagnostics],
             "model": summarize(reference).to_dict(),
-            "backend": emitted.report,
+            "partition": emitted.partition,
+            "segments": emitted.segment_reports,
+            **({"backend": emitted.segment_reports[0]["backend"]} if len(emitted.segments) == 1 else {}),
             "backend_summary": emitted.summary,
         }
         bundle_io.write_json(stage / bundle_io.MANIFEST, manifest)
         bundle_io.write_json(stage / bundle_io.REPORT, full_report)
     return CompileResult(request.output, manifest, full_report, report, seconds)
+
+
+@dataclasses.dataclass
+class EmittedSegments:
+    segments: list[dict[str, Any]]  # manifest entries, in run order
+    segment_reports: list[dict[str, Any]]
+    files: dict[str, str]  # role -> path relative to the bundle, for checksums
+    partition: dict[str, Any]
+    device_manifest: dict[str, Any]  # the first device segment's backend fields (device, ...)
+    diagnostics: list[Diagnostic]
+    summary: str
+
+
+def emit_segments(
+    final: onnx.ModelProto,
+    host_nodes: dict[str, str],
+    calibration: CalibrationData,
+    backend: Any,
+    request: CompileRequest,
+    stage: Path,
+) -> EmittedSegments:
+    """Plan the segments, emit each (device: the backend; host: float ONNX), and move a device segment the
+    backend refuses to the host, re-planning, until every device segment compiles (qanac/partition.py)."""
+
+    host_nodes = dict(host_nodes)
+    refusals: list[Diagnostic] = []
+    for attempt in range(len(final.graph.node) + 1):
+        plan = plan_segments(final, host_nodes, request.min_device_share)
+        if not any(s.kind == DEVICE for s in plan.segments):
+            raise UnsupportedModelError(
+                f"no part of the model can run on target '{request.target}'",
+                diagnostics=refusals + [d for d in plan.diagnostics if d.code == "PART001"][:20],
+                hint=f"run `qanac lint {request.source} --target {request.target}`",
+            )
+        scratch = stage / f".attempt{attempt}"
+        scratch.mkdir()
+        try:
+            result = _emit_plan(plan, final, calibration, backend, request, scratch)
+        except UnsupportedModelError as exc:
+            shutil.rmtree(scratch)
+            failed = exc.segment if isinstance(exc, _SegmentRefused) else None
+            if failed is None or not request.partition:
+                raise exc.cause if isinstance(exc, _SegmentRefused) else exc
+            reason = f"the {request.target} backend refused its segment: {exc.message}"
+            host_nodes.update({name: reason for name in failed.nodes})
+            refusals.append(Diagnostic(Level.WARNING, "PART004", f"{len(failed.nodes)} node(s) from "
+                                       f"'{failed.nodes[0]}' moved to the host: {exc.message}",
+                                       nodes=failed.nodes[:1], rule="partition"))
+            continue
+        for child in scratch.iterdir():
+            shutil.move(str(child), str(stage / child.name))
+        scratch.rmdir()
+        result.diagnostics[:0] = plan.diagnostics + refusals
+        return result
+    raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
+
+
+class _SegmentRefused(UnsupportedModelError):
+    def __init__(self, segment: Segment, cause: UnsupportedModelError):
+        super().__init__(cause.message, diagnostics=cause.diagnostics, hint=cause.hint)
+        self.segment = segment
+        self.cause = cause
+
+
+def _emit_plan(
+    plan: PartitionPlan,
+    final: onnx.ModelProto,
+    calibration: CalibrationData,
+    backend: Any,
+    request: CompileRequest,
+    out: Path,
+) -> EmittedSegments:
+    single = len(plan.segments) == 1
+    device_inputs = [s.inputs[0] for s in plan.segments if s.kind == DEVICE]
+    samples = None if single else boundary_samples(final, calibration, device_inputs)
+    entries, reports, files, diagnostics, texts, device_summaries = [], [], {}, [], [], []
+    device_manifest: dict[str, Any] = {}
+    hardware_macs = 0.0
+    for index, segment in enumerate(plan.segments):
+        name = f"seg{index}"
+        folder = "." if single else name
+        (out / folder).mkdir(exist_ok=True)
+        entry = {"name": name, "kind": segment.kind, "dir": folder, "inputs": segment.inputs,
+                 "outputs": segment.outputs, "macs": segment.macs, "nodes": len(segment.nodes)}
+        if segment.kind == HOST:
+            save_onnx(extract_segment(final, segment), out / folder / HOST_FILE)
+            entry.update(target="host", files={"model": HOST_FILE})
+            reports.append({"name": name, "kind": HOST, "macs": segment.macs, "first_node": segment.nodes[0],
+                            "last_node": segment.nodes[-1]})
+            texts.append(f"  {name} host (ONNX Runtime): {len(segment.nodes)} nodes, {segment.macs:,} MACs, "
+                         f"'{segment.nodes[0]}' .. '{segment.nodes[-1]}'")
+        else:
+            model = final if single else extract_segment(final, segment)
+            data = calibration if single else dataclasses.replace(
+                calibration, arrays={segment.inputs[0]: samples[segment.inputs[0]]}, raw=None,
+                source=f"{calibration.source} (float activations at '{segment.inputs[0]}')",
+            )
+            try:
+                emitted = backend.emit(model, data, request.backend_options, out / folder)
+            except UnsupportedModelError as exc:
+                raise _SegmentRefused(segment, exc) from exc
+            entry.update(target=request.target, files=dict(emitted.files), variants=list(backend.variants),
+                         **emitted.manifest)
+            device_manifest = device_manifest or dict(emitted.manifest)
+            diagnostics.extend(emitted.diagnostics)
+            share = emitted.report.get("mapping", {}).get("hardware_mac_share", 1.0)
+            hardware_macs += segment.macs * share
+            reports.append({"name": name, "kind": DEVICE, "macs": segment.macs, "backend": emitted.report})
+            device_summaries.append(emitted.summary)
+            texts.append(f"  {name} {request.target}: {len(segment.nodes)} nodes, {segment.macs:,} MACs\n"
+                         + "\n".join("    " + line for line in emitted.summary.splitlines()))
+        for role, file in entry["files"].items():
+            files[role if single else f"{name}/{role}"] = file if single else f"{folder}/{file}"
+        entries.append(entry)
+    partition = {
+        "segments": len(plan.segments),
+        "device_segments": sum(1 for s in plan.segments if s.kind == DEVICE),
+        "transfers": plan.transfers,
+        "total_macs": plan.total_macs,
+        "device_macs": plan.device_macs,
+        "device_mac_share": hardware_macs / plan.total_macs if plan.total_macs else 1.0,
+    }
+    if single:
+        summary = device_summaries[0]
+    else:
+        summary = "\n".join([
+            f"partition: {partition['segments']} segments ({partition['device_segments']} on {request.target}), "
+            f"{partition['transfers']} host<->device transfers, {partition['device_mac_share']:.1%} of MACs on "
+            f"the device hardware",
+            *texts,
+        ])
+    return EmittedSegments(entries, reports, files, partition, device_manifest, diagnostics, summary)
 
 
 def _frontend_kwargs(request: CompileRequest) -> dict[str, Any]:

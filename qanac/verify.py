@@ -19,7 +19,7 @@ from qanac.calibration import CalibrationData, InputSpec, Preprocessing, load_da
 from qanac.compare import OutputComparison, Thresholds, compare_outputs, failures
 from qanac.diagnostics import UsageError
 from qanac.execution import apply_post_processing, make_session, run_session
-from qanac.targets import get_target
+from qanac.bundle_runner import BundleRunner, available_variants
 
 Progress = Callable[[int], None]
 
@@ -39,22 +39,18 @@ def load_bundle_data(bundle: Bundle, source: str | Path) -> CalibrationData:
     return load_data(source, bundle_inputs(bundle), bundle_preprocessing(bundle))
 
 
-def compiled_runners(bundle: Bundle, options: dict[str, Any]) -> dict[str, Any]:
-    """The compiled model's runner under the name ``compiled``, plus any the backend adds."""
+def compiled_runners(bundle: Bundle, options: dict[str, Any]) -> dict[str, BundleRunner]:
+    """The whole bundle as ``compiled`` (the deployable models), plus each extra variant (``quantized``)."""
 
-    backend = get_target(bundle.target).load_backend()
-    runners = {"compiled": backend.load_runner(bundle.path, bundle.manifest, options)}
-    extra = getattr(backend, "extra_runners", None)
-    if extra is not None:
-        runners.update(extra(bundle.path, bundle.manifest, options))
-    return runners
+    return {variant: BundleRunner(bundle.path, bundle.manifest, options, variant)
+            for variant in available_variants(bundle.manifest)}
 
 
 def run_bundle(
     bundle: Bundle, data: CalibrationData, options: dict[str, Any] | None = None, progress: Progress | None = None
 ) -> list[np.ndarray]:
-    runner = compiled_runners(bundle, options or {})["compiled"]
-    outputs = _run(runner, data, progress)
+    runner = BundleRunner(bundle.path, bundle.manifest, options or {})
+    outputs = runner.run(data.arrays, progress=progress)
     return apply_post_processing(outputs, bundle.output_names, bundle.manifest.get("post_processing", []))
 
 
@@ -62,16 +58,6 @@ def run_reference(bundle: Bundle, data: CalibrationData, progress: Progress | No
     session = make_session(str(bundle.file("reference")))
     outputs = run_session(session, data.arrays, progress=progress)
     return apply_post_processing(outputs, bundle.output_names, bundle.manifest.get("post_processing", []))
-
-
-def _run(runner: Any, data: CalibrationData, progress: Progress | None) -> list[np.ndarray]:
-    try:
-        return runner.run(data.arrays, progress=progress)
-    except TypeError:
-        outputs = runner.run(data.arrays)
-        if progress is not None:
-            progress(data.num_samples)
-        return outputs
 
 
 @dataclasses.dataclass
@@ -128,7 +114,7 @@ def verify_bundle(
     comparisons: dict[str, list[OutputComparison]] = {}
     outputs_by_model: dict[str, list[np.ndarray]] = {"float": reference}
     for model_name, runner in compiled_runners(bundle, options or {}).items():
-        outputs = apply_post_processing(_run(runner, data, progress), names, post)
+        outputs = apply_post_processing(runner.run(data.arrays, progress=progress), names, post)
         try:
             comparisons[model_name] = compare_outputs(names, reference, outputs)
         except ValueError as exc:

@@ -43,6 +43,7 @@ DEFAULT_AGREEMENT_SAMPLES = 32
 
 class AkidaBackend:
     name = "akida"
+    variants: tuple[str, ...] = ("quantized",)
 
     def emit(
         self, model: onnx.ModelProto, calibration: CalibrationData, options: dict[str, Any], out_dir: Path
@@ -101,24 +102,18 @@ class AkidaBackend:
             summary=format_mapping_report(mapping),
         )
 
-    def load_runner(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> AkidaSoftwareRunner:
+    def load_runner(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> AkidaSoftwareRunner:
         """The Akida model on akida's software backend, or on a board when ``options['hardware']`` is set."""
 
-        info = manifest["akida"]
-        path = _bundle_file(bundle_dir, manifest, "compiled", COMPILED_FILE)
+        info = segment["akida"]
+        path = Path(segment_dir) / segment["files"]["compiled"]
         args = (str(path), info["input_name"], info["output_name"], tuple(info["output_shape"]))
         if options.get("hardware"):
             return AkidaHardwareRunner(*args, device_index=int(options.get("device_index", 0)))
         return AkidaSoftwareRunner(*args)
 
-    def extra_runners(self, bundle_dir: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    def extra_runners(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         """quantizeml's quantized ONNX under the name ``quantized``, for float vs quantized vs Akida."""
 
-        path = _bundle_file(bundle_dir, manifest, "quantized", QUANTIZED_FILE)
-        return {"quantized": QuantizedOnnxRunner(path, output_names=[manifest["akida"]["output_name"]])}
-
-
-def _bundle_file(bundle_dir: Path, manifest: dict[str, Any], role: str, default: str) -> Path:
-    entry = manifest.get("files", {}).get(role)
-    name = entry["path"] if isinstance(entry, dict) else (entry or default)
-    return Path(bundle_dir) / name
+        path = Path(segment_dir) / segment["files"]["quantized"]
+        return {"quantized": QuantizedOnnxRunner(path, output_names=[segment["akida"]["output_name"]])}

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def bundle_manifest(result) -> dict:
-    """What the bundle writer makes of an EmitResult (files as entries with a path)."""
+    """The segment entry the bundle writer makes of an EmitResult (files by role, plus the backend's fields)."""
 
-    return {**result.manifest, "files": {role: {"path": name} for role, name in result.files.items()}}
+    return {**result.manifest, "files": dict(result.files)}
 
 
 @pytest.fixture(scope="module")

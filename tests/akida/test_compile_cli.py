@@ -116,13 +116,13 @@ def test_run_reproduces_akida_predict_exactly(digits_bundle, tmp_path):
     ("squeeze_excite", "/6/f/f.0/GlobalAveragePool"),
     ("sigmoid", "/5/Sigmoid"),
 ])
-def test_unsupported_models_exit_3_naming_the_node(case, node, tmp_path):
+def test_unsupported_models_exit_3_naming_the_node_without_partitioning(case, node, tmp_path):
     model = tmp_path / f"{case}.onnx"
     export(case, model)
     calib = tmp_path / "calib.npy"
     np.save(calib, np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
     out = tmp_path / "bundle"
-    result = invoke("compile", model, "--target", "akida", "--calib", calib, "-o", out)
+    result = invoke("compile", model, "--target", "akida", "--calib", calib, "-o", out, "--no-partition")
     assert result.exit_code == 3, result.output
     assert node in result.output
     assert "Traceback" not in result.output
@@ -156,3 +156,28 @@ def test_verify_catches_conv_gap_saturation(tmp_path):
     quantized, compiled = report["comparisons"]["quantized"][0], report["comparisons"]["compiled"][0]
     assert quantized["sqnr_db"] > 30.0  # quantizeml's own simulation looks fine...
     assert compiled["sqnr_db"] < 15.0  # ...while the Akida model itself is off
+
+
+def test_squeeze_excite_runs_its_gate_on_the_host(tmp_path):
+    """By default the SE gate is partitioned to the host: the bundle's outputs are the model's, and
+    nearly all MACs stay on the device."""
+
+    model = tmp_path / "se.onnx"
+    export("squeeze_excite", model)
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), dtype=np.uint8))
+    bundle = tmp_path / "bundle"
+    result = invoke("compile", model, "--target", "akida", "--calib", images, "-o", bundle, "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output)["manifest"]
+    kinds = [s["kind"] for s in manifest["segments"]]
+    assert kinds == ["device", "host"]
+    host = manifest["segments"][1]
+    assert host["inputs"] == manifest["segments"][0]["outputs"]
+    assert manifest["partition"]["transfers"] == 1 and manifest["partition"]["device_mac_share"] > 0.99
+    codes = {d["code"] for d in json.loads(result.output)["report"]["diagnostics"]}
+    assert {"PART001", "PART002"} <= codes
+    result = invoke("verify", bundle, "--data", images, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["comparisons"]["compiled"][0]["shape"] == [32, 5]  # the model's output, not a truncated map

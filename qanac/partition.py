@@ -1,0 +1,185 @@
+"""Host partitioning: what a device cannot run is not dropped, it runs on the host.
+
+The legalized graph is split into segments, each either for the device (compiled by the target's
+backend) or for the host (kept as float ONNX and run by ONNX Runtime). Segments run in a fixed order and
+pass tensors by name, so the bundle's outputs are the model's outputs in meaning and shape by
+construction.
+
+Planning (``plan_segments``):
+1. Nodes that lint reports as errors are placed on the host; everything else on the device.
+2. Nodes are visited in topological order and cut into maximal runs of one placement.
+3. A device run below ``min_device_share`` of the model's MACs (e.g. the 1x1 convs inside an SE gate)
+   costs two transfers for next to no compute: it joins the host.
+4. A device run with other than one input and one output tensor cannot be one device model: it joins
+   the host, with the reason.
+Neighbouring host runs are merged after each step. ``compile_model`` then compiles each device segment;
+one the backend refuses (UnsupportedModelError) is moved to the host with the backend's reason, and
+planning repeats. Every move is reported as a diagnostic (code PART001/PART002/PART003).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.utils
+
+from qanac.calibration import CalibrationData
+from qanac.diagnostics import Diagnostic, Level
+from qanac.execution import run_onnx
+from qanac.graph import initializer_names
+from qanac.model_summary import macs_by_node
+
+DEVICE = "device"
+HOST = "host"
+DEFAULT_MIN_DEVICE_SHARE = 0.01
+
+
+@dataclasses.dataclass
+class Segment:
+    """A run of nodes (names, in topological order) with its boundary tensors."""
+
+    kind: str
+    nodes: list[str]
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    outputs: list[str] = dataclasses.field(default_factory=list)
+    macs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"num_nodes": len(self.nodes)}
+
+
+@dataclasses.dataclass
+class PartitionPlan:
+    segments: list[Segment]
+    total_macs: int
+    diagnostics: list[Diagnostic]
+
+    @property
+    def transfers(self) -> int:
+        """Host <-> device hand-overs while running the bundle once."""
+
+        return sum(1 for a, b in zip(self.segments, self.segments[1:]) if a.kind != b.kind)
+
+    @property
+    def device_macs(self) -> int:
+        return sum(s.macs for s in self.segments if s.kind == DEVICE)
+
+
+def _runs(order: list[onnx.NodeProto], placement: dict[str, str]) -> list[list[onnx.NodeProto]]:
+    runs: list[list[onnx.NodeProto]] = []
+    for node in order:
+        if runs and placement[runs[-1][0].name] == placement[node.name]:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+    return runs
+
+
+def _boundaries(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
+    """Tensors a run reads from outside (not constants) and tensors it writes that are used outside."""
+
+    constants = initializer_names(model)
+    inside = {n.name for n in nodes}
+    produced = {out for n in nodes for out in n.output}
+    inputs: list[str] = []
+    for n in nodes:
+        for name in n.input:
+            if name and name not in produced and name not in constants and name not in inputs:
+                inputs.append(name)
+    graph_outputs = {o.name for o in model.graph.output}
+    used_outside = {name for n in model.graph.node if n.name not in inside for name in n.input}
+    outputs = [name for n in nodes for name in n.output if name in used_outside or name in graph_outputs]
+    return inputs, outputs
+
+
+def plan_segments(
+    model: onnx.ModelProto,
+    host_nodes: dict[str, str],
+    min_device_share: float = DEFAULT_MIN_DEVICE_SHARE,
+) -> PartitionPlan:
+    """Place ``host_nodes`` (name -> reason) on the host and cut the graph into segments.
+
+    ``model`` must be topologically sorted with unique node names (qanac's pipeline guarantees both).
+    """
+
+    order = list(model.graph.node)
+    placement = {n.name: (HOST if n.name in host_nodes else DEVICE) for n in order}
+    macs = macs_by_node(model)
+    total = sum(macs.values())
+    diagnostics = [
+        Diagnostic(Level.INFO, "PART001", f"node '{name}' runs on the host: {reason}", nodes=[name], rule="partition")
+        for name, reason in host_nodes.items()
+    ]
+
+    changed = True
+    while changed:
+        changed = False
+        for run in _runs(order, placement):
+            if placement[run[0].name] != DEVICE:
+                continue
+            run_macs = sum(macs.get(n.name, 0) for n in run)
+            inputs, outputs = _boundaries(model, run)
+            reason = None
+            if total and run_macs < min_device_share * total and len(run) < len(order):
+                reason = (f"a device segment of {run_macs:,} MACs ({run_macs / total:.2%} of the model) is not "
+                          f"worth its transfers (--min-device-share {min_device_share})")
+                code = "PART002"
+            elif len(inputs) != 1 or len(outputs) != 1:
+                reason = (f"a device segment needs one input and one output tensor; these nodes would need "
+                          f"inputs {inputs} and outputs {outputs}")
+                code = "PART003"
+            if reason is not None:
+                for n in run:
+                    placement[n.name] = HOST
+                names = [n.name for n in run]
+                diagnostics.append(Diagnostic(Level.INFO, code, f"{len(run)} node(s) from '{names[0]}' to "
+                                              f"'{names[-1]}' run on the host: {reason}", nodes=names,
+                                              rule="partition"))
+                changed = True
+                break
+
+    segments = []
+    for run in _runs(order, placement):
+        inputs, outputs = _boundaries(model, run)
+        segments.append(Segment(placement[run[0].name], [n.name for n in run], inputs, outputs,
+                                sum(macs.get(n.name, 0) for n in run)))
+    return PartitionPlan(segments, total, diagnostics)
+
+
+def extract_segment(model: onnx.ModelProto, segment: Segment) -> onnx.ModelProto:
+    """The segment as a standalone ONNX model (its boundary tensors become graph inputs and outputs)."""
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    extracted = onnx.utils.Extractor(inferred).extract_model(segment.inputs, segment.outputs)
+    kept = {n.name for n in extracted.graph.node}
+    if kept != set(segment.nodes):
+        missing = sorted(set(segment.nodes) - kept)[:3]
+        extra = sorted(kept - set(segment.nodes))[:3]
+        raise ValueError(f"segment extraction mismatch: missing {missing}, extra {extra}")
+    del extracted.metadata_props[:]
+    extracted.metadata_props.extend(model.metadata_props)
+    return extracted
+
+
+def boundary_samples(
+    model: onnx.ModelProto, calibration: CalibrationData, names: list[str]
+) -> dict[str, np.ndarray]:
+    """The float model's values of ``names`` on the calibration data (inputs of the device segments)."""
+
+    graph_inputs = {i.name for i in model.graph.input}
+    wanted = [n for n in names if n not in graph_inputs]
+    values = {n: calibration.arrays[n] for n in names if n in graph_inputs}
+    if wanted:
+        probe = onnx.shape_inference.infer_shapes(model)
+        typed = {v.name: v for v in probe.graph.value_info}
+        known = {o.name for o in probe.graph.output}
+        for name in wanted:
+            if name not in known:
+                probe.graph.output.append(typed[name])
+        outputs = run_onnx(probe, calibration.arrays)
+        by_name = dict(zip([o.name for o in probe.graph.output], outputs))
+        values.update({n: by_name[n] for n in wanted})
+    return values
