@@ -17,6 +17,7 @@ FAMILIES = (
     "batchnorm",
     "softmax",
     "layout",
+    "approximations",
 )
 
 

@@ -21,6 +21,7 @@ from qanac import bundle as bundle_io
 from qanac.calibration import CalibrationData, Preprocessing, load_data
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
 from qanac.frontends import ImportedModel, import_model
+from qanac.execution import tensor_values
 from qanac.graph import CompilationModel, input_specs, save_onnx
 from qanac.model_summary import summarize
 from qanac.partition import (
@@ -29,7 +30,6 @@ from qanac.partition import (
     HOST,
     PartitionPlan,
     Segment,
-    boundary_samples,
     extract_segment,
     plan_segments,
 )
@@ -231,11 +231,13 @@ def emit_segments(
             failed = exc.segment if isinstance(exc, _SegmentRefused) else None
             if failed is None or not request.partition:
                 raise exc.cause if isinstance(exc, _SegmentRefused) else exc
-            reason = f"the {request.target} backend refused its segment: {exc.message}"
-            host_nodes.update({name: reason for name in failed.nodes})
-            refusals.append(Diagnostic(Level.WARNING, "PART004", f"{len(failed.nodes)} node(s) from "
-                                       f"'{failed.nodes[0]}' moved to the host: {exc.message}",
-                                       nodes=failed.nodes[:1], rule="partition"))
+            # move the nodes the backend named (its first failure); a refusal naming none moves the segment
+            named = [n for d in exc.diagnostics for n in d.nodes if n in failed.nodes]
+            moved = list(dict.fromkeys(named)) or failed.nodes
+            reason = f"the {request.target} backend refused it: {exc.message}"
+            host_nodes.update({name: reason for name in moved})
+            refusals.append(Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved "
+                                       f"to the host: {exc.message}", nodes=moved[:5], rule="partition"))
             continue
         for child in scratch.iterdir():
             shutil.move(str(child), str(stage / child.name))
@@ -262,7 +264,7 @@ def _emit_plan(
 ) -> EmittedSegments:
     single = len(plan.segments) == 1
     device_inputs = [s.inputs[0] for s in plan.segments if s.kind == DEVICE]
-    samples = None if single else boundary_samples(final, calibration, device_inputs)
+    samples = None if single else tensor_values(final, calibration.arrays, device_inputs)
     entries, reports, files, diagnostics, texts, device_summaries = [], [], {}, [], [], []
     device_manifest: dict[str, Any] = {}
     hardware_macs = 0.0

@@ -62,6 +62,21 @@ def run_onnx(model: onnx.ModelProto, inputs: dict[str, np.ndarray], batch_size: 
     return run_session(make_session(model), inputs, batch_size)
 
 
+def tensor_values(model: onnx.ModelProto, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The values of inner tensors ``names`` when the model runs on ``inputs`` (graph inputs pass through)."""
+
+    graph_inputs = {i.name for i in model.graph.input}
+    values = {n: inputs[n] for n in names if n in graph_inputs}
+    wanted = [n for n in names if n not in graph_inputs]
+    if wanted:
+        probe = onnx.shape_inference.infer_shapes(model)
+        typed = {v.name: v for v in [*probe.graph.value_info, *probe.graph.output]}
+        del probe.graph.output[:]
+        probe.graph.output.extend(typed[name] for name in wanted)
+        values.update(zip(wanted, run_onnx(probe, inputs)))
+    return values
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     shifted = x - np.max(x, axis=axis, keepdims=True)
     e = np.exp(shifted)

@@ -22,13 +22,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx.utils
 
-from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level
-from qanac.execution import run_onnx
 from qanac.graph import initializer_names
 from qanac.model_summary import macs_by_node
 
@@ -162,24 +159,3 @@ def extract_segment(model: onnx.ModelProto, segment: Segment) -> onnx.ModelProto
     del extracted.metadata_props[:]
     extracted.metadata_props.extend(model.metadata_props)
     return extracted
-
-
-def boundary_samples(
-    model: onnx.ModelProto, calibration: CalibrationData, names: list[str]
-) -> dict[str, np.ndarray]:
-    """The float model's values of ``names`` on the calibration data (inputs of the device segments)."""
-
-    graph_inputs = {i.name for i in model.graph.input}
-    wanted = [n for n in names if n not in graph_inputs]
-    values = {n: calibration.arrays[n] for n in names if n in graph_inputs}
-    if wanted:
-        probe = onnx.shape_inference.infer_shapes(model)
-        typed = {v.name: v for v in probe.graph.value_info}
-        known = {o.name for o in probe.graph.output}
-        for name in wanted:
-            if name not in known:
-                probe.graph.output.append(typed[name])
-        outputs = run_onnx(probe, calibration.arrays)
-        by_name = dict(zip([o.name for o in probe.graph.output], outputs))
-        values.update({n: by_name[n] for n in wanted})
-    return values

@@ -30,6 +30,10 @@ CANONICALIZE: tuple[str, ...] = (
 )
 
 
+# Opt-in approximations for Akida (run only with --approx NAME; always reported with their deviation).
+AKIDA_APPROXIMATIONS: tuple[str, ...] = ("attention-freeze",)
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str
@@ -57,7 +61,7 @@ TARGETS: dict[str, Target] = {
         name="akida",
         description="BrainChip Akida IP v2 (.fbz through quantizeml + cnn2snn), mapped on a virtual or real device",
         backend="qanac.backends.akida.backend:AkidaBackend",
-        pipeline=CANONICALIZE,
+        pipeline=CANONICALIZE + AKIDA_APPROXIMATIONS,
         rules="qanac.akida_rules:AKIDA_RULES",
         device_check="qanac.akida_rules:device_findings",
     ),

@@ -1,0 +1,123 @@
+"""Approximations a user opts into (``--approx NAME``): each trades exactness for device coverage, and the
+pipeline always measures and reports the change of the model's outputs on the calibration data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qanac.execution import tensor_values
+from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of
+from qanac.pipeline import PassContext
+from qanac.registry import PassResult, register_pass
+
+GATE_OPS = ("Sigmoid", "HardSigmoid")
+
+
+def _gate_of(mul: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
+    """(features, gate) when ``mul`` multiplies a tensor by a sigmoid computed from other data."""
+
+    if len(mul.inputs) != 2 or any(constant_value(t) is not None for t in mul.inputs):
+        return None
+    for gate, features in ((mul.inputs[1], mul.inputs[0]), (mul.inputs[0], mul.inputs[1])):
+        producer = gate.inputs[0] if gate.inputs else None
+        if producer is not None and producer.op in GATE_OPS and producer.inputs[0] is not features:
+            return features, gate
+    return None
+
+
+def _fold_into_consumers(model: CompilationModel, mul: gs.Node, features: gs.Tensor, scale: np.ndarray) -> bool:
+    """Scale the input channels of every Conv reading the gated tensor (exact given the frozen gate)."""
+
+    output = mul.outputs[0]
+    consumers = list(output.outputs)
+    if not consumers or any(c.op != "Conv" or c.inputs[0] is not output for c in consumers):
+        return False
+    if any(constant_value(c.inputs[1]) is None for c in consumers):
+        return False
+    for conv in consumers:
+        weights = constant_value(conv.inputs[1]).astype(np.float32)
+        group = int(conv.attrs.get("group", 1))
+        cin_per_group = weights.shape[1]
+        if group == 1:
+            scaled = weights * scale.reshape(1, -1, 1, 1)
+        elif cin_per_group == 1 and group == weights.shape[0] == scale.size:
+            scaled = weights * scale.reshape(-1, 1, 1, 1)
+        else:
+            return False
+        conv.inputs[1] = gs.Constant(derived_name(conv.name, "attention-freeze") + "/weight", scaled.astype(np.float32))
+        conv.inputs[0] = features
+    return True
+
+
+def _fold_into_producer(model: CompilationModel, mul: gs.Node, scale: np.ndarray) -> bool:
+    """x * s with x = Relu(Conv(..)) and s > 0 becomes Relu(Conv'(..)) with the conv's output channels scaled."""
+
+    features, constant = mul.inputs
+    relu = features.inputs[0] if features.inputs else None
+    if relu is None or relu.op != "Relu" or len(features.outputs) != 1 or (scale <= 0).any():
+        return False
+    conv_out = relu.inputs[0]
+    conv = conv_out.inputs[0] if conv_out.inputs else None
+    if conv is None or conv.op != "Conv" or len(conv_out.outputs) != 1 or constant_value(conv.inputs[1]) is None:
+        return False
+    name = derived_name(conv.name, "attention-freeze")
+    weights = constant_value(conv.inputs[1]).astype(np.float32)
+    conv.inputs[1] = gs.Constant(name + "/weight", (weights * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
+    bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(weights.shape[0], np.float32)
+    scaled_bias = gs.Constant(name + "/bias", (bias * scale).astype(np.float32))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = scaled_bias
+    else:
+        conv.inputs.append(scaled_bias)
+    output = mul.outputs[0]
+    relu.outputs[0] = output
+    mul.outputs.clear()
+    mul.inputs.clear()
+    return True
+
+
+@register_pass("attention-freeze", targets=["akida"], exact=False)
+def attention_freeze(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Replace attention gates x * sigmoid(g(x)) by x times the gate's per-channel mean on calibration data.
+
+    Squeeze-and-excitation, ECA and spatial channel gates multiply a feature map by a sigmoid computed from
+    it, which Akida cannot run. Frozen to its calibration mean (one scale per channel, averaged over
+    samples and positions), the gate becomes a constant. It is folded into the input channels of the
+    Convs that read the gated map; else into the output channels of the Conv -> Relu that produced it
+    (exact for the positive scales a sigmoid gives); else it stays a Mul by a constant. The
+    gate's branch then has no consumer and disappears, so the block maps to the device. Approximate: the
+    pipeline reports the measured output change, and ``--max-deviation`` bounds it. Per gate, the scale's
+    range goes into the pass details.
+    """
+
+    result = PassResult()
+    gates = [(mul, *found) for mul in nodes_of(model.graph, ["Mul"]) if (found := _gate_of(mul)) is not None]
+    if not gates or ctx.calibration is None:
+        return result
+    values = tensor_values(model.to_onnx(), ctx.calibration.arrays, [gate.name for _, _, gate in gates])
+    for mul, features, gate in gates:
+        observed = values[gate.name]
+        axes = tuple(i for i in range(observed.ndim) if i != 1)
+        scale = observed.mean(axis=axes).astype(np.float32)
+        result.details[mul.name] = {
+            "channels": int(scale.size),
+            "scale_min": float(scale.min()),
+            "scale_max": float(scale.max()),
+            "gate_std_over_data": float(observed.std(axis=0).mean()),
+        }
+        if _fold_into_consumers(model, mul, features, scale):
+            mul.outputs.clear()
+            mul.inputs.clear()
+            result.count("freeze-gate-into-next-conv")
+            continue
+        mul.inputs[0], mul.inputs[1] = features, gs.Constant(
+            derived_name(mul.name, "attention-freeze") + "/scale", scale.reshape(-1, *([1] * (observed.ndim - 2)))
+        )
+        model.graph.cleanup()  # the gate's branch is dead now; the features may have a single reader left
+        if _fold_into_producer(model, mul, scale):
+            result.count("freeze-gate-into-previous-conv")
+        else:
+            model.record(mul, "attention-freeze")
+            result.count("freeze-gate-to-scale")
+    return result
