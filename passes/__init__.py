@@ -18,6 +18,7 @@ FAMILIES = (
     "softmax",
     "layout",
     "approximations",
+    "scaling",
 )
 
 

@@ -26,27 +26,58 @@ def _gate_of(mul: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | None:
     return None
 
 
+# Ops a per-channel scale passes through unchanged (each output channel is linear in its input channel).
+CHANNEL_LINEAR = ("GlobalAveragePool", "AveragePool", "MaxPool", "Flatten")
+
+
+def _scaled_reader(tensor: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
+    """The Conv or Gemm that reads ``tensor``, through per-channel linear ops with a single reader each;
+    returns it and the tensor it reads. (MaxPool commutes with a positive scale, which a sigmoid gives.)"""
+
+    while len(tensor.outputs) == 1 and tensor.outputs[0].op in CHANNEL_LINEAR:
+        tensor = tensor.outputs[0].outputs[0]
+    readers = tensor.outputs
+    if len(readers) == 1 and readers[0].op in ("Conv", "Gemm") and readers[0].inputs[0] is tensor:
+        return readers[0], tensor
+    return None
+
+
 def _fold_into_consumers(model: CompilationModel, mul: gs.Node, features: gs.Tensor, scale: np.ndarray) -> bool:
-    """Scale the input channels of every Conv reading the gated tensor (exact given the frozen gate)."""
+    """Scale the input channels of the Conv(s) or Gemm reading the gated tensor (exact given the frozen gate)."""
 
     output = mul.outputs[0]
-    consumers = list(output.outputs)
-    if not consumers or any(c.op != "Conv" or c.inputs[0] is not output for c in consumers):
-        return False
-    if any(constant_value(c.inputs[1]) is None for c in consumers):
-        return False
-    for conv in consumers:
-        weights = constant_value(conv.inputs[1]).astype(np.float32)
-        group = int(conv.attrs.get("group", 1))
-        cin_per_group = weights.shape[1]
-        if group == 1:
+    direct = list(output.outputs)
+    if len(direct) > 1 and all(c.op == "Conv" and c.inputs[0] is output for c in direct):
+        targets = [(c, output) for c in direct]
+    else:
+        found = _scaled_reader(output)
+        if found is None:
+            return False
+        targets = [found]
+    updates = []
+    for layer, read in targets:
+        weights = constant_value(layer.inputs[1])
+        if weights is None:
+            return False
+        weights = weights.astype(np.float32)
+        if layer.op == "Gemm":
+            if read.shape is None or int(np.prod(read.shape[1:])) != scale.size or layer.attrs.get("transA", 0):
+                return False
+            axis = 1 if layer.attrs.get("transB", 0) else 0
+            scaled = weights * (scale.reshape(1, -1) if axis == 1 else scale.reshape(-1, 1))
+        elif int(layer.attrs.get("group", 1)) == 1:
             scaled = weights * scale.reshape(1, -1, 1, 1)
-        elif cin_per_group == 1 and group == weights.shape[0] == scale.size:
+        elif weights.shape[1] == 1 and int(layer.attrs["group"]) == weights.shape[0] == scale.size:
             scaled = weights * scale.reshape(-1, 1, 1, 1)
         else:
             return False
-        conv.inputs[1] = gs.Constant(derived_name(conv.name, "attention-freeze") + "/weight", scaled.astype(np.float32))
-        conv.inputs[0] = features
+        updates.append((layer, scaled))
+    for layer, scaled in updates:
+        layer.inputs[1] = gs.Constant(derived_name(layer.name, "attention-freeze") + "/weight", scaled)
+    for consumer in list(output.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is output:
+                consumer.inputs[i] = features
     return True
 
 
@@ -84,8 +115,9 @@ def attention_freeze(model: CompilationModel, ctx: PassContext) -> PassResult:
     Squeeze-and-excitation, ECA and spatial channel gates multiply a feature map by a sigmoid computed from
     it, which Akida cannot run. Frozen to its calibration mean (one scale per channel, averaged over
     samples and positions), the gate becomes a constant. It is folded into the input channels of the
-    Convs that read the gated map; else into the output channels of the Conv -> Relu that produced it
-    (exact for the positive scales a sigmoid gives); else it stays a Mul by a constant. The
+    Conv(s) or Gemm that read the gated map (also through global/average/max pooling and Flatten, which
+    commute with a positive per-channel scale); else into the output channels of the Conv -> Relu that
+    produced it; else it stays a Mul by a constant (scale-to-depthwise then makes it a layer Akida runs). The
     gate's branch then has no consumer and disappears, so the block maps to the device. Approximate: the
     pipeline reports the measured output change, and ``--max-deviation`` bounds it. Per gate, the scale's
     range goes into the pass details.

@@ -30,6 +30,7 @@ STRIDE2_KERNELS = {1, 3}  # "Stride 2 is only supported with kernel size 1 or 3.
 # kernel size, so the table is what was measured; a count between the fitting and failing one is warned
 # about conservatively. Kernel sizes not measured are not checked.
 MAX_CNP_INPUT_CHANNELS = {3: 640, 5: 192, 7: 64}
+DEPTHWISE_KERNELS = {3, 5, 7}  # "Kernel size must be 3, 5 or 7." (depthwise layers in hardware)
 MAX_DENSE_INPUTS = 2048  # "Input dimensions are too large to fit in a FNP. The maximum value is 2048."
 MAX_INPUT_CONV_FILTERS = 512  # "The filters number should be set between 1 and 512." (input layer)
 
@@ -274,6 +275,15 @@ def input_conv_filters(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
+def depthwise_kernel(node: gs.Node, ctx: LintContext) -> str | None:
+    shape = _weights_shape(node)
+    if node.op == "Conv" and is_depthwise(node) and shape is not None and (
+        shape[2] != shape[3] or shape[2] not in DEPTHWISE_KERNELS
+    ):
+        return f"a depthwise {shape[2]}x{shape[3]} kernel (hardware takes 3x3, 5x5 or 7x7)"
+    return None
+
+
 def dense_too_wide(node: gs.Node, ctx: LintContext) -> str | None:
     if node.op not in ("Gemm", "MatMul"):
         return None
@@ -362,6 +372,9 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD206", "dense layer too wide", Level.WARNING, dense_too_wide,
          "map() puts the layer in a Software sequence: 'Input dimensions are too large to fit in a FNP.'",
          "pool or convolve down to at most 2048 features before the dense layer"),
+    Rule("AKD207", "depthwise kernel size", Level.WARNING, depthwise_kernel,
+         "map() puts the layer in a Software sequence: 'Kernel size must be 3, 5 or 7.'",
+         "use a 3x3 depthwise kernel (a 1x1 one is a 3x3 with only the centre tap)"),
     Rule("AKD205", "too many filters in the input layer", Level.WARNING, input_conv_filters,
          "map() puts the layer in a Software sequence: 'The filters number should be set between 1 and 512.'",
          "use at most 512 filters in the first convolution"),

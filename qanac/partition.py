@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx.utils
 
 from qanac.diagnostics import Diagnostic, Level
@@ -159,3 +161,32 @@ def extract_segment(model: onnx.ModelProto, segment: Segment) -> onnx.ModelProto
     del extracted.metadata_props[:]
     extracted.metadata_props.extend(model.metadata_props)
     return extracted
+
+
+def with_single_reader_input(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """quantizeml takes only models whose input feeds exactly one node; when it feeds several (a block
+    input read by two branches), an identity layer is put in front of them: a 3x3 depthwise Conv whose
+    only non-zero tap is a centre 1. Exact in float, 9*C MACs per pixel, and a first layer Akida maps
+    for any channel count (a standard conv first becomes an image InputConv2D, for 1 or 3 channels only).
+    """
+
+    name = model.graph.input[0].name
+    readers = [n for n in model.graph.node if name in n.input]
+    if len(readers) < 2:
+        return model, False
+    inferred = onnx.shape_inference.infer_shapes(model)
+    channels = inferred.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    identity = f"{name}::identity-input"
+    weights = np.zeros((channels, 1, 3, 3), np.float32)
+    weights[:, 0, 1, 1] = 1.0
+    out.graph.initializer.append(onnx.numpy_helper.from_array(weights, identity + "/weight"))
+    for node in out.graph.node:
+        for i, value in enumerate(node.input):
+            if value == name:
+                node.input[i] = identity
+    out.graph.node.insert(0, onnx.helper.make_node(
+        "Conv", [name, identity + "/weight"], [identity], name=identity, group=channels, pads=[1, 1, 1, 1]
+    ))
+    return out, True

@@ -32,6 +32,8 @@ CANONICALIZE: tuple[str, ...] = (
 
 # Opt-in approximations for Akida (run only with --approx NAME; always reported with their deviation).
 AKIDA_APPROXIMATIONS: tuple[str, ...] = ("attention-freeze",)
+# Exact Akida rewrites that must follow the approximations (they clean up what those leave behind).
+AKIDA_AFTER_APPROXIMATIONS: tuple[str, ...] = ("scale-to-depthwise",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ TARGETS: dict[str, Target] = {
         name="akida",
         description="BrainChip Akida IP v2 (.fbz through quantizeml + cnn2snn), mapped on a virtual or real device",
         backend="qanac.backends.akida.backend:AkidaBackend",
-        pipeline=CANONICALIZE + AKIDA_APPROXIMATIONS,
+        pipeline=CANONICALIZE + AKIDA_APPROXIMATIONS + AKIDA_AFTER_APPROXIMATIONS,
         rules="qanac.akida_rules:AKIDA_RULES",
         device_check="qanac.akida_rules:device_findings",
     ),

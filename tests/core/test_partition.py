@@ -1,0 +1,83 @@
+"""Partition planning: placement, cut into single-tensor segments, small segments and multi-tensor runs
+go to the host; the identity input layer is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qanac.execution import run_onnx
+from qanac.partition import DEVICE, HOST, extract_segment, plan_segments, with_single_reader_input
+
+
+def chain(gate: bool = True) -> onnx.ModelProto:
+    """conv1 -> relu -> [gate: sigmoid -> mul] -> conv2 -> relu2 ; 1x4x8x8, every node named."""
+
+    rng = np.random.default_rng(0)
+    w = {k: rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32) for k in ("w1", "w2")}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+    ]
+    if gate:
+        nodes += [helper.make_node("Sigmoid", ["r1"], ["s"], name="sigmoid"),
+                  helper.make_node("Mul", ["r1", "s"], ["m"], name="mul")]
+    nodes += [helper.make_node("Conv", ["m" if gate else "r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_no_host_nodes_is_one_device_segment():
+    plan = plan_segments(chain(gate=False), {})
+    assert [(s.kind, s.inputs, s.outputs) for s in plan.segments] == [(DEVICE, ["x"], ["y"])]
+    assert plan.transfers == 0 and plan.device_macs == plan.total_macs > 0
+
+
+def test_host_nodes_split_the_chain_with_single_tensor_boundaries():
+    model = chain()
+    plan = plan_segments(model, {"sigmoid": "AKD102", "mul": "AKD103"})
+    assert [s.kind for s in plan.segments] == [DEVICE, HOST, DEVICE]
+    assert [s.nodes for s in plan.segments] == [["conv1", "relu1"], ["sigmoid", "mul"], ["conv2", "relu2"]]
+    assert plan.segments[0].outputs == ["r1"] and plan.segments[1].inputs == ["r1"] and plan.segments[2].inputs == ["m"]
+    assert plan.transfers == 2
+    # running the three extracted segments in order reproduces the model
+    x = np.random.default_rng(1).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    tensors = {"x": x}
+    for segment in plan.segments:
+        outputs = run_onnx(extract_segment(model, segment), {n: tensors[n] for n in segment.inputs})
+        tensors.update(zip(segment.outputs, outputs))
+    np.testing.assert_allclose(tensors["y"], run_onnx(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_small_device_segments_join_the_host():
+    plan = plan_segments(chain(), {"sigmoid": "AKD102", "mul": "AKD103"}, min_device_share=0.6)
+    kinds = [s.kind for s in plan.segments]
+    assert kinds.count(DEVICE) <= 1 and any(d.code == "PART002" for d in plan.diagnostics)
+
+
+def test_a_run_with_two_outputs_goes_to_the_host():
+    # only the Mul on the host: conv1/relu1's output then feeds the sigmoid on the device and the mul on
+    # the host, and the device run {conv1, relu1, sigmoid} would need two output tensors
+    plan = plan_segments(chain(), {"mul": "AKD103"})
+    first = plan.segments[0]
+    assert first.kind == HOST and "conv1" in first.nodes
+    assert any(d.code == "PART003" for d in plan.diagnostics)
+
+
+def test_identity_input_layer_is_exact_and_only_when_needed():
+    model = chain(gate=False)
+    same, inserted = with_single_reader_input(model)
+    assert not inserted and same is model
+    two_readers = chain(gate=True)  # x feeds conv1 only; make relu1's output the input of a segment
+    plan = plan_segments(two_readers, {"conv1": "test", "relu1": "test"}, min_device_share=0.0)
+    segment = next(s for s in plan.segments if s.kind == DEVICE)
+    sub = extract_segment(two_readers, segment)
+    fixed, inserted = with_single_reader_input(sub)
+    assert inserted and [n.op_type for n in fixed.graph.node][0] == "Conv"
+    assert sum(segment.inputs[0] in n.input for n in fixed.graph.node) == 1
+    data = {segment.inputs[0]: np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_onnx(fixed, data)[0], run_onnx(sub, data)[0], rtol=1e-6, atol=1e-6)
