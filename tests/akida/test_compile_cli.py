@@ -181,3 +181,36 @@ def test_squeeze_excite_runs_its_gate_on_the_host(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["comparisons"]["compiled"][0]["shape"] == [32, 5]  # the model's output, not a truncated map
+
+
+def test_image_folder_calibration_and_run_on_image_files(digits_bundle, tmp_path):
+    """Calibrate from a folder of PNGs (resized to the model input), record the preprocessing, and
+    `qanac run` image files with labels; predictions equal running the same pixels as an array."""
+
+    from PIL import Image
+
+    root, _, _ = digits_bundle
+    images, labels = digits_uint8()
+    folder = tmp_path / "calib"
+    for i in range(40):
+        target = folder / str(labels[i])
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.kron(images[i, 0], np.ones((2, 2), np.uint8))).save(target / f"{i}.png")  # 48x48
+    (tmp_path / "labels.txt").write_text("\n".join(f"digit-{d}" for d in range(10)))
+    bundle = tmp_path / "bundle"
+    result = invoke("compile", root / "residual.onnx", "--target", "akida", "--calib", folder, "--labels",
+                    tmp_path / "labels.txt", "--mean", "0.1", "--std", "0.9", "-o", bundle, "--json")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output)["manifest"]
+    assert manifest["calibration"]["num_samples"] == 40
+    assert manifest["inputs"][0]["preprocessing"]["mean"] == [0.1] and manifest["inputs"][0]["preprocessing"]["std"] == [0.9]
+    files = [folder / str(labels[i]) / f"{i}.png" for i in range(3)]
+    result = invoke("run", bundle, *[a for f in files for a in ("--input", f)], "--json")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.output)["predictions"]
+    assert [p["input"] for p in predictions] == [str(f) for f in files]
+    assert all(p["top"][0]["label"].startswith("digit-") for p in predictions)
+    arrays = tmp_path / "same.npy"
+    np.save(arrays, np.stack([np.asarray(Image.open(f).resize((24, 24), Image.BILINEAR))[None] for f in files]))
+    again = json.loads(invoke("run", bundle, "--input", arrays, "--json").output)["predictions"]
+    assert [p["top"][0]["class"] for p in again] == [p["top"][0]["class"] for p in predictions]
