@@ -7,7 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qanac.execution import tensor_values
-from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of
+from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of, replace_uses
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 
@@ -74,10 +74,7 @@ def _fold_into_consumers(model: CompilationModel, mul: gs.Node, features: gs.Ten
         updates.append((layer, scaled))
     for layer, scaled in updates:
         layer.inputs[1] = gs.Constant(derived_name(layer.name, "attention-freeze") + "/weight", scaled)
-    for consumer in list(output.outputs):
-        for i, tensor in enumerate(consumer.inputs):
-            if tensor is output:
-                consumer.inputs[i] = features
+    replace_uses(output, features)
     return True
 
 

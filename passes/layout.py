@@ -17,7 +17,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.graph import CompilationModel, bypass_node, constant_value, is_graph_output, nodes_of, single_consumer
+from qanac.graph import (
+    CompilationModel,
+    bypass_node,
+    constant_value,
+    is_graph_output,
+    nodes_of,
+    replace_uses,
+    single_consumer,
+)
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.passes._rewrite import derived_node_name, new_constant, node_label, static_dims
@@ -179,10 +187,7 @@ def _cancel_or_merge(model: CompilationModel, first: gs.Node, second: gs.Node, r
             second.name = derived_node_name(second, RULE)
             model.record(second, RULE)
         else:
-            for consumer in list(out.outputs):
-                for i, tensor in enumerate(consumer.inputs):
-                    if tensor is out:
-                        consumer.inputs[i] = source
+            replace_uses(out, source)
             second.inputs.clear()
             second.outputs.clear()
         result.count("cancel-transpose-pair")

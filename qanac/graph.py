@@ -209,6 +209,15 @@ def nodes_of(graph: gs.Graph, ops: Iterable[str]) -> list[gs.Node]:
     return [node for node in graph.nodes if node.op in wanted]
 
 
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead (graph outputs are not touched)."""
+
+    for consumer in list(old.outputs):
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[i] = new
+
+
 def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
     """Remove a single-output node by wiring its consumers to one of its inputs.
 
@@ -226,10 +235,7 @@ def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
         index = next(i for i, t in enumerate(producer.outputs) if t is source)
         producer.outputs[index] = result
     else:
-        for consumer in list(result.outputs):
-            for i, tensor in enumerate(consumer.inputs):
-                if tensor is result:
-                    consumer.inputs[i] = source
+        replace_uses(result, source)
     node.outputs.clear()
     node.inputs.clear()
     return True

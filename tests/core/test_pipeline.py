@@ -68,8 +68,10 @@ def test_non_convergence_is_an_error(clean_registry):
         run_pipeline(model(), ["test-flip"], PassContext("onnxruntime"), PipelineOptions(max_iterations=3))
 
 
-def test_verify_each_catches_a_wrong_exact_pass(clean_registry, tmp_path):
-    @register_pass("test-wrong")
+def register_neg_to_abs(name: str) -> None:
+    """A pass that claims to be exact but turns Neg into Abs (a bug verify-each must catch)."""
+
+    @register_pass(name)
     def wrong(model, ctx):
         """Claims to be exact but turns Neg into Abs."""
         result = PassResult()
@@ -78,6 +80,9 @@ def test_verify_each_catches_a_wrong_exact_pass(clean_registry, tmp_path):
             result.count("neg-to-abs")
         return result
 
+
+def test_verify_each_catches_a_wrong_exact_pass(clean_registry, tmp_path):
+    register_neg_to_abs("test-wrong")
     with pytest.raises(InternalError, match="exact pass 'test-wrong' changed the outputs") as excinfo:
         run_pipeline(
             model(), ["test-wrong"], PassContext("onnxruntime", calibration()),
@@ -88,15 +93,7 @@ def test_verify_each_catches_a_wrong_exact_pass(clean_registry, tmp_path):
 
 
 def test_without_verify_each_a_wrong_exact_pass_is_not_checked(clean_registry):
-    @register_pass("test-wrong-unchecked")
-    def wrong(model, ctx):
-        """Claims to be exact but turns Neg into Abs."""
-        result = PassResult()
-        for node in nodes_of(model.graph, ["Neg"]):
-            node.op = "Abs"
-            result.count("neg-to-abs")
-        return result
-
+    register_neg_to_abs("test-wrong-unchecked")
     report = run_pipeline(model(), ["test-wrong-unchecked"], PassContext("onnxruntime", calibration()))
     assert report.records[0].max_abs_change is None
 
