@@ -8,9 +8,9 @@ uint8 NCHW arrays already resized to the model input. A dataset yields float32 C
 Splits are made before anything else touches the data. HAM10000 holds several images of one lesion,
 so the split is grouped by ``lesion_id``: every lesion lands in exactly one split. It is stratified by
 class (each class's lesions are divided in the requested proportions, counted in images) and seeded.
-Augmentation (random horizontal and vertical flips, brightness and contrast jitter of at most
-``+-10 %``) is applied on the fly to the training split only; validation and test images are never
-altered.
+Augmentation (:class:`Augmentation`: random horizontal and vertical flips, brightness and contrast
+jitter of at most ``+-10 %``; no flips for digits) is applied on the fly to the training split only;
+validation and test images are never altered.
 
 Class imbalance (HAM10000 is 67 % ``nv`` and 1 % ``df``) is handled by a class-weighted cross-entropy
 (:func:`class_weights`, computed on the training split only), not by a weighted sampler: a sampler would
@@ -40,47 +40,74 @@ HAM10000_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
-class ImageDataset(Dataset):
-    """uint8 NCHW images with integer labels; float CHW in [0, 1] out, augmented if ``augment``."""
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Random flips and brightness/contrast jitter of at most ``+-brightness`` / ``+-contrast``."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False, seed: int = 0):
+    hflip: bool = True
+    vflip: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def apply(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment one float CHW image in [0, 1]; the result stays in [0, 1]."""
+
+        draws = torch.rand(4, generator=generator)
+        if self.hflip and draws[0] < 0.5:
+            image = image.flip(-1)
+        if self.vflip and draws[1] < 0.5:
+            image = image.flip(-2)
+        brightness = 1.0 + self.brightness * (2 * float(draws[2]) - 1)
+        contrast = 1.0 + self.contrast * (2 * float(draws[3]) - 1)
+        mean = image.mean()
+        return ((image - mean) * contrast + mean * brightness).clamp_(0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DIGITS_AUGMENTATION = Augmentation(hflip=False, vflip=False)
+
+
+class ImageDataset(Dataset):
+    """uint8 NCHW images with integer labels; float CHW in [0, 1] out, augmented if ``augmentation``.
+
+    Augmentation draws from the dataset's own seeded generator; use it with ``num_workers=0``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+    ):
         if images.dtype != np.uint8 or images.ndim != 4:
             raise UsageError(f"images must be uint8 NCHW, got {images.dtype} {images.shape}")
         if len(images) != len(labels):
             raise UsageError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.augment = augment
+        self.augmentation = augmentation
         self._generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def augment(self) -> bool:
+        return self.augmentation is not None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = torch.from_numpy(self.images[index]).float().div_(255.0)
-        if self.augment:
-            image = augment_image(image, self._generator)
+        if self.augmentation is not None:
+            image = self.augmentation.apply(image, self._generator)
         return image, torch.tensor(self.labels[index])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """All images as float32 NCHW in [0, 1] (never augmented) and the labels."""
 
         return self.images.astype(np.float32) / np.float32(255.0), self.labels
-
-
-def augment_image(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips and brightness/contrast jitter (+-10 %) of one float CHW image in [0, 1]."""
-
-    draws = torch.rand(4, generator=generator)
-    if draws[0] < 0.5:
-        image = image.flip(-1)
-    if draws[1] < 0.5:
-        image = image.flip(-2)
-    brightness = 0.9 + 0.2 * float(draws[2])
-    contrast = 0.9 + 0.2 * float(draws[3])
-    mean = image.mean()
-    image = (image - mean) * contrast + mean * brightness
-    return image.clamp_(0.0, 1.0)
 
 
 @dataclasses.dataclass
@@ -182,6 +209,7 @@ def _make_splits(
     fractions: Sequence[float],
     seed: int,
     info: dict,
+    augmentation: Augmentation | None,
 ) -> DataSplits:
     train, val, test = grouped_stratified_split(labels, groups, fractions, seed)
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
@@ -189,9 +217,13 @@ def _make_splits(
             f"the split {list(fractions)} leaves an empty split ({len(train)}/{len(val)}/{len(test)} images)",
             hint="use more data or larger validation/test fractions",
         )
-    info = {**info, "split": {"fractions": list(fractions), "seed": seed, "grouped": info.get("grouped", False)}}
+    info = {
+        **info,
+        "split": {"fractions": list(fractions), "seed": seed, "grouped": info.get("grouped", False)},
+        "augmentation": augmentation.to_dict() if augmentation is not None else None,
+    }
     return DataSplits(
-        train=ImageDataset(images[train], labels[train], augment=True, seed=seed),
+        train=ImageDataset(images[train], labels[train], augmentation, seed=seed),
         val=ImageDataset(images[val], labels[val]),
         test=ImageDataset(images[test], labels[test]),
         class_names=tuple(class_names),
@@ -221,6 +253,7 @@ def load_ham10000(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
     cache: bool = True,
+    augmentation: Augmentation | None = Augmentation(),
 ) -> DataSplits:
     """HAM10000 from its public layout, resized to ``image_size``, split by lesion (see module doc).
 
@@ -251,7 +284,7 @@ def load_ham10000(
             np.savez(cache_path, images=images, image_ids=np.array(image_ids))
     return _make_splits(
         images, labels, lesions, HAM10000_CLASSES, fractions, seed,
-        {"dataset": "HAM10000", "root": str(root), "grouped": True, "group_key": "lesion_id"},
+        {"dataset": "HAM10000", "root": str(root), "grouped": True, "group_key": "lesion_id"}, augmentation,
     )
 
 
@@ -279,6 +312,7 @@ def load_image_folder_splits(
     image_size: int | Sequence[int] = 64,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
+    augmentation: Augmentation | None = Augmentation(),
 ) -> DataSplits:
     """An image folder with one sub-folder per class (names sorted = label order), split per image."""
 
@@ -292,7 +326,7 @@ def load_image_folder_splits(
     )
     return _make_splits(
         images, labels, np.arange(len(labels)), class_names, fractions, seed,
-        {"dataset": "image-folder", "root": str(root)},
+        {"dataset": "image-folder", "root": str(root)}, augmentation,
     )
 
 
@@ -301,8 +335,12 @@ def load_digits_splits(
     channels: int = 3,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
+    augmentation: Augmentation | None = DIGITS_AUGMENTATION,
 ) -> DataSplits:
-    """sklearn's bundled 8x8 handwritten digits (1797 real images, 10 classes), bilinearly upsampled."""
+    """sklearn's bundled 8x8 handwritten digits (1797 real images, 10 classes), bilinearly upsampled.
+
+    The default augmentation has no flips: a mirrored 2 or 6 is not a 2 or 6.
+    """
 
     from sklearn.datasets import load_digits
 
@@ -315,7 +353,7 @@ def load_digits_splits(
     labels = digits.target.astype(np.int64)
     return _make_splits(
         images, labels, np.arange(len(labels)), [str(d) for d in range(10)], fractions, seed,
-        {"dataset": "sklearn-digits"},
+        {"dataset": "sklearn-digits"}, augmentation,
     )
 
 

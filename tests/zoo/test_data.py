@@ -125,3 +125,19 @@ def test_image_folder_loader(tmp_path):
     assert data.class_names == ("cat", "dog")
     assert data.input_shape == (3, 16, 16)
     assert len(data.train) == 12 and len(data.val) == 4 and len(data.test) == 4
+
+
+def test_augmentation_policy_flips_and_jitter():
+    from qanac.zoo.data import DIGITS_AUGMENTATION, Augmentation
+
+    image = torch.rand(3, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    flips_only = Augmentation(brightness=0.0, contrast=0.0)
+    seen = {flips_only.apply(image, generator).numpy().tobytes() for _ in range(40)}
+    assert len(seen) == 4  # identity, h, v, both
+    assert not DIGITS_AUGMENTATION.hflip and not DIGITS_AUGMENTATION.vflip
+    jitter = Augmentation(hflip=False, vflip=False)
+    for _ in range(10):
+        out = jitter.apply(image, generator)
+        assert out.min() >= 0 and out.max() <= 1
+        assert torch.allclose(out, image, atol=0.25)
