@@ -7,68 +7,18 @@ Errors print one line and a hint on stderr (or a JSON object with --json); --deb
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import click  # noqa: E402
 
 from qanac import __version__  # noqa: E402
-from qanac.diagnostics import EXIT_INTERNAL, EXIT_VERIFY_FAILED, QanacError, UsageError  # noqa: E402
-
-
-def emit_json(data: Any) -> None:
-    from qanac.bundle import json_text
-
-    click.echo(json_text(data))
-
-
-def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn QanacError into its exit code and a one-line message; anything else is an internal error."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        debug = bool(ctx.find_root().params.get("debug"))
-        as_json = bool(kwargs.get("as_json"))
-        try:
-            return fn(*args, **kwargs)
-        except QanacError as exc:
-            if debug:
-                traceback.print_exc()
-            if as_json:
-                emit_json(exc.to_dict())
-            else:
-                click.echo(f"error: {exc.message}", err=True)
-                for diagnostic in exc.diagnostics:
-                    click.echo("  " + diagnostic.format().replace("\n", "\n  "), err=True)
-                if exc.hint:
-                    click.echo(f"hint: {exc.hint}", err=True)
-            ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except Exception as exc:  # a bug: say so, with the way to see more
-            if debug:
-                traceback.print_exc()
-            message = f"internal error: {type(exc).__name__}: {exc}"
-            if as_json:
-                emit_json({"error": "InternalError", "exit_code": EXIT_INTERNAL, "message": message})
-            else:
-                click.echo(message, err=True)
-                if not debug:
-                    click.echo("hint: rerun with --debug for the traceback, and report it", err=True)
-            ctx.exit(EXIT_INTERNAL)
-
-    return wrapper
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+from qanac.cli_support import emit_json, handle_errors, json_option, progress_bar  # noqa: E402
+from qanac.diagnostics import EXIT_VERIFY_FAILED, UsageError  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,12 +26,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def cli(debug: bool) -> None:
     """qanac: compile convolutional networks for neuromorphic hardware, verified against the float model."""
-
-
-def _progress(label: str, total: int, enabled: bool = True):
-    """A click progress bar on stderr (hidden when stderr is not a terminal or in --json mode)."""
-
-    return click.progressbar(length=total, label=label, file=sys.stderr if enabled else open(os.devnull, "w"))
 
 
 def _parse_pass_options(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -257,7 +201,7 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
     opened = Bundle.open(bundle)
     samples = load_bundle_data(opened, data)
     models = 1 + len(compiled_runners(opened, {}))
-    with _progress("verifying", samples.num_samples * models, enabled=not as_json) as bar:
+    with progress_bar("verifying", samples.num_samples * models, enabled=not as_json) as bar:
         result = verify_bundle(opened, samples, Thresholds(min_agreement, min_sqnr), progress=bar.update)
     if as_json:
         emit_json(result.to_dict())
@@ -288,7 +232,7 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, hard
 
     opened = Bundle.open(bundle)
     data, names = load_run_inputs(opened, inputs)
-    with _progress("running", data.num_samples, enabled=not as_json) as bar:
+    with progress_bar("running", data.num_samples, enabled=not as_json) as bar:
         outputs = run_bundle(opened, data, {"hardware": hardware}, progress=bar.update)
     if output is not None:
         if len(outputs) == 1 and output.suffix == ".npy":
@@ -463,6 +407,44 @@ def targets_command(as_json: bool) -> None:
         return
     for t in TARGETS.values():
         click.echo(f"{t.name}: {t.description}\n    pipeline: {','.join(t.pipeline)}")
+
+
+@cli.command("eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Labelled data: .npz with 'labels', an image folder with a sub-folder per class, or a "
+                   "HAM10000 directory (its lesion-grouped test split).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Where to write eval.json and confusion.png "
+              "(default: BUNDLE/eval).")
+@click.option("--recall-drop", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Flag classes whose recall drops by more than this after compilation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="HAM10000 split seed (as in training).")
+@json_option
+@handle_errors
+def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: float, seed: int, as_json: bool) -> None:
+    """Classification quality of a bundle: float reference and compiled model side by side (top-1, macro-F1,
+    balanced accuracy, per-class precision/recall/F1, confusion matrices as JSON and PNG)."""
+
+    from qanac.bundle import Bundle
+    from qanac.evaluate import evaluate_bundle, format_evaluation, load_labelled
+
+    opened = Bundle.open(bundle)
+    labelled = load_labelled(opened, data, seed)
+    with progress_bar("evaluating", 2 * len(labelled.labels), enabled=not as_json) as bar:
+        result = evaluate_bundle(opened, labelled, output or bundle / "eval", recall_drop, progress=bar.update)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(format_evaluation(result))
+
+
+def _add_zoo() -> None:
+    from qanac.zoo.cli import zoo
+
+    cli.add_command(zoo)
+
+
+_add_zoo()
 
 
 def main() -> None:
