@@ -1,4 +1,4 @@
-"""Reproducible zoo measurements: train on sklearn digits, then optionally compile for Akida v2.
+"""Reproducible zoo measurements: train on (cluttered) sklearn digits, optionally compile for Akida v2.
 
     python -m qanac.zoo.bench --variant native --width-mult 0.5 --size 32 --epochs 15 --qat-epochs 3 \\
         --akida --out /tmp/bench-native
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="native", choices=["paper", "native"])
     parser.add_argument("--attention", default=None, help="native only: context, additive or none")
+    parser.add_argument("--dataset", default="digits", choices=["digits", "cluttered"])
+    parser.add_argument("--primary-kernel", type=int, default=None, help="native only: 1 or 3")
     parser.add_argument("--width-mult", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=15)
@@ -68,15 +70,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from qanac.zoo.data import load_digits_splits
+    from qanac.zoo.data import load_cluttered_digits_splits, load_digits_splits
     from qanac.zoo.qat import QATConfig
     from qanac.zoo.registry import resolve_spec
     from qanac.zoo.train import TrainConfig, train
 
-    data = load_digits_splits(args.size, seed=args.seed)
+    if args.dataset == "digits":
+        data = load_digits_splits(args.size, seed=args.seed)
+    else:
+        data = load_cluttered_digits_splits(args.size, seed=args.seed)
     options: dict[str, Any] = {"width_mult": args.width_mult}
     if args.attention:
         options["attention"] = args.attention
+    if args.primary_kernel:
+        options["primary_kernel"] = args.primary_kernel
     spec = resolve_spec("qana", args.variant, input_size=args.size, **options)
     qat = QATConfig() if args.qat_bits == 8 else QATConfig.akida_v1(weight_bits=args.qat_bits,
                                                                     activation_bits=args.qat_bits)

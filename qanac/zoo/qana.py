@@ -124,11 +124,11 @@ class NativeBlock(nn.Module):
       Three more layers per block; at full width it needs more than the 24 NPs of SixNodesIPv2.
     """
 
-    def __init__(self, cin: int, width: int, dropout: float, attention: str):
+    def __init__(self, cin: int, width: int, dropout: float, attention: str, primary_kernel: int = 3):
         super().__init__()
         half = width // 2
         self.attention = attention
-        self.primary = conv_bn(cin, half, 3, stride=2, act=nn.ReLU6())
+        self.primary = conv_bn(cin, half, primary_kernel, stride=2, act=nn.ReLU6())
         self.cheap = nn.Sequential(
             depthwise(half, bias=False),
             nn.BatchNorm2d(half),
@@ -193,6 +193,7 @@ class QANA(nn.Module):
         se_reduction: int = 16,
         attention: str = "context",
         stem_width: int | None = None,
+        primary_kernel: int = 3,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -201,6 +202,8 @@ class QANA(nn.Module):
             raise UsageError(
                 f"unknown attention {attention!r} for the native variant", hint=f"one of {', '.join(ATTENTIONS)}"
             )
+        if primary_kernel not in (1, 3):
+            raise UsageError(f"primary_kernel must be 1 or 3 (Akida strides only those), got {primary_kernel}")
         if num_classes < 2:
             raise UsageError(f"num_classes must be at least 2, got {num_classes}")
         height, width = _pair(input_size)
@@ -223,7 +226,7 @@ class QANA(nn.Module):
             blocks.append(nn.Sequential(*conv_bn(in_channels, stem, 3, act=nn.ReLU6()), *conv_bn(stem, stem, 1, act=nn.ReLU6())))
             cin = stem
             for w in widths:
-                blocks.append(NativeBlock(cin, w, dropout, attention))
+                blocks.append(NativeBlock(cin, w, dropout, attention, primary_kernel))
                 cin = w
         self.features = nn.Sequential(*blocks)
 

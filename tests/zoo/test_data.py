@@ -141,3 +141,15 @@ def test_augmentation_policy_flips_and_jitter():
         out = jitter.apply(image, generator)
         assert out.min() >= 0 and out.max() <= 1
         assert torch.allclose(out, image, atol=0.25)
+
+
+def test_cluttered_digits_are_split_before_rendering():
+    from qanac.zoo.data import load_cluttered_digits_splits
+
+    data = load_cluttered_digits_splits(32, renders=1, clutter=3, seed=0)
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 10
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    again = load_cluttered_digits_splits(32, renders=1, clutter=3, seed=0)
+    assert np.array_equal(again.test.images, data.test.images)
+    # every image holds its digit (a 16x16 upsampled 8x8 glyph has bright pixels) and some clutter
+    assert all(image.max() > 100 for image in data.test.images[:, 0])

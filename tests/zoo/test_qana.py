@@ -69,3 +69,11 @@ def test_paper_exports_its_unsupported_ops():
     proto = export_onnx(qana("paper", width_mult=0.25, input_size=32), (3, 32, 32))
     ops = {node.op_type for node in proto.graph.node}
     assert {"Sigmoid", "Mul", "AveragePool"} <= ops
+
+
+def test_primary_kernel_one_halves_the_parameters_of_the_ghost_primary():
+    big, small = qana("native"), qana("native", primary_kernel=1)
+    assert count_parameters(small) < 0.75 * count_parameters(big)
+    assert small(torch.rand(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(UsageError):
+        qana("native", primary_kernel=5)
