@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "qat" in metrics:
         report["qat"] = {"val": short(metrics["qat"]["val"]), "test": short(metrics["qat"]["test"]),
-                         "exported_test": short(metrics["qat"]["exported_test"]),
+                         "exported_test": short(metrics["test"]),
                          "seconds_per_epoch": round(metrics["qat"]["seconds_per_epoch"], 2)}
     if args.akida:
         report["akida"] = akida_agreement(result, data)

@@ -18,8 +18,11 @@ Output directory::
     model.onnx      the model to compile: fixed batch 1, input "input" (N,C,H,W float in [0,1]),
                     output "logits"
     float.onnx      the float model, when QAT ran (model.onnx is then the QAT model)
-    metrics.json    per-epoch history, validation and test metrics per phase, sizes, timings, and the
-                    ONNX Runtime vs PyTorch check of model.onnx
+    metrics.json    "val"/"test": metrics of the exported model (model.onnx); "float"/"qat": per
+                    phase (best epoch, validation and test); "exported": which phase model.onnx holds;
+                    per-epoch history, sizes, timings, and the ONNX Runtime vs PyTorch check of model.onnx
+
+:func:`load_run` rebuilds the PyTorch model that model.onnx was exported from.
 """
 
 from __future__ import annotations
@@ -169,11 +172,7 @@ def train(
         "model": spec.to_dict(),
         "parameters": count_parameters(float_model),
         "macs": count_macs(float_model, data.input_shape),
-        "float": {
-            **float_summary,
-            "val": evaluate(float_model, data.val, data.class_names),
-            "test": evaluate(float_model, data.test, data.class_names),
-        },
+        "float": {**float_summary, "val": evaluate(float_model, data.val, data.class_names)},
     }
     qat_model = None
     final = float_model
@@ -187,12 +186,17 @@ def train(
             **qat_summary,
             "config": config.qat.to_dict(),
             "val": evaluate(qat_model, data.val, data.class_names),
-            "test": evaluate(qat_model, data.test, data.class_names),
-            "exported_test": evaluate(final, data.test, data.class_names),
         }
+    # Training is over: the test split is looked at only from here on.
+    metrics["float"]["test"] = evaluate(float_model, data.test, data.class_names)
+    if qat_model is not None:
+        metrics["qat"]["test"] = evaluate(qat_model, data.test, data.class_names)
+    final.eval()
+    metrics["exported"] = "qat" if qat_model is not None else "float"
+    metrics["val"] = evaluate(final, data.val, data.class_names)
+    metrics["test"] = evaluate(final, data.test, data.class_names)
     metrics["history"] = history
     metrics["seconds"] = time.perf_counter() - started
-    final.eval()
 
     if out is not None:
         _write_outputs(out, spec, data, config, float_model, qat_model, final, metrics)
@@ -330,3 +334,21 @@ def check_onnx_matches(model: nn.Module, onnx_path: Path, dataset: ImageDataset,
         reference = model(torch.from_numpy(images)).numpy()
     got = np.concatenate([session.run(None, {INPUT_NAME: image[None]})[0] for image in images])
     return {"samples": len(images), "max_abs_diff": float(np.max(np.abs(got - reference))) if len(images) else 0.0}
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a training run exported (QAT model converted to float when QAT ran), and its config."""
+
+    run = Path(run_dir)
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{run} is not a training run directory (no config.json)")
+    config = json.loads(config_path.read_text())
+    model = build_model(ModelSpec.from_dict(config["model"]))
+    files = config.get("files", {})
+    model.load_state_dict(torch.load(run / files.get("float_state", "float.pt"), map_location="cpu"))
+    if "qat_state" in files:
+        qmodel = prepare_qat(model, QATConfig(**config["train"]["qat"]))
+        qmodel.load_state_dict(torch.load(run / files["qat_state"], map_location="cpu"))
+        model = convert_qat_to_float(qmodel)
+    return model.eval(), config

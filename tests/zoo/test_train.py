@@ -10,7 +10,7 @@ from qanac.diagnostics import UsageError
 from qanac.zoo.data import load_ham10000, write_ham10000_fixture
 from qanac.zoo.qat import QATConfig, prepare_qat
 from qanac.zoo.registry import ModelSpec, build_model, resolve_spec
-from qanac.zoo.train import TrainConfig, train
+from qanac.zoo.train import TrainConfig, load_run, train
 
 TINY = dict(width_mult=0.25, input_size=32)
 
@@ -48,6 +48,11 @@ def test_fixture_end_to_end(ham, tmp_path, variant):
     assert {"val", "test"} <= set(metrics["float"]) and {"val", "test"} <= set(metrics["qat"])
     assert metrics["history"][0]["phase"] == "float" and metrics["history"][-1]["phase"] == "qat"
 
+    assert metrics["exported"] == "qat" and metrics["test"]["num_samples"] == len(ham.test)
+    loaded, _ = load_run(tmp_path)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(torch.from_numpy(images)).numpy(), reference, atol=1e-5)
+
     # the checkpoint rebuilds from config.json
     stored = json.loads((tmp_path / "config.json").read_text())
     assert stored["class_names"] == list(ham.class_names)
@@ -63,7 +68,7 @@ def test_fixture_end_to_end(ham, tmp_path, variant):
 
 
 def test_test_split_never_drives_training(ham, monkeypatch):
-    """Early stopping and the schedule see only validation metrics: test labels can be garbage."""
+    """Early stopping, the schedule and the best epoch see only validation metrics; test comes after."""
 
     import qanac.zoo.train as train_module
 
@@ -71,14 +76,16 @@ def test_test_split_never_drives_training(ham, monkeypatch):
     original = train_module.evaluate
 
     def spy(model, dataset, class_names):
-        seen.append(dataset)
+        seen.append("test" if dataset is ham.test else "val" if dataset is ham.val else "other")
         return original(model, dataset, class_names)
 
     monkeypatch.setattr(train_module, "evaluate", spy)
-    train(resolve_spec("qana", "native", **TINY), ham, TrainConfig(epochs=2, batch_size=16))
-    during = seen[:2]  # one validation pass per epoch, then the final reports
-    assert all(d is ham.val for d in during)
-    assert seen.count(ham.test) == 1
+    train(resolve_spec("qana", "native", **TINY), ham, TrainConfig(epochs=2, qat_epochs=1, batch_size=16),
+          callback=lambda p: seen.append(p.event) if p.event == "phase_end" else None)
+    last_phase_end = len(seen) - 1 - seen[::-1].index("phase_end")
+    assert "test" not in seen[:seen.index("phase_end")]
+    assert "test" not in seen[seen.index("phase_end") + 1 : last_phase_end]
+    assert seen[:2] == ["val", "val"] and "other" not in seen
 
 
 def test_input_size_mismatch_is_a_usage_error(ham):
