@@ -19,6 +19,8 @@ FAMILIES = (
     "layout",
     "approximations",
     "scaling",
+    "akida_conv",
+    "akida_pooling",
 )
 
 

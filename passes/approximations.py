@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qanac.diagnostics import UsageError
 from qanac.execution import tensor_values
 from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of, replace_uses
 from qanac.pipeline import PassContext
@@ -149,4 +150,55 @@ def attention_freeze(model: CompilationModel, ctx: PassContext) -> PassResult:
         else:
             model.record(mul, "attention-freeze")
             result.count("freeze-gate-to-scale")
+    return result
+
+
+BOUND_RELU = "bound-relu"
+BOUND_PERCENTILE = 99.99
+BOUND_SAMPLES = 256
+
+
+@register_pass(BOUND_RELU, targets=["akida"], exact=False)
+def bound_relu(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Replace each unbounded Relu by Clip(0, b), b the ``percentile`` of its output on calibration data.
+
+    The QANA recipe bounds every intermediate activation so that an 8-bit (Akida v2) or 4-bit (v1)
+    activation scale spends its levels on the values that occur instead of on rare outliers. Options
+    (``--pass-option bound-relu.NAME=VALUE``): ``percentile`` (default 99.99, over all values of the
+    layer's output on the first ``samples`` calibration samples, default 256). A layer whose output is
+    zero on all of them keeps its Relu (a bound of 0 would cut it off for good). Per layer, the details
+    record the bound, the observed maximum and the share of values clipped; the pipeline measures the
+    change of the model's outputs, and ``--max-deviation`` bounds it. Relu6 / Clip(0, b) are left as
+    they are.
+    """
+
+    result = PassResult()
+    relus = nodes_of(model.graph, ["Relu"])
+    if not relus or ctx.calibration is None:
+        return result
+    percentile = float(ctx.option(BOUND_RELU, "percentile", BOUND_PERCENTILE))
+    samples = int(ctx.option(BOUND_RELU, "samples", BOUND_SAMPLES))
+    if not 0.0 < percentile <= 100.0 or samples < 1:
+        raise UsageError(f"bound-relu: percentile must be in (0, 100] and samples >= 1, got {percentile}, {samples}")
+    arrays = ctx.calibration.take(samples).arrays
+    values = tensor_values(model.to_onnx(), arrays, [relu.outputs[0].name for relu in relus])
+    for relu in relus:
+        observed = values[relu.outputs[0].name]
+        bound = float(np.percentile(observed, percentile))
+        if bound <= 0.0:
+            result.details.setdefault("skipped", {})[relu.name] = "zero on every calibration sample"
+            continue
+        relu.op = "Clip"
+        relu.attrs.clear()
+        relu.inputs.extend([
+            gs.Constant(derived_name(relu.name, BOUND_RELU) + "/min", np.array(0.0, np.float32)),
+            gs.Constant(derived_name(relu.name, BOUND_RELU) + "/max", np.array(bound, np.float32)),
+        ])
+        model.record(relu, BOUND_RELU)
+        result.details.setdefault("bounds", {})[relu.name] = {
+            "bound": bound,
+            "observed_max": float(observed.max()),
+            "clipped_share": float((observed > bound).mean()),
+        }
+        result.count("relu-to-clip")
     return result

@@ -274,7 +274,7 @@ def lint_command(source: str, target: str, device: str | None, input_shape: str 
                              weights=weights, plugins=plugin)
     target_info = get_target(target)
     prepared = prepare_model(request, calibration=None)
-    findings = lint_for_target(target_info, prepared.model, device)
+    findings = lint_for_target(target_info, prepared.model, device, prepared.pipeline)
     errors = sum(1 for f in findings if f.level == Level.ERROR)
     warnings_count = sum(1 for f in findings if f.level == Level.WARNING)
     applied = prepared.pipeline.applied()

@@ -146,7 +146,7 @@ def compile_model(
 
     final = model.to_onnx()
     reference = report.float_reference or final
-    lint_diagnostics = lint_for_target(target, model, request.backend_options.get("device"))
+    lint_diagnostics = lint_for_target(target, model, request.backend_options.get("device"), report)
     errors = [d for d in lint_diagnostics if d.level == Level.ERROR]
     # errors are either fatal below or handled by partitioning (each reported there as PART001)
     ctx.diagnostics.extend(d for d in lint_diagnostics if d.level != Level.ERROR)
@@ -331,12 +331,16 @@ def _frontend_kwargs(request: CompileRequest) -> dict[str, Any]:
     return {"weights": request.weights} if request.weights else {}
 
 
-def lint_for_target(target: Target, model: CompilationModel, device: str | None = None) -> list[Diagnostic]:
+def lint_for_target(target: Target, model: CompilationModel, device: str | None = None,
+                    pipeline: PipelineReport | None = None) -> list[Diagnostic]:
+    """The target's lint findings on a prepared model; with its pipeline report, a finding a pass could
+    have fixed says why that pass left the node."""
+
     if target.rules is None:
         return []
     from qanac.lint import lint_model
 
-    return lint_model(model, target, device)
+    return lint_model(model, target, device, pipeline.skipped() if pipeline is not None else None)
 
 
 def build_manifest(

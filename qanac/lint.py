@@ -89,8 +89,13 @@ def load_rules(target: Target) -> list[Rule]:
     return [] if target.rules is None else list(_resolve(target.rules))
 
 
-def lint_model(model: CompilationModel, target: Target, device: str | None = None) -> list[Diagnostic]:
-    """Check every node against every rule of ``target``; findings in graph order, errors first per node."""
+def lint_model(model: CompilationModel, target: Target, device: str | None = None,
+               skipped: dict[str, dict[str, str]] | None = None) -> list[Diagnostic]:
+    """Check every node against every rule of ``target``; findings in graph order, errors first per node.
+
+    ``skipped`` maps a pass name to {node: why the pass left it} (``PipelineReport.skipped``): a finding
+    whose rule that pass fixes says why it did not fire there.
+    """
 
     rules = load_rules(target)
     ctx = LintContext(model.graph, device)
@@ -104,7 +109,9 @@ def lint_model(model: CompilationModel, target: Target, device: str | None = Non
                 continue
             hint = rule.fix
             if rule.fixed_by:
-                hint = f"{hint} (qanac pass '{rule.fixed_by}')"
+                reason = (skipped or {}).get(rule.fixed_by, {}).get(node.name)
+                hint += (f" (pass '{rule.fixed_by}' left this node: {reason})" if reason
+                         else f" (pass '{rule.fixed_by}')")
             findings.append(
                 Diagnostic(
                     level=rule.level,

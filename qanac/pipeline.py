@@ -106,6 +106,12 @@ class PipelineReport:
             entry["details"].update(r.details)
         return totals
 
+    def skipped(self) -> dict[str, dict[str, str]]:
+        """Per pass: the nodes it left, with its reason (its details' "skipped" entry)."""
+
+        return {name: dict(info["details"].get("skipped", {})) for name, info in self.totals().items()
+                if info["details"].get("skipped")}
+
     def applied(self) -> list[dict[str, Any]]:
         """Passes that changed the model, for the manifest."""
 

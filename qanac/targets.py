@@ -34,6 +34,18 @@ CANONICALIZE: tuple[str, ...] = (
 AKIDA_APPROXIMATIONS: tuple[str, ...] = ("attention-freeze",)
 # Exact Akida rewrites that must follow the approximations (they clean up what those leave behind).
 AKIDA_AFTER_APPROXIMATIONS: tuple[str, ...] = ("scale-to-depthwise",)
+# Exact rewrites of what Akida refuses or runs in software into forms it maps (passes/akida_*.py).
+AKIDA_LEGALIZE: tuple[str, ...] = (
+    "dilated-conv-to-dense",
+    "grouped-conv-to-dense",
+    "even-kernel-to-odd",
+    "strided-conv-to-stride1",
+    "average-pool-to-depthwise",
+    "split-padded-maxpool",
+    "stage-global-average-pool",
+)
+# Approximations that act on the legalized graph (after every exact rewrite).
+AKIDA_FINAL_APPROXIMATIONS: tuple[str, ...] = ("bound-relu",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +75,8 @@ TARGETS: dict[str, Target] = {
         name="akida",
         description="BrainChip Akida IP v2 (.fbz through quantizeml + cnn2snn), mapped on a virtual or real device",
         backend="qanac.backends.akida.backend:AkidaBackend",
-        pipeline=CANONICALIZE + AKIDA_APPROXIMATIONS + AKIDA_AFTER_APPROXIMATIONS,
+        pipeline=CANONICALIZE + AKIDA_APPROXIMATIONS + AKIDA_AFTER_APPROXIMATIONS + AKIDA_LEGALIZE
+        + AKIDA_FINAL_APPROXIMATIONS,
         rules="qanac.akida_rules:AKIDA_RULES",
         device_check="qanac.akida_rules:device_findings",
     ),

@@ -1,7 +1,8 @@
 """One small PyTorch model per Akida lint rule (and models that must pass clean), for lint-vs-reality tests.
 
-Each case is (builder, expected lint codes); DISABLED_PASSES names canonicalization a case must skip to
-reach its rule (a BatchNorm input layer is otherwise rewritten before lint sees it). 32x32x3 input; the stem downsamples to 8x8 so a final global
+Each case is (builder, expected lint codes); DISABLED_PASSES names the pass a case must skip to reach its
+rule (a BatchNorm input layer, say, is otherwise rewritten before lint sees it), and FIXED_BY_PASS adds the
+same model with that pass on, which must then be clean. 32x32x3 input; the stem downsamples to 8x8 so a final global
 pooling stays within the 144-pixel limit unless the case is about that limit.
 """
 
@@ -79,7 +80,22 @@ CASES = {
     "input_conv_too_many_filters": (lambda: S(nn.Conv2d(3, 640, 3, 2, 1), nn.ReLU(), *cbr(640, 32, 1, 2), *cbr(32, 32), *head(32)), {"AKD205"}),
 }
 
-DISABLED_PASSES = {"batchnorm_first_unfolded": frozenset({"batchnorm-to-affine"})}
+# Cases whose rule an exact pass fixes. Each runs with that pass disabled (the rule itself must still
+# predict MetaTF) and again as "<case>+<pass>" with the whole pipeline, where lint must find nothing and
+# the model must convert with every layer on hardware.
+FIXED_BY_PASS = {
+    "batchnorm_first_unfolded": "batchnorm-to-affine",
+    "grouped_conv": "grouped-conv-to-dense",
+    "dilated_conv": "dilated-conv-to-dense",
+    "stride2_kernel5": "strided-conv-to-stride1",
+    "maxpool_padded": "split-padded-maxpool",
+    "average_pool": "average-pool-to-depthwise",
+    "gap_after_maxpool": "stage-global-average-pool",
+    "gap_too_large": "stage-global-average-pool",
+    "gap_after_strided_conv": "stage-global-average-pool",
+}
+DISABLED_PASSES = {case: frozenset({name}) for case, name in FIXED_BY_PASS.items()}
+CASES.update({f"{case}+{name}": (CASES[case][0], set()) for case, name in FIXED_BY_PASS.items()})
 
 
 def export(name: str, path) -> None:

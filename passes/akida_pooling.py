@@ -1,0 +1,349 @@
+"""Pooling Akida refuses or runs in software, rewritten as fixed-weight layers it maps, with the same values.
+
+- average-pool-to-depthwise: a windowed AveragePool is a depthwise convolution whose kernel holds 1/(kh*kw)
+  on the pooling window's taps and 0 elsewhere.
+- split-padded-maxpool: PyTorch's MaxPool2d(3, 2, 1) starts its windows one pixel before the map, which
+  Akida cannot do (its pooling pads only at the end), and Akida pools at most 2x2 in hardware. On a
+  non-negative map the same maximum is a 2x2 stride-1 max pooling, a one-pixel shift, and a 2x2 stride-2
+  max pooling, all in forms Akida accepts.
+- stage-global-average-pool: a global average pooling Akida cannot fuse where it is (over more than
+  MAX_GAP_PIXELS pixels, after a strided, depthwise or input convolution, or after max pooling) gets depthwise stages that shrink the map while keeping its sum, and a 1x1 identity
+  convolution to fuse into.
+
+The inserted layers' weights are exact in float (0, 1, 1/n) and quantize without error; the rewrites add
+requantization steps only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_GAP_PIXELS, STRIDE2_KERNELS, is_depthwise
+from qanac.graph import CompilationModel, is_graph_output, nodes_of
+from qanac.pipeline import PassContext
+from qanac.registry import PassResult, register_pass
+from qanac.passes._akida_layers import (
+    accepted_forms,
+    channels,
+    conv_attrs,
+    conv_node,
+    form_pads,
+    identity_pointwise_weights,
+    is_input_layer,
+    is_non_negative,
+    output_size,
+    pads_form,
+    producer,
+    shaped_like,
+    spatial_size,
+)
+from qanac.passes._rewrite import derived_node_name, node_label
+
+AVERAGE_RULE = "average-pool-to-depthwise"
+MAXPOOL_RULE = "split-padded-maxpool"
+GAP_RULE = "stage-global-average-pool"
+# Layers after which a global pooling can be fused once an identity convolution is put between.
+GAP_SOURCES = ("Conv", "ConvTranspose", "Add", "Concat", "MaxPool")
+SHARED_REASON = (
+    "the pooled map is also read elsewhere: an Akida model has one output, and a pooled branch rejoins the "
+    "map only through a gate (squeeze-and-excitation), which runs on the host; see --approx attention-freeze"
+)
+HALVING_KERNEL = min(k for k in STRIDE2_KERNELS if k in DEPTHWISE_KERNELS)  # 3
+
+
+def _ints(node: gs.Node, name: str, default: list[int]) -> list[int]:
+    return [int(v) for v in node.attrs.get(name, default)]
+
+
+def _pool_output_size(size: int, kernel: int, stride: int, begin: int, end: int, ceil_mode: bool) -> int:
+    span = size + begin + end - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = math.ceil(span / stride) + 1
+    return out - 1 if (out - 1) * stride >= size + begin else out
+
+
+def _average_plan(pool: gs.Node, size: tuple[int, int]) -> tuple[int, list[int], tuple[int, int]] | str:
+    """(kernel K, conv pads, tap offsets) of the depthwise conv equal to ``pool``, or why there is none."""
+
+    kernel = _ints(pool, "kernel_shape", [])
+    strides = _ints(pool, "strides", [1, 1])
+    pads = _ints(pool, "pads", [0, 0, 0, 0])
+    ceil_mode = bool(pool.attrs.get("ceil_mode", 0))
+    include_pad = bool(pool.attrs.get("count_include_pad", 0))
+    if pool.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return "auto_pad (run explicit-pads)"
+    if len(kernel) != 2 or any(d != 1 for d in _ints(pool, "dilations", [1, 1])):
+        return "not a 2-D undilated pooling"
+    if strides[0] != strides[1] or strides[0] not in (1, 2):
+        return f"strides {strides} (Akida convolutions take equal strides of 1 or 2)"
+    outputs = [_pool_output_size(size[i], kernel[i], strides[i], pads[i], pads[i + 2], ceil_mode) for i in range(2)]
+    for i in range(2):
+        starts = [m * strides[i] - pads[i] for m in range(outputs[i])]
+        if starts[-1] + kernel[i] > size[i] + pads[i + 2]:
+            return "a ceil_mode window runs past the padding (ONNX divides it by fewer pixels)"
+        if not include_pad and (starts[0] < 0 or starts[-1] + kernel[i] > size[i]):
+            return "count_include_pad=0 with windows over the padding: the divisor changes at the borders"
+    stride = (strides[0], strides[1])
+    sizes = [K for K in sorted(DEPTHWISE_KERNELS) if K >= max(kernel) and (stride != (2, 2) or K in STRIDE2_KERNELS)]
+    plans = sorted(((K, form) for K in sizes for form in accepted_forms((K, K), stride, False)),
+                   key=lambda plan: (plan[1] == "valid", plan[0]))  # valid padding maps to software: last
+    for K, form in plans:
+        q = form_pads(size, (K, K), stride, form)
+        offsets = (q[0] - pads[0], q[1] - pads[1])
+        if all(0 <= offsets[i] <= K - kernel[i] and output_size(size[i], K, strides[i], q[i], q[i + 2]) == outputs[i]
+               for i in range(2)):
+            return K, q, offsets
+    return f"no depthwise kernel of {sorted(DEPTHWISE_KERNELS)} with accepted pads gives the same windows"
+
+
+@register_pass(AVERAGE_RULE, targets=["akida"])
+def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Replace a windowed 2-D AveragePool by the depthwise Conv that computes it (exact).
+
+    The Conv's K x K kernel (K the smallest of 3, 5, 7 that holds the window; 3 at stride 2) has 1/(kh*kw)
+    on the window's taps and 0 elsewhere; its padding is a form cnn2snn accepts, chosen so that every
+    output window covers the same pixels (e.g. 2x2/2 on an even map: a 3x3/2 Conv with the 2x2 top-left
+    taps, pads at the end). Zero padding is what count_include_pad=1 averages over; with
+    count_include_pad=0 the pass applies only when no window touches the padding. ceil_mode is supported
+    when no window runs past the padding. Whole-map poolings without padding are left to quantizeml
+    (which makes them global). Left with the reason: strides other than 1 or 2, unknown input sizes,
+    and windows no accepted padding reproduces.
+    """
+
+    result = PassResult()
+    skipped: dict[str, str] = {}
+    graph = model.graph
+    for pool in nodes_of(graph, ["AveragePool"]):
+        x = pool.inputs[0]
+        size, count = spatial_size(x), channels(x)
+        if size is None or count is None:
+            skipped[node_label(pool)] = "input shape unknown (run infer-shapes)"
+            continue
+        if _ints(pool, "kernel_shape", []) == list(size) and not any(_ints(pool, "pads", [0, 0, 0, 0])):
+            continue
+        plan = _average_plan(pool, size)
+        if isinstance(plan, str):
+            skipped[node_label(pool)] = plan
+            continue
+        K, pads, (dh, dw) = plan
+        kh, kw = _ints(pool, "kernel_shape", [])
+        weights = np.zeros((count, 1, K, K), np.float32)
+        weights[:, 0, dh:dh + kh, dw:dw + kw] = 1.0 / (kh * kw)
+        stride = _ints(pool, "strides", [1, 1])
+        out = pool.outputs[0]
+        pool.outputs.clear()
+        pool.inputs.clear()
+        conv = conv_node(graph, derived_node_name(pool, AVERAGE_RULE), x, weights, out,
+                         strides=(stride[0], stride[1]), pads=pads, group=count)
+        model.record(conv, AVERAGE_RULE)
+        result.count(AVERAGE_RULE)
+    if skipped:
+        result.details["skipped"] = skipped
+    return result
+
+
+def _pool_host(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+    """The Conv a max pooling of ``tensor`` can fuse into: one whose output reaches ``tensor`` through one
+    activation, each read only once, with stride 1 and Akida's "same" padding (else None)."""
+
+    act = producer(tensor)
+    if act is None or act.op not in ACTIVATIONS or len(tensor.outputs) != 1:
+        return None
+    conv = producer(act.inputs[0])
+    if conv is None or conv.op != "Conv" or len(act.inputs[0].outputs) != 1:
+        return None
+    attrs, size = conv_attrs(conv), spatial_size(conv.inputs[0])
+    if attrs is None or size is None or attrs[1] != (1, 1):
+        return None
+    return conv if pads_form(size, attrs[0], attrs[1], attrs[2], is_input_layer(graph, conv)) == "same" else None
+
+
+@register_pass(MAXPOOL_RULE, targets=["akida"])
+def split_padded_maxpool(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Rewrite MaxPool 3x3, stride 2, pads 1 (PyTorch's MaxPool2d(3, 2, 1)) on a non-negative map y as
+    MaxPool 2x2/1 (pads at the end), a one-pixel shift, MaxPool 2x2/2 and a Relu (exact).
+
+    Output m of the original takes the maximum of y[2m-1], y[2m], y[2m+1] (per axis; y[-1] and y[n] are
+    padding). u = MaxPool 2x2/1 gives u[i] = max(y[i], y[i+1]); the shift is a 3x3 Conv with the identity
+    on its top-left tap and pads 1, so v[j] = u[j-1] with v[0] = 0; MaxPool 2x2/2 gives max(v[2m],
+    v[2m+1]) = max(u[2m-1], u[2m]) = the original maximum. The zero the shift brings in is never above a
+    real value because y >= 0 (the pool reads a Relu or a Clip with min >= 0), and every window holds a
+    real value; the Relus the rewrite adds close Akida's Conv-MaxPool-activation pattern and are exact on
+    values >= 0. Every piece is in a form Akida maps: 2x2 pools (hardware pools at most 2x2) with "same"
+    pads, each fused after a stride-1 Conv padded in the "same" form. When the Conv before the pool is not
+    such a Conv (strided, like ResNet's stem, or padded otherwise), a 1x1 identity Conv is put in front to
+    host the first pool. The shift is an ordinary Conv, not a depthwise one: Akida's depthwise convolution
+    fused with max pooling does not match quantizeml (measured, SQNR 15 dB); the ordinary one is bit-exact.
+
+    Left with the reason: inputs that may be negative, other kernel/stride/padding combinations, unknown
+    sizes.
+    """
+
+    result = PassResult()
+    skipped: dict[str, str] = {}
+    graph = model.graph
+    for pool in nodes_of(graph, ["MaxPool"]):
+        if not any(_ints(pool, "pads", [0, 0, 0, 0])[:2]):
+            continue
+        label = node_label(pool)
+        shape_ok = (
+            _ints(pool, "kernel_shape", []) == [3, 3] and _ints(pool, "strides", [1, 1]) == [2, 2]
+            and _ints(pool, "pads", []) == [1, 1, 1, 1] and not pool.attrs.get("ceil_mode", 0)
+            and _ints(pool, "dilations", [1, 1]) == [1, 1] and (len(pool.outputs) == 1 or pool.outputs[1].is_empty())
+        )
+        x = pool.inputs[0]
+        size, count = spatial_size(x), channels(x)
+        reason = None
+        if not shape_ok:
+            reason = "only MaxPool 3x3, stride 2, pads 1 (no ceil_mode, dilation or indices) is rewritten"
+        elif size is None or count is None:
+            reason = "input shape unknown (run infer-shapes)"
+        elif not is_non_negative(x):
+            reason = "its input may be negative (a Relu or Clip(min >= 0) must produce it): the shift's zero would count"
+        if reason:
+            skipped[label] = reason
+            continue
+
+        height, width = size
+        hosted = _pool_host(x, graph) is not None
+        out = pool.outputs[0]
+        pool.outputs.clear()
+        pool.inputs.clear()
+        names = [derived_node_name(pool, MAXPOOL_RULE, i) for i in range(6)]
+        new_nodes = []
+        source = x
+        if not hosted:
+            source = shaped_like(graph, f"{names[0]}/out", x, (count, height, width))
+            new_nodes.append(conv_node(graph, names[0], x, identity_pointwise_weights(count), source))
+        pairs = shaped_like(graph, f"{names[1]}/out", x, (count, height, width))
+        new_nodes.append(gs.Node("MaxPool", names[1], attrs={"kernel_shape": [2, 2], "strides": [1, 1],
+                                                             "pads": [0, 0, 1, 1]}, inputs=[source], outputs=[pairs]))
+        if not hosted:
+            activated = shaped_like(graph, f"{names[2]}/out", x, (count, height, width))
+            new_nodes.append(gs.Node("Relu", names[2], inputs=[pairs], outputs=[activated]))
+            pairs = activated
+        shift_weights = np.zeros((count, count, 3, 3), np.float32)
+        shift_weights[np.arange(count), np.arange(count), 0, 0] = 1.0
+        shifted = shaped_like(graph, f"{names[3]}/out", x, (count, height, width))
+        new_nodes.append(conv_node(graph, names[3], pairs, shift_weights, shifted, pads=[1, 1, 1, 1]))
+        pooled = shaped_like(graph, f"{names[4]}/out", x, (count, math.ceil(height / 2), math.ceil(width / 2)))
+        new_nodes.append(gs.Node("MaxPool", names[4], attrs={"kernel_shape": [2, 2], "strides": [2, 2],
+                                                             "pads": [0, 0, height % 2, width % 2]},
+                                 inputs=[shifted], outputs=[pooled]))
+        new_nodes.append(gs.Node("Relu", names[5], inputs=[pooled], outputs=[out]))
+        graph.nodes.extend(n for n in new_nodes if n.op != "Conv")  # conv_node added the Convs already
+        for node in new_nodes:
+            model.record(node, MAXPOOL_RULE)
+        result.count(MAXPOOL_RULE if hosted else f"{MAXPOOL_RULE}-with-identity-host")
+    if skipped:
+        result.details["skipped"] = skipped
+    return result
+
+
+def _gap_source(tensor: gs.Tensor, graph: gs.Graph) -> tuple[gs.Node | None, bool]:
+    """The layer a global pooling of ``tensor`` would fuse into (past activations), and whether any tensor
+    on the way is read by something else."""
+
+    shared = len(tensor.outputs) > 1 or is_graph_output(graph, tensor)
+    node = producer(tensor)
+    while node is not None and node.op in ACTIVATIONS:
+        tensor = node.inputs[0]
+        shared = shared or len(tensor.outputs) > 1 or is_graph_output(graph, tensor)
+        node = producer(tensor)
+    return node, shared
+
+
+def _why_unfusable(gap: gs.Node, source: gs.Node, size: tuple[int, int], graph: gs.Graph) -> str | None:
+    """Why Akida cannot fuse ``gap`` where it is, or None when it can."""
+
+    if size[0] * size[1] > MAX_GAP_PIXELS:
+        return f"{size[0]}x{size[1]} pixels (at most {MAX_GAP_PIXELS})"
+    if source.op in ("Add", "Concat"):
+        return None  # quantizeml inserts an identity convolution after a skip connection itself
+    if source.op != "Conv":
+        return f"after {source.op}, not a convolution"
+    attrs = conv_attrs(source)
+    if attrs is None or int(source.attrs.get("group", 1)) != 1 or is_depthwise(source):
+        return "after a depthwise convolution (Akida refuses the dense layer that follows)"
+    if attrs[1] != (1, 1):
+        return "after a strided convolution (the CNP cannot pool and stride)"
+    if is_input_layer(graph, source):
+        return "after the input convolution (it cannot pool globally)"
+    return None
+
+
+@register_pass(GAP_RULE, targets=["akida"])
+def stage_global_average_pool(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Give a GlobalAveragePool Akida cannot fuse where it is a layer it can fuse into (exact).
+
+    While the map has more than MAX_GAP_PIXELS pixels, a depthwise 3x3 stride-2 stage sums each 2x2 block
+    (the windows tile the map; "same" pads add zeros on odd sizes) times c = (H'W') / (HW): the mean of the
+    smaller map equals the mean of the larger. Then a 1x1 identity Conv (ordinary, stride 1, not the input
+    layer, read only by the pooling) takes the pooling. Rewritten: poolings over too many pixels, after a
+    strided, depthwise or input Conv, after max pooling or a ConvTranspose. Besides mapping, the stages
+    keep Akida exact: a Conv fused with a pooling over a large map saturates its 32-bit accumulator
+    (qanac.backends.akida.agreement). Left with the reason: poolings of the model input, of ops Akida
+    does not run (the pooling stays with them), of a Conv whose padding convert() rejects anyway, of a
+    map something else reads too (in practice a squeeze-and-excitation gate, which runs on the host: an
+    Akida model has one output, and the pooled branch rejoins the map only through the gate), and
+    unknown sizes.
+    """
+
+    result = PassResult()
+    skipped: dict[str, str] = {}
+    graph = model.graph
+    for gap in nodes_of(graph, ["GlobalAveragePool"]):
+        x = gap.inputs[0]
+        size, count = spatial_size(x), channels(x)
+        if size is None or count is None:
+            skipped[node_label(gap)] = "input shape unknown (run infer-shapes)"
+            continue
+        source, shared = _gap_source(x, graph)
+        if source is None:
+            skipped[node_label(gap)] = "pools the model input"
+            continue
+        if source.op not in GAP_SOURCES:
+            skipped[node_label(gap)] = f"reads {source.op} '{node_label(source)}', which Akida does not run"
+            continue
+        if shared:
+            skipped[node_label(gap)] = SHARED_REASON
+            continue
+        problem = _why_unfusable(gap, source, size, graph)
+        if problem is None:
+            continue
+        attrs = conv_attrs(source) if source.op == "Conv" else None
+        source_size = spatial_size(source.inputs[0]) if attrs else None
+        if attrs and source_size and pads_form(source_size, attrs[0], attrs[1], attrs[2],
+                                               is_input_layer(graph, source)) is None:
+            skipped[node_label(gap)] = (
+                f"'{node_label(source)}' has pads {attrs[2]} that convert() rejects for a {attrs[0][0]}x{attrs[0][1]} "
+                f"stride-{attrs[1][0]} kernel on a {source_size[0]}x{source_size[1]} map; staging would not help"
+            )
+            continue
+
+        tensor, (height, width) = x, size
+        stage = 0
+        while height * width > MAX_GAP_PIXELS:
+            q = form_pads((height, width), (HALVING_KERNEL,) * 2, (2, 2), "same")
+            smaller = (math.ceil(height / 2), math.ceil(width / 2))
+            weights = np.zeros((count, 1, HALVING_KERNEL, HALVING_KERNEL), np.float32)
+            weights[:, 0, q[0]:q[0] + 2, q[1]:q[1] + 2] = smaller[0] * smaller[1] / (height * width)
+            name = derived_node_name(gap, GAP_RULE, stage)
+            halved = shaped_like(graph, f"{name}/out", x, (count, *smaller))
+            model.record(conv_node(graph, name, tensor, weights, halved, strides=(2, 2), pads=q, group=count),
+                         GAP_RULE)
+            tensor, (height, width), stage = halved, smaller, stage + 1
+            result.count("halve-before-global-pool")
+        name = derived_node_name(gap, GAP_RULE, stage)
+        fused = shaped_like(graph, f"{name}/out", x, (count, height, width))
+        model.record(conv_node(graph, name, tensor, identity_pointwise_weights(count), fused), GAP_RULE)
+        gap.inputs[0] = fused
+        result.count("identity-conv-before-global-pool")
+        result.details.setdefault("staged", {})[node_label(gap)] = f"{problem}: {stage} halving stage(s)"
+    if skipped:
+        result.details["skipped"] = skipped
+    return result

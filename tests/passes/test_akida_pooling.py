@@ -1,0 +1,203 @@
+"""average-pool-to-depthwise, split-padded-maxpool, stage-global-average-pool: structure after the rewrite,
+ONNX Runtime outputs equal to the original (``--verify-each`` tolerance, max abs error <= 1e-4 * (1 + max
+|reference|)), and the cases each pass must leave alone, with their reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.passes.rewrite_testing import assert_outputs_equal, random_inputs, verify_pipeline
+
+C = 4
+
+
+def model(tail: list[tuple[str, dict]], size: tuple[int, int] = (8, 8), stem: str = "relu",
+          strides: int = 1) -> onnx.ModelProto:
+    """x (N, 4, H, W) -> stem 3x3 Conv (pads 1) -> conv 3x3 Conv (pads 1, ``strides``) [-> act] -> tail ops.
+
+    ``tail`` is a list of (op, attributes); each reads the previous output. ``stem`` names the activation
+    after the second conv: "relu", "sigmoid" or "none".
+    """
+
+    rng = np.random.default_rng(0)
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "w1": rng.normal(size=(C, C, 3, 3)), "b1": rng.normal(size=C)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["s", "w1", "b1"], ["c"], name="conv", pads=[1, 1, 1, 1], strides=[strides] * 2),
+    ]
+    x = "c"
+    if stem != "none":
+        nodes.append(helper.make_node(stem.capitalize(), ["c"], ["a"], name="act"))
+        x = "a"
+    for i, (op, attrs) in enumerate(tail):
+        out = "y" if i == len(tail) - 1 else f"t{i}"
+        nodes.append(helper.make_node(op, [x], [out], name=op.lower(), **attrs))
+        x = out
+    graph = helper.make_graph(
+        nodes, "pool", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, *size])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def rewrite(original: onnx.ModelProto, rule: str):
+    """Run infer-shapes and ``rule`` under --verify-each, then compare outputs on fresh inputs."""
+
+    compiled, report = verify_pipeline(original, ["infer-shapes", rule], random_inputs(original, seed=1))
+    assert_outputs_equal(original, compiled, random_inputs(original, seed=2))
+    totals = report.totals()[rule]
+    return compiled, totals["counts"], totals["details"]
+
+
+def ops(compiled) -> list[str]:
+    return [n.op for n in compiled.graph.nodes]
+
+
+def avg(kernel, strides, pads=(0, 0, 0, 0), **attrs) -> tuple[str, dict]:
+    return "AveragePool", {"kernel_shape": [kernel] * 2, "strides": [strides] * 2, "pads": list(pads), **attrs}
+
+
+# --- average-pool-to-depthwise --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool, size, K, pads, taps", [
+    (avg(2, 2), (8, 8), 3, [0, 0, 1, 1], (slice(0, 2), slice(0, 2))),
+    (avg(2, 2), (7, 9), 3, [0, 0, 0, 0], (slice(0, 2), slice(0, 2))),
+    (avg(3, 2, (1, 1, 1, 1), count_include_pad=1), (8, 8), 3, [1, 1, 0, 0], (slice(0, 3), slice(0, 3))),
+    (avg(3, 1, (1, 1, 1, 1), count_include_pad=1), (8, 8), 3, [1, 1, 1, 1], (slice(0, 3), slice(0, 3))),
+    (avg(5, 1, (2, 2, 2, 2), count_include_pad=1), (8, 8), 5, [2, 2, 2, 2], (slice(0, 5), slice(0, 5))),
+    (avg(2, 2, ceil_mode=1), (8, 8), 3, [0, 0, 1, 1], (slice(0, 2), slice(0, 2))),
+    (avg(3, 1), (8, 8), 3, [0, 0, 0, 0], (slice(0, 3), slice(0, 3))),
+])
+def test_average_pool_becomes_masked_depthwise_conv(pool, size, K, pads, taps):
+    compiled, counts, _ = rewrite(model([pool], size), "average-pool-to-depthwise")
+    assert counts == {"average-pool-to-depthwise": 1}
+    conv = next(n for n in compiled.graph.nodes if n.name == "averagepool::average-pool-to-depthwise")
+    assert conv.op == "Conv" and conv.attrs["group"] == C and conv.attrs["pads"] == pads
+    weights = conv.inputs[1].values[:, 0]
+    window = pool[1]["kernel_shape"][0] ** 2
+    expected = np.zeros((C, K, K), np.float32)
+    expected[:, taps[0], taps[1]] = 1.0 / window
+    np.testing.assert_array_equal(weights, expected)
+    assert "AveragePool" not in ops(compiled)
+
+
+@pytest.mark.parametrize("pool, size, reason", [
+    (avg(2, 1), (8, 8), "no depthwise kernel"),  # shrinks the map by one pixel: one-sided padding
+    (avg(3, 1, (1, 1, 1, 1)), (8, 8), "count_include_pad=0 with windows over the padding"),
+    (avg(2, 2, ceil_mode=1), (7, 7), "a ceil_mode window runs past the padding"),
+    (avg(4, 4), (8, 8), "strides [4, 4]"),
+])
+def test_average_pool_left_with_reason(pool, size, reason):
+    compiled, counts, details = rewrite(model([pool], size), "average-pool-to-depthwise")
+    assert counts == {} and "AveragePool" in ops(compiled)
+    assert reason in details["skipped"]["averagepool"]
+
+
+def test_whole_map_average_pool_is_left_to_quantizeml():
+    compiled, counts, details = rewrite(model([avg(8, 1)]), "average-pool-to-depthwise")
+    assert counts == {} and details == {}
+
+
+# --- split-padded-maxpool -------------------------------------------------------------------------------
+
+MAXPOOL_3_2_1 = ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 7), (8, 5), (2, 2)])
+def test_padded_maxpool_becomes_two_2x2_pools_around_a_shift(size):
+    compiled, counts, _ = rewrite(model([MAXPOOL_3_2_1], size), "split-padded-maxpool")
+    assert counts == {"split-padded-maxpool": 1}
+    assert ops(compiled) == ["Conv", "Conv", "Relu", "MaxPool", "Conv", "MaxPool", "Relu"]
+    first, shift, second = compiled.graph.nodes[3:6]
+    assert first.attrs == {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 1, 1]}
+    assert second.attrs["pads"] == [0, 0, size[0] % 2, size[1] % 2]
+    weights = shift.inputs[1].values
+    assert shift.attrs["group"] == 1 and np.count_nonzero(weights) == C
+    np.testing.assert_array_equal(weights[:, :, 0, 0], np.eye(C))
+    assert compiled.graph.outputs[0].name == "y"
+
+
+@pytest.mark.parametrize("stem, pool, reason", [
+    ("none", MAXPOOL_3_2_1, "its input may be negative"),
+    ("sigmoid", MAXPOOL_3_2_1, "its input may be negative"),
+    ("relu", ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}), "only MaxPool 3x3"),
+])
+def test_padded_maxpool_left_with_reason(stem, pool, reason):
+    compiled, counts, details = rewrite(model([pool], stem=stem), "split-padded-maxpool")
+    assert counts == {} and ops(compiled).count("MaxPool") == 1
+    assert reason in details["skipped"]["maxpool"]
+
+
+def test_padded_maxpool_after_a_strided_conv_gets_an_identity_host():
+    compiled, counts, _ = rewrite(model([MAXPOOL_3_2_1], (16, 16), strides=2), "split-padded-maxpool")
+    assert counts == {"split-padded-maxpool-with-identity-host": 1}
+    assert ops(compiled) == ["Conv", "Conv", "Relu", "Conv", "MaxPool", "Relu", "Conv", "MaxPool", "Relu"]
+    host = compiled.graph.nodes[3]
+    assert host.name == "maxpool::split-padded-maxpool:0"
+    np.testing.assert_array_equal(host.inputs[1].values[:, :, 0, 0], np.eye(C))
+
+
+def test_maxpool_without_begin_pads_is_not_a_candidate():
+    pool = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
+    compiled, counts, details = rewrite(model([pool]), "split-padded-maxpool")
+    assert counts == {} and details == {}
+
+
+# --- stage-global-average-pool --------------------------------------------------------------------------
+
+GAP = ("GlobalAveragePool", {})
+
+
+@pytest.mark.parametrize("size, strides, stages", [
+    ((8, 8), 2, 0),  # after a strided conv: the identity alone
+    ((16, 16), 1, 1),
+    ((13, 13), 1, 1),
+    ((30, 30), 1, 2),
+    ((1, 200), 1, 1),
+])
+def test_global_pool_gets_sum_preserving_stages_and_identity(size, strides, stages):
+    compiled, counts, details = rewrite(model([GAP], size, strides=strides), "stage-global-average-pool")
+    expected = {"identity-conv-before-global-pool": 1}
+    if stages:
+        expected["halve-before-global-pool"] = stages
+    assert counts == expected
+    staged = [n for n in compiled.graph.nodes if n.name.startswith("globalaveragepool::")]
+    assert [n.attrs["group"] for n in staged] == [C] * stages + [1]
+    identity = staged[-1]
+    np.testing.assert_array_equal(identity.inputs[1].values[:, :, 0, 0], np.eye(C))
+    assert identity.outputs[0].outputs[0].op == "GlobalAveragePool"
+    pixels = [n.outputs[0].shape[2] * n.outputs[0].shape[3] for n in staged]
+    assert pixels[-1] <= 144 and all(p > 144 for p in pixels[:-2])
+
+
+def test_global_pool_after_maxpool():
+    maxpool = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
+    compiled, counts, details = rewrite(model([maxpool, GAP]), "stage-global-average-pool")
+    assert counts == {"identity-conv-before-global-pool": 1}
+    assert "after MaxPool" in details["staged"]["globalaveragepool"]
+
+
+def test_global_pool_of_a_map_read_elsewhere_is_left():
+    """A squeeze-and-excitation: the 16x16 map is pooled (too large for Akida) and multiplied by the gate."""
+
+    original = model([GAP, ("Sigmoid", {})], size=(16, 16))
+    original.graph.node.append(helper.make_node("Mul", ["a", "y"], ["gated"], name="gate"))
+    original.graph.output[0].name = "gated"
+    compiled, counts, details = rewrite(original, "stage-global-average-pool")
+    assert counts == {}
+    assert "also read elsewhere" in details["skipped"]["globalaveragepool"]
+
+
+@pytest.mark.parametrize("stem, reason", [
+    ("relu", None),  # 8x8 after a stride-1 conv: Akida fuses it as it is
+    ("sigmoid", "reads Sigmoid 'act', which Akida does not run"),
+])
+def test_global_pool_left_alone(stem, reason):
+    compiled, counts, details = rewrite(model([GAP], stem=stem), "stage-global-average-pool")
+    assert counts == {}
+    assert details.get("skipped", {}).get("globalaveragepool") == reason
