@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from qanac.diagnostics import UsageError
+from qanac.native_output import import_tensorflow_quietly
 from qanac.frontends.finish import check_export, first_line, set_source_names
 
 OPSET = 17
@@ -123,6 +124,7 @@ def _quiet_tensorflow() -> None:
 
 def _import(module: str, what: str) -> Any:
     try:
+        import_tensorflow_quietly()
         return __import__(module)
     except ImportError as exc:
         raise UsageError(f"{what} is not installed", hint="pip install 'qanac[keras]'") from exc

@@ -26,22 +26,21 @@ Source names: the exporter names nodes after the module scopes they come from
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import io
-import os
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 
 from qanac.diagnostics import UsageError
 from qanac.frontends.finish import check_export, first_line, set_source_names
+from qanac.native_output import native_output_discarded
 
 OPSET = 17
 PROGRAM = "torch.export program"
@@ -353,7 +352,7 @@ def _export(
     buffer = io.BytesIO()
     dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]} if dynamic_batch else None
     try:
-        with warnings.catch_warnings(), _native_stdout_discarded():
+        with warnings.catch_warnings(), native_output_discarded(1):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -373,23 +372,6 @@ def _export(
             hint="export it yourself with torch.onnx.export and pass the .onnx file",
         ) from exc
     return onnx.load_from_string(buffer.getvalue())
-
-
-@contextlib.contextmanager
-def _native_stdout_discarded() -> Iterator[None]:
-    """Discard what native code writes to file descriptor 1 (the TorchScript exporter prints its whole IR
-    graph there when an export fails; the error itself is raised and reported)."""
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _module_names(module: Any) -> set[str]:

@@ -59,6 +59,7 @@ import onnx
 from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
 from qanac.execution import run_onnx
+from qanac.native_output import import_tensorflow_quietly
 
 BRAINCHIP_DOMAIN = "com.brainchip"
 DEFAULT_NUM_SAMPLES = 1024  # quantizeml's own default
@@ -325,6 +326,7 @@ def quantize_onnx(
     Errors quantizeml raises become UnsupportedModelError naming the node they concern.
     """
 
+    import_tensorflow_quietly()
     from quantizeml.models import QuantizationParams, quantize
 
     qparams = QuantizationParams(input_dtype=input_dtype)
@@ -423,6 +425,7 @@ def convert_to_akida(
 ) -> tuple[Any, list[Diagnostic]]:
     """cnn2snn.convert with its "Conversion stops" warning and its errors turned into UnsupportedModelError."""
 
+    import_tensorflow_quietly()
     import cnn2snn
 
     try:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qanac.native_output import import_tensorflow_quietly
+
 _TRUNCATION_MARKERS = ("were not quantized", "Conversion stops")
 
 
@@ -74,6 +76,7 @@ def check_akida_v2(
     """
 
     import akida
+    import_tensorflow_quietly()
     import cnn2snn
     from quantizeml.layers import QuantizationParams
     from quantizeml.models import quantize
