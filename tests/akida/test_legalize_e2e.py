@@ -5,7 +5,8 @@ Each case is compiled twice with the Akida backend (quantize + convert + map on 
 canonicalization passes only (the "before", which must fail or leave a layer in software for the stated
 reason) and with the full akida pipeline (the "after": no lint finding, every layer on hardware, the Akida
 model bit-exact against quantizeml's quantized ONNX on the calibration samples, and the legalized float
-model within ``qanac.compare.exact_tolerance`` of the original on them).
+model within ``qanac.compare.exact_tolerance`` of the original on them). A legacy zoo graph (opset 9, IR 3
+initializer inputs, Dropout with a mask output, Sum) goes through canonicalization to the same end.
 """
 
 from __future__ import annotations
@@ -117,3 +118,46 @@ def test_refused_model_converts_and_maps_after_legalization(case, tmp_path):
 
     prepared, legalized = compile_for_akida(path, data, tmp_path / "after", legalize=True)
     assert_legalized(path, prepared, legalized, data, passes)
+
+
+def legacy_zoo_graph() -> onnx.ModelProto:
+    """What old model zoos ship: opset 9, every initializer also listed as a graph input, a Dropout with
+    its mask output named, and Sum joining two branches."""
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w0": rng.normal(0, 0.3, (16, 3, 3, 3)), "b0": rng.normal(0, 0.1, 16),
+        "w1": rng.normal(0, 0.2, (16, 16, 3, 3)), "w2": rng.normal(0, 0.2, (16, 16, 1, 1)),
+        "w3": rng.normal(0, 0.2, (32, 16, 3, 3)), "fc": rng.normal(0, 0.2, (5, 32)), "fb": np.zeros(5),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="stem_relu"),
+        helper.make_node("Dropout", ["r0"], ["d0", "d0_mask"], name="dropout", ratio=0.2),
+        helper.make_node("Conv", ["d0", "w1"], ["c1"], name="left", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="left_relu"),
+        helper.make_node("Conv", ["d0", "w2"], ["c2"], name="right", strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="right_relu"),
+        helper.make_node("Sum", ["r1", "r2"], ["s"], name="join"),
+        helper.make_node("Conv", ["s", "w3"], ["c3"], name="mix", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c3"], ["r3"], name="mix_relu"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], name="classifier", transB=1),
+    ]
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])]
+    inputs += [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "legacy", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+
+
+def test_legacy_zoo_graph_is_canonicalized_and_maps(tmp_path):
+    path = tmp_path / "legacy.onnx"
+    onnx.save(legacy_zoo_graph(), str(path))
+    data = calibration((3, 32, 32))
+    prepared, result = compile_for_akida(path, data, tmp_path / "out", legalize=True)
+    assert_legalized(path, prepared, result, data,
+                     {"remove-initializer-inputs", "upgrade-opset", "remove-dropout-identity", "sum-to-add"})
+    assert {n.op for n in prepared.model.graph.nodes}.isdisjoint({"Dropout", "Sum"})
