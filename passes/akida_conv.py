@@ -20,17 +20,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_CNP_INPUT_CHANNELS, STRIDE2_KERNELS, is_depthwise
+from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.passes._akida_layers import (
-    accepted_forms,
     conv_attrs,
     conv_node,
-    form_pads,
     is_input_layer,
-    output_size,
-    pads_form,
     shaped_like,
     spatial_size,
 )

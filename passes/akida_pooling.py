@@ -22,20 +22,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_GAP_PIXELS, STRIDE2_KERNELS, is_depthwise
+from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.graph import CompilationModel, is_graph_output, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.passes._akida_layers import (
-    accepted_forms,
     channels,
     conv_attrs,
     conv_node,
-    form_pads,
     identity_pointwise_weights,
     is_input_layer,
     is_non_negative,
-    output_size,
-    pads_form,
     producer,
     shaped_like,
     spatial_size,

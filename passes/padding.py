@@ -1,4 +1,5 @@
-"""Explicit padding: ``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID) becomes the ``pads`` it stands for.
+"""Explicit padding: ``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID) becomes the ``pads`` it stands for, and
+a zero Pad node before a Conv becomes part of the Conv's ``pads``.
 
 Backends and quantizers read ``pads``; ``auto_pad`` is deprecated in ONNX and its meaning depends on the
 input size, so it is resolved here from the inferred input shape.
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.graph import CompilationModel, nodes_of
+from qanac.graph import CompilationModel, constant_value, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
-from qanac.passes._rewrite import node_label, static_dims, static_shape
+from qanac.passes._rewrite import known_rank, node_label, static_dims, static_shape
 
 AUTO_PAD_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
@@ -145,3 +147,83 @@ def _explicit_output_size(node: gs.Node, size: int, begin: int, end: int, extent
             out -= 1  # a window that would start in the end padding is dropped
         return out
     return span // stride + 1
+
+
+@register_pass("fuse-pad-into-conv")
+def fuse_pad_into_conv(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Fold a constant zero Pad of the spatial axes into the ``pads`` of the Convs that read it.
+
+    Keras' ZeroPadding2D and PyTorch's ZeroPad2d / F.pad export a Pad node before a Conv without
+    padding; the Conv pads with zeros itself, so the sum of both paddings is the same convolution. Taken:
+    Pad in "constant" mode with a constant value of 0 (or none), constant non-negative pads on the
+    spatial axes only (none on batch or channels), every reader a Conv with explicit padding (run
+    explicit-pads first) that reads it as its data input. The Pad disappears once no reader is left.
+    Left with the reason: other modes (reflect, edge, wrap), non-zero values, negative pads (crops),
+    padded batch or channel axes, non-constant pads or axes, and Pads read by anything but a Conv.
+    Invariant: every rewritten Conv's output is unchanged.
+    """
+
+    result = PassResult()
+    skipped: dict[str, str] = {}
+    for pad in nodes_of(model.graph, ["Pad"]):
+        spatial_or_reason = _spatial_zero_pads(pad)
+        if isinstance(spatial_or_reason, str):
+            skipped[node_label(pad)] = spatial_or_reason
+            continue
+        padded = pad.outputs[0]
+        readers = list(padded.outputs)
+        if not readers or any(r.op != "Conv" or r.inputs[0] is not padded or _auto_pad(r) != "NOTSET" for r in readers):
+            skipped[node_label(pad)] = "read by something other than the data input of a Conv with explicit pads"
+            continue
+        if any(o is padded for o in model.graph.outputs):
+            skipped[node_label(pad)] = "its output is a graph output"
+            continue
+        begin, end = spatial_or_reason
+        for conv in readers:
+            rank = len(begin)
+            pads = [int(p) for p in conv.attrs.get("pads", [0] * (2 * rank))]
+            conv.attrs["pads"] = [pads[i] + begin[i] for i in range(rank)] + [pads[rank + i] + end[i] for i in range(rank)]
+            conv.inputs[0] = pad.inputs[0]
+            model.record(conv, "fuse-pad-into-conv")
+            result.count("fuse-pad-into-conv")
+        pad.outputs.clear()
+        pad.inputs.clear()
+    if skipped:
+        result.details["skipped"] = skipped
+    if result.counts:
+        model.graph.cleanup()
+    return result
+
+
+def _spatial_zero_pads(pad: gs.Node) -> tuple[list[int], list[int]] | str:
+    """(begin, end) pads of the spatial axes of a zero constant Pad, or why it is not one."""
+
+    mode = pad.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        return f"mode '{mode}' (only zero padding is what a Conv does)"
+    if len(pad.inputs) < 2:
+        return "no pads input (opset < 11; run upgrade-opset)"
+    pads = constant_value(pad.inputs[1])
+    if pads is None:
+        return "its pads are computed at run time"
+    if len(pad.inputs) > 2 and pad.inputs[2].name:
+        value = constant_value(pad.inputs[2])
+        if value is None or np.any(value != 0):
+            return "it pads with a value other than 0"
+    rank = known_rank(pad.inputs[0]) or pads.size // 2
+    axes = list(range(rank))
+    if len(pad.inputs) > 3 and pad.inputs[3].name:
+        given = constant_value(pad.inputs[3])
+        if given is None:
+            return "its axes are computed at run time"
+        axes = [int(a) % rank for a in given.reshape(-1)]
+    pads = [int(p) for p in pads.reshape(-1)]
+    full_begin, full_end = [0] * rank, [0] * rank
+    for i, axis in enumerate(axes):
+        full_begin[axis], full_end[axis] = pads[i], pads[len(axes) + i]
+    if rank < 3 or any(full_begin[:2]) or any(full_end[:2]):
+        return "it pads the batch or channel axis"
+    if any(p < 0 for p in full_begin + full_end):
+        return "negative pads (a crop)"
+    return full_begin[2:], full_end[2:]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from qanac.akida_padding import accepted_forms, form_pads, pads_form
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.graph import constant_value
 from qanac.lint import PASSIVE_OPS, LintContext, Rule
@@ -176,6 +177,43 @@ def even_kernel(node: gs.Node, ctx: LintContext) -> str | None:
     if node.op == "Conv" and shape is not None and any(k % 2 == 0 for k in shape[2:]):
         return f"even kernel {shape[2]}x{shape[3]}"
     return None
+
+
+def _padding_case(node: gs.Node, ctx: LintContext):
+    """(form or None, kernel, strides, pads, size, is input layer) of a Conv whose padding no other rule
+    already condemns (even, dilated or over-strided kernels have their own), or None."""
+
+    shape = _weights_shape(node)
+    size = ctx.spatial(node.inputs[0]) if node.op == "Conv" else None
+    if shape is None or size is None or len(shape) != 4:
+        return None
+    kernel = (int(shape[2]), int(shape[3]))
+    if any(k % 2 == 0 for k in kernel) or any(d != 1 for d in _attr(node, "dilations", [1, 1])):
+        return None
+    if conv_stride_kernel(node, ctx) is not None:
+        return None
+    strides = tuple(int(s) for s in _attr(node, "strides", [1, 1]))
+    pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
+    first = node is input_layer(ctx)
+    return pads_form(size, kernel, strides, pads, first), kernel, strides, pads, size, first
+
+
+def conv_padding(node: gs.Node, ctx: LintContext) -> str | None:
+    case = _padding_case(node, ctx)
+    if case is None or case[0] is not None:
+        return None
+    _, kernel, strides, pads, size, first = case
+    accepted = "; ".join(f"{form} {form_pads(size, kernel, strides, form)}"
+                         for form in accepted_forms(kernel, strides, first))
+    return (f"pads {pads} for a {kernel[0]}x{kernel[1]} kernel at stride {strides[0]} on a {size[0]}x{size[1]} "
+            f"map (convert() accepts: {accepted})")
+
+
+def conv_without_padding(node: gs.Node, ctx: LintContext) -> str | None:
+    case = _padding_case(node, ctx)
+    if case is None or case[0] != "valid" or case[5]:
+        return None
+    return f"a {case[1][0]}x{case[1][1]} convolution without padding (after the input layer)"
 
 
 def maxpool_pads(node: gs.Node, ctx: LintContext) -> str | None:
@@ -365,6 +403,10 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD114", "softmax inside the graph", Level.ERROR, softmax_inside,
          "quantize() leaves it unquantized and convert() silently truncates the model before it",
          "move the softmax to the end of the model (qanac then runs it on the host)"),
+    Rule("AKD115", "convolution padding", Level.ERROR, conv_padding,
+         "convert() raises 'Expect pads to be one of ...'",
+         "pad by k // 2 on each side (PyTorch padding=k//2, Keras padding='same'), or for stride 2 only at "
+         "the end; a separate zero Pad before the convolution is folded into it by fuse-pad-into-conv"),
     Rule("AKD201", "global pooling too large", Level.WARNING, gap_too_large,
          "map() puts the layer in a Software sequence (host CPU)",
          "downsample further before the global pooling (at most 12x12 maps)",
@@ -385,6 +427,10 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD207", "depthwise kernel size", Level.WARNING, depthwise_kernel,
          "map() puts the layer in a Software sequence: 'Kernel size must be 3, 5 or 7.'",
          "use a 3x3 depthwise kernel (a 1x1 one is a 3x3 with only the centre tap)"),
+    Rule("AKD208", "convolution without padding", Level.WARNING, conv_without_padding,
+         "map() puts the layer in a Software sequence: 'Only padding 'Same' and 'SameUpper' are supported.'",
+         "pad the convolution by k // 2 (PyTorch padding=k//2, Keras padding='same'); only the input layer "
+         "maps without padding"),
     Rule("AKD205", "too many filters in the input layer", Level.WARNING, input_conv_filters,
          "map() puts the layer in a Software sequence: 'The filters number should be set between 1 and 512.'",
          "use at most 512 filters in the first convolution"),

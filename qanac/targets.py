@@ -24,6 +24,7 @@ CANONICALIZE: tuple[str, ...] = (
     "remove-layout-transposes",
     "flatten-dense-to-gemm",
     "explicit-pads",
+    "fuse-pad-into-conv",
     "fold-batchnorm-into-conv",
     "batchnorm-to-affine",
     "strip-trailing-softmax",

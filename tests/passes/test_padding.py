@@ -96,3 +96,63 @@ def test_explicit_pads_in_the_pipeline_with_verify_each():
     compiled, report = verify_pipeline(model, ["infer-shapes", "explicit-pads"], random_inputs(model))
     assert report.totals()["explicit-pads"]["counts"] == {"explicit-pads-same-upper": 1}
     assert compiled.graph.nodes[0].outputs[0].shape == ["N", 3, 4, 3]
+
+
+# --- fuse-pad-into-conv ----------------------------------------------------------------------------------
+
+PAD_WEIGHT = f"<float[3,2,3,3] w = {{{values(3, 2, 3, 3)}}}, float[3,2,1,1] w1 = {{{values(3, 2, 1, 1, seed=1)}}}>"
+
+
+def pad_then_conv(pads: str, value: str = "", mode: str = "", conv_pads: str = "pads = [1, 0, 0, 1], strides = [2, 2]",
+                  second_reader: str = "") -> str:
+    value_input = ", v" if value else ""
+    value_init = f", float v = {{{value}}}" if value else ""
+    mode_attr = f'<mode = "{mode}">' if mode else ""
+    extra = f"\n          z = {second_reader}" if second_reader else ""
+    out_z = ", float[N,?,?,?] z" if second_reader else ""
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2,7,6] x) => (float[N,?,?,?] y{out_z})
+        <int64[8] p = {{{pads}}}{value_init}, {PAD_WEIGHT[1:-1]}>
+        {{
+          [pad] padded = Pad {mode_attr} (x, p{value_input})
+          [conv] y = Conv <{conv_pads}> (padded, w){extra}
+        }}
+        """
+
+
+@pytest.mark.parametrize("pads, conv_pads, expected", [
+    ("0, 0, 0, 1, 0, 0, 1, 0", "pads = [1, 0, 0, 1], strides = [2, 2]", [1, 1, 1, 1]),
+    ("0, 0, 1, 1, 0, 0, 1, 1", "strides = [1, 1]", [1, 1, 1, 1]),  # ZeroPad2d(1) + Conv(padding=0)
+])
+def test_zero_pad_folds_into_the_conv(pads, conv_pads, expected):
+    model = parse(pad_then_conv(pads, conv_pads=conv_pads))
+    compiled, result = apply_pass(model, "fuse-pad-into-conv")
+    assert result.counts == {"fuse-pad-into-conv": 1}
+    assert [n.op for n in compiled.graph.nodes] == ["Conv"]
+    assert list(compiled.graph.nodes[0].attrs["pads"]) == expected
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_pad_read_by_two_convs_folds_into_both():
+    model = parse(pad_then_conv("0, 0, 1, 1, 0, 0, 1, 1", conv_pads="strides = [1, 1]",
+                                second_reader="Conv <strides = [2, 2]> (padded, w1)"))
+    compiled, result = apply_pass(model, "fuse-pad-into-conv")
+    assert result.counts == {"fuse-pad-into-conv": 2}
+    assert [n.op for n in compiled.graph.nodes] == ["Conv", "Conv"]
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"pads": "0, 0, 1, 1, 0, 0, 1, 1", "value": "0.5"}, "a value other than 0"),
+    ({"pads": "0, 0, 1, 1, 0, 0, 1, 1", "mode": "reflect"}, "mode 'reflect'"),
+    ({"pads": "0, 1, 1, 1, 0, 0, 1, 1"}, "batch or channel"),
+    ({"pads": "0, 0, -1, 0, 0, 0, 0, 0"}, "negative pads"),
+    ({"pads": "0, 0, 1, 1, 0, 0, 1, 1", "second_reader": "Relu (padded)"}, "something other than"),
+])
+def test_pad_left_with_reason(kwargs, reason):
+    model = parse(pad_then_conv(conv_pads="strides = [1, 1]", **kwargs))
+    compiled, result = apply_pass(model, "fuse-pad-into-conv")
+    assert result.counts == {}
+    assert "Pad" in [n.op for n in compiled.graph.nodes]
+    assert reason in result.details["skipped"]["pad"]
