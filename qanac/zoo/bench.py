@@ -4,8 +4,18 @@
         --akida --out /tmp/bench-native
 
 prints one JSON object: sizes (parameters, MACs), float and QAT accuracy on validation and test, seconds
-per epoch, and with ``--akida`` the Akida conversion check plus the agreement of the Akida model's
-predictions with the exported float model on the test split (Akida's software backend, no hardware).
+per epoch, and with ``--akida`` what ``qanac compile --target akida`` makes of the exported model and how
+the compiled bundle classifies the test split (``qanac eval``: the bundle's float reference and the
+compiled model side by side; Akida's software backend, no hardware). The compiler is calibrated on
+training images only. ``--approx attention-freeze`` compiles a second time with that approximation.
+
+With ``--out RUN`` the run directory keeps what the commands need to be repeated by hand::
+
+    RUN/model.onnx                      the exported model (QAT model when --qat-epochs > 0)
+    RUN/akida/calib.npy                 uint8 training images the compiler calibrates on
+    RUN/akida/test.npz                  the test split (``input`` uint8 NCHW, ``labels``)
+    RUN/akida/bundle, RUN/akida/eval    the compiled bundle and its evaluation (eval.json, confusion.png)
+    RUN/akida-approx/...                the same with the approximations
 """
 
 from __future__ import annotations
@@ -13,42 +23,90 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+SUMMARY_KEYS = ("top1", "macro_f1", "balanced_accuracy")
 
-def akida_agreement(train_result, data, samples: int = 64) -> dict[str, Any]:
-    """Convert the exported model for Akida v2 and compare its predictions with the float export."""
 
-    import akida
+def short(block: dict[str, Any]) -> dict[str, float]:
+    return {k: round(block[k], 4) for k in SUMMARY_KEYS}
 
-    from qanac.zoo.akida_check import check_akida_v2
-    from qanac.zoo.export import export_onnx
-    from qanac.zoo.metrics import classification_metrics
 
-    calib, _ = data.train.arrays()
-    check = check_akida_v2(export_onnx(train_result.model, data.input_shape), calib[:samples])
-    result: dict[str, Any] = {"check": check.to_dict()}
-    if not check.ok:
-        return result
-    images, labels = data.test.arrays()
-    runner = akida.Model(layers=check.model.layers)
-    raw = np.round(images * 255).astype(np.uint8)
-    logits = runner.predict(raw).reshape(len(raw), -1)
-    import torch
+def akida_deployment(manifest: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """Where a compiled Akida bundle runs: segments, device MAC share, and the device's sequences.
 
-    with torch.no_grad():
-        reference = train_result.model(torch.from_numpy(raw.astype(np.float32) / 255)).numpy()
-    akida_pred = logits.argmax(1)
-    result.update({
-        "test": classification_metrics(labels, akida_pred, data.num_classes, data.class_names),
-        "argmax_agreement_with_float_export": float(np.mean(akida_pred == reference.argmax(1))),
-    })
-    for key in ("test",):
-        result[key] = {k: result[key][k] for k in ("top1", "macro_f1", "balanced_accuracy")}
-    return result
+    ``device_mac_share`` is the share of the model's MACs in Hardware sequences of the device segments
+    (``manifest["partition"]``); ``sequences`` lists every device segment's sequences from its mapping
+    report in run order, with their backend (Hardware or Software, akida's software fallback).
+    """
+
+    partition = manifest["partition"]
+    sequences = [
+        {"segment": segment["name"], "backend": sequence["backend"], "passes": sequence["passes"],
+         "layers": len(sequence["layers"])}
+        for segment in report["segments"] if segment["kind"] == "device"
+        for sequence in segment["backend"]["mapping"]["sequences"]
+    ]
+    return {
+        "segments": partition["segments"],
+        "device_segments": partition["device_segments"],
+        "transfers": partition["transfers"],
+        "device_mac_share": partition["device_mac_share"],
+        "hardware_sequences": sum(s["backend"] == "Hardware" for s in sequences),
+        "software_sequences": sum(s["backend"] != "Hardware" for s in sequences),
+        "sequences": sequences,
+        "approximations": manifest.get("approximations", []),
+    }
+
+
+def write_akida_inputs(data, work: Path) -> tuple[Path, Path]:
+    """``calib.npy`` (the training split's uint8 images) and ``test.npz`` (test images and labels)."""
+
+    from qanac.zoo.export import INPUT_NAME
+
+    work.mkdir(parents=True, exist_ok=True)
+    calib, test = work / "calib.npy", work / "test.npz"
+    np.save(calib, data.train.images)
+    np.savez(test, **{INPUT_NAME: data.test.images, "labels": data.test.labels})
+    return calib, test
+
+
+def compile_and_evaluate(
+    onnx_path: Path, data, work: Path, approximations: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """``qanac compile --target akida`` calibrated on training images, then ``qanac eval`` on the test split.
+
+    A model the compiler refuses gives ``{"status": exit code, "error": message}`` instead of metrics.
+    """
+
+    from qanac.bundle import Bundle
+    from qanac.compiler import CompileRequest, compile_model
+    from qanac.diagnostics import QanacError
+    from qanac.evaluate import evaluate_bundle, load_labelled
+
+    calib, test = write_akida_inputs(data, work)
+    request = CompileRequest(source=str(onnx_path), target="akida", output=work / "bundle", calibration=str(calib),
+                             force=True, approximations=frozenset(approximations), labels=list(data.class_names))
+    started = time.perf_counter()
+    try:
+        compiled = compile_model(request)
+    except QanacError as exc:
+        return {"status": exc.exit_code, "error": exc.message, "approximations": sorted(approximations)}
+    seconds = time.perf_counter() - started
+    bundle = Bundle.open(work / "bundle")
+    evaluation = evaluate_bundle(bundle, load_labelled(bundle, test), work / "eval")
+    return {
+        "status": 0,
+        "compile_seconds": round(seconds, 1),
+        **akida_deployment(compiled.manifest, compiled.report),
+        "test": {"float_reference": short(evaluation["float"]), "compiled": short(evaluation["compiled"])},
+        "recall_drops": evaluation["recall_drops"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -57,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--attention", default=None, help="native only: context, additive or none")
     parser.add_argument("--dataset", default="digits", choices=["digits", "cluttered"])
     parser.add_argument("--primary-kernel", type=int, default=None, help="native only: 1 or 3")
+    parser.add_argument("--spike-bound", type=float, default=None, help="upper clip of the spike generator")
     parser.add_argument("--width-mult", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=15)
@@ -66,8 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--qat-bits", type=int, default=8, help="4 = Akida v1 setting (8-bit first layer)")
-    parser.add_argument("--akida", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--akida", action="store_true", help="compile for Akida and evaluate the bundle")
+    parser.add_argument("--approx", action="append", default=[],
+                        help="with --akida: also compile with this approximation (repeatable), e.g. attention-freeze")
+    parser.add_argument("--out", default=None, help="run directory to keep (default: a temporary one)")
     args = parser.parse_args(argv)
 
     from qanac.zoo.data import load_cluttered_digits_splits, load_digits_splits
@@ -82,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {"width_mult": args.width_mult}
     if args.attention:
         options["attention"] = args.attention
+    if args.spike_bound:
+        options["spike_bound"] = args.spike_bound
     if args.primary_kernel:
         options["primary_kernel"] = args.primary_kernel
     spec = resolve_spec("qana", args.variant, input_size=args.size, **options)
@@ -89,12 +152,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                     activation_bits=args.qat_bits)
     config = TrainConfig(epochs=args.epochs, qat_epochs=args.qat_epochs, lr=args.lr, qat_lr=args.qat_lr,
                          batch_size=args.batch_size, seed=args.seed, qat=qat, patience=max(4, args.epochs // 3))
+    scratch = tempfile.TemporaryDirectory(prefix="qana-bench-") if args.out is None else None
+    out = Path(args.out) if args.out is not None else Path(scratch.name)
     started = time.perf_counter()
-    result = train(spec, data, config, args.out)
+    result = train(spec, data, config, out)
     metrics = result.metrics
-
-    def short(block: dict[str, Any]) -> dict[str, float]:
-        return {k: round(block[k], 4) for k in ("top1", "macro_f1", "balanced_accuracy")}
 
     report: dict[str, Any] = {
         "spec": metrics["model"],
@@ -103,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "float": {"val": short(metrics["float"]["val"]), "test": short(metrics["float"]["test"]),
                   "best_epoch": metrics["float"]["best_epoch"], "epochs_run": metrics["float"]["epochs_run"],
                   "seconds_per_epoch": round(metrics["float"]["seconds_per_epoch"], 2)},
-        "seconds_total": round(time.perf_counter() - started, 1),
+        "seconds_train": round(time.perf_counter() - started, 1),
         "load_average": os.getloadavg(),
     }
     if "qat" in metrics:
@@ -111,10 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "exported_test": short(metrics["test"]),
                          "seconds_per_epoch": round(metrics["qat"]["seconds_per_epoch"], 2)}
     if args.akida:
-        report["akida"] = akida_agreement(result, data)
-        report["akida"]["check"].pop("warnings", None)
-        for seq in report["akida"]["check"]["sequences"]:
-            seq["layers"] = len(seq["layers"])
+        report["akida"] = compile_and_evaluate(out / "model.onnx", data, out / "akida")
+        if args.approx:
+            report["akida_approx"] = compile_and_evaluate(out / "model.onnx", data, out / "akida-approx",
+                                                          frozenset(args.approx))
+    if scratch is not None:
+        scratch.cleanup()
     print(json.dumps(report, indent=1))
     return report
 

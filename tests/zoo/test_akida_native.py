@@ -1,4 +1,11 @@
-"""The native variant converts completely with quantizeml + cnn2snn and maps on Akida IP v2 hardware."""
+"""Both QANA variants through `qanac compile --target akida` (compile_model, host partitioning on).
+
+- native: one device segment, every MAC in one Hardware sequence of SixNodesIPv2; after QAT the compiled
+  bundle agrees with its float reference.
+- paper: its multiply-by-tensor gates and sigmoids leave no device segment with one input and one output,
+  so qanac refuses it (exit 3, nothing on the device); with the opt-in attention-freeze approximation it
+  compiles to one device segment, but only part of its MACs run in hardware sequences.
+"""
 
 import numpy as np
 import pytest
@@ -8,65 +15,84 @@ from torch import nn
 pytest.importorskip("akida")
 pytest.importorskip("cnn2snn")
 
-from qanac.zoo.akida_check import check_akida_v2  # noqa: E402
+from qanac.bundle import Bundle  # noqa: E402
+from qanac.calibration import load_data  # noqa: E402
+from qanac.compiler import CompileRequest, compile_model  # noqa: E402
+from qanac.diagnostics import UnsupportedModelError  # noqa: E402
+from qanac.verify import bundle_inputs, run_bundle, run_reference  # noqa: E402
+from qanac.zoo.bench import akida_deployment  # noqa: E402
 from qanac.zoo.export import export_onnx  # noqa: E402
 from qanac.zoo.qana import qana  # noqa: E402
 from qanac.zoo.qat import convert_qat_to_float, prepare_qat  # noqa: E402
 
+pytestmark = pytest.mark.slow
+SIZE = 32
 
-def _with_statistics(model, images):
+
+def _images(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 3, SIZE, SIZE), dtype=np.uint8)
+
+
+def _with_statistics(model, raw):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None
     model.train()
     with torch.no_grad():
-        model(torch.from_numpy(images))
+        model(torch.from_numpy(raw.astype(np.float32) / 255))
     return model.eval()
 
 
-@pytest.mark.slow
+def _compile(model, raw, tmp_path, approximations=frozenset()):
+    tmp_path.mkdir(exist_ok=True)
+    source, calib = tmp_path / "model.onnx", tmp_path / "calib.npy"
+    export_onnx(model, (3, SIZE, SIZE), source)
+    np.save(calib, raw)
+    result = compile_model(CompileRequest(source=str(source), target="akida", output=tmp_path / "bundle",
+                                          calibration=str(calib), approximations=frozenset(approximations)))
+    return result, akida_deployment(result.manifest, result.report)
+
+
 @pytest.mark.parametrize("attention", ["context", "none"])
-def test_native_variant_maps_in_one_hardware_sequence(attention):
-    rng = np.random.default_rng(0)
-    images = rng.random((16, 3, 32, 32), dtype=np.float32)
-    model = _with_statistics(qana("native", attention=attention, width_mult=0.25, input_size=32), images)
-    check = check_akida_v2(export_onnx(model, (3, 32, 32)), images)
-    assert check.warnings == []
-    assert check.fully_on_hardware, check.sequences
-    assert check.akida_output_shape == (1, 1, 7)
-    assert check.ok
+def test_native_variant_maps_in_one_hardware_sequence(attention, tmp_path):
+    raw = _images(16, 0)
+    model = _with_statistics(qana("native", attention=attention, width_mult=0.25, input_size=SIZE), raw)
+    result, deployment = _compile(model, raw, tmp_path)
+    assert deployment["segments"] == 1 and deployment["transfers"] == 0
+    assert deployment["device_mac_share"] == 1.0, result.report["backend_summary"]
+    assert deployment["hardware_sequences"] == 1 and deployment["software_sequences"] == 0, deployment["sequences"]
+    assert result.manifest["outputs"][0]["shape"][1:] == [7]
 
 
-@pytest.mark.slow
-def test_qat_export_of_native_variant_maps_and_agrees_with_float():
-    rng = np.random.default_rng(1)
-    images = rng.random((32, 3, 32, 32), dtype=np.float32)
-    model = _with_statistics(qana("native", width_mult=0.25, input_size=32), images)
+def test_qat_export_of_native_variant_compiles_and_agrees_with_float(tmp_path):
+    raw = _images(32, 1)
+    model = _with_statistics(qana("native", width_mult=0.25, input_size=SIZE), raw)
     qmodel = prepare_qat(model)
     qmodel.train()
     with torch.no_grad():
-        qmodel(torch.from_numpy(images))  # initialise the tracked output ranges
-    plain = convert_qat_to_float(qmodel)
-    check = check_akida_v2(export_onnx(plain, (3, 32, 32)), images)
-    assert check.ok, check.to_dict()
-    import akida
+        qmodel(torch.from_numpy(raw.astype(np.float32) / 255))  # initialise the tracked output ranges
+    _, deployment = _compile(convert_qat_to_float(qmodel), raw, tmp_path)
+    assert deployment["device_mac_share"] == 1.0 and deployment["hardware_sequences"] == 1
 
-    runner = akida.Model(layers=check.model.layers)  # a mapped model needs a device to run
-    uint8 = np.round(images * 255).astype(np.uint8)
-    logits = runner.predict(uint8).reshape(len(images), -1)
-    with torch.no_grad():
-        reference = plain(torch.from_numpy(np.round(images * 255) / 255)).numpy()
-    assert logits.shape == reference.shape
-    correlation = np.corrcoef(logits.ravel(), reference.ravel())[0, 1]
+    bundle = Bundle.open(tmp_path / "bundle")
+    data = load_data(tmp_path / "calib.npy", bundle_inputs(bundle))
+    compiled, reference = run_bundle(bundle, data)[0], run_reference(bundle, data)[0]
+    assert compiled.shape == reference.shape == (32, 7)
+    correlation = np.corrcoef(compiled.ravel(), reference.ravel())[0, 1]
     assert correlation > 0.9, correlation
 
 
-@pytest.mark.slow
-def test_paper_variant_does_not_convert():
-    """The paper's first block feeds the image to two convs; quantizeml refuses that outright."""
+def test_paper_variant_needs_attention_freeze_and_still_maps_partly(tmp_path):
+    raw = _images(16, 2)
+    model = _with_statistics(qana("paper", width_mult=0.25, input_size=SIZE), raw)
 
-    rng = np.random.default_rng(0)
-    images = rng.random((8, 3, 32, 32), dtype=np.float32)
-    model = _with_statistics(qana("paper", width_mult=0.25, input_size=32), images)
-    with pytest.raises(RuntimeError, match="exactly one consumer"):
-        check_akida_v2(export_onnx(model, (3, 32, 32)), images)
+    with pytest.raises(UnsupportedModelError, match="no part of the model can run") as refused:
+        _compile(model, raw, tmp_path / "plain")
+    host = {n for d in refused.value.diagnostics for n in d.nodes}
+    assert any(n.endswith("/Mul") for n in host) and any(n.endswith("/Sigmoid") for n in host)
+
+    result, deployment = _compile(model, raw, tmp_path / "frozen", {"attention-freeze"})
+    assert result.manifest["approximations"] == ["attention-freeze"]
+    assert deployment["segments"] == deployment["device_segments"] == 1
+    assert 0.0 < deployment["device_mac_share"] < 1.0  # the native variant: 1.0
+    assert deployment["hardware_sequences"] >= 1 and deployment["software_sequences"] >= 1
