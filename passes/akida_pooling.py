@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_GAP_PIXELS, STRIDE2_KERNELS, is_depthwise
 from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
-from qanac.graph import CompilationModel, is_graph_output, nodes_of
+from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.passes._akida_layers import (
@@ -37,7 +37,7 @@ from qanac.passes._akida_layers import (
     shaped_like,
     spatial_size,
 )
-from qanac.passes._rewrite import derived_node_name, node_label
+from qanac.passes._rewrite import derived_node_name, new_constant, node_label
 
 AVERAGE_RULE = "average-pool-to-depthwise"
 MAXPOOL_RULE = "split-padded-maxpool"
@@ -106,8 +106,14 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
     output window covers the same pixels (e.g. 2x2/2 on an even map: a 3x3/2 Conv with the 2x2 top-left
     taps, pads at the end). Zero padding is what count_include_pad=1 averages over; with
     count_include_pad=0 the pass applies only when no window touches the padding. ceil_mode is supported
-    when no window runs past the padding. Whole-map poolings without padding are left to quantizeml
-    (which makes them global). Left with the reason: strides other than 1 or 2, unknown input sizes,
+    when no window runs past the padding. When every reader of the pooling is a 1x1 stride-1 Conv, the
+    pooling is folded into them instead: each becomes the K x K Conv with the pooling's stride, padding
+    and window, weights w / (kh * kw) on the window's taps (a residual block's two 1x1 projections in
+    QANA). That costs K*K times the 1x1 Conv's MACs, but a separate depthwise layer after a residual Add
+    that feeds two branches makes akida's multi-pass mapping put the rest of the model in software
+    ("Hardware partial reconfiguration with layers on the second branch is not supported.", measured on
+    the QANA net with attention-freeze: 3 % of MACs on hardware; folded: 100 %, one sequence of passes).
+    Whole-map poolings without padding are left to quantizeml (which makes them global). Left with the reason: strides other than 1 or 2, unknown input sizes,
     and windows no accepted padding reproduces.
     """
 
@@ -128,10 +134,26 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
             continue
         K, pads, (dh, dw) = plan
         kh, kw = _ints(pool, "kernel_shape", [])
-        weights = np.zeros((count, 1, K, K), np.float32)
-        weights[:, 0, dh:dh + kh, dw:dw + kw] = 1.0 / (kh * kw)
         stride = _ints(pool, "strides", [1, 1])
         out = pool.outputs[0]
+        readers = _pointwise_readers(out, graph)
+        if readers:
+            for conv in readers:  # 1x1 conv of the average = K x K strided conv with the window masked in
+                pointwise = constant_value(conv.inputs[1]).astype(np.float32)
+                weights = np.zeros((*pointwise.shape[:2], K, K), np.float32)
+                weights[:, :, dh:dh + kh, dw:dw + kw] = pointwise / (kh * kw)
+                name = derived_node_name(conv, AVERAGE_RULE)
+                conv.inputs[0] = x
+                conv.inputs[1] = new_constant(graph, f"{name}/weight", weights)
+                conv.attrs.update(kernel_shape=[K, K], strides=list(stride), pads=list(pads))
+                conv.name = name
+                model.record(conv, AVERAGE_RULE)
+            pool.outputs.clear()
+            pool.inputs.clear()
+            result.count("fold-average-pool-into-pointwise-conv", len(readers))
+            continue
+        weights = np.zeros((count, 1, K, K), np.float32)
+        weights[:, 0, dh:dh + kh, dw:dw + kw] = 1.0 / (kh * kw)
         pool.outputs.clear()
         pool.inputs.clear()
         conv = conv_node(graph, derived_node_name(pool, AVERAGE_RULE), x, weights, out,
@@ -141,6 +163,22 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
     if skipped:
         result.details["skipped"] = skipped
     return result
+
+
+def _pointwise_readers(tensor: gs.Tensor, graph: gs.Graph) -> list[gs.Node]:
+    """The readers of ``tensor`` when every one is a 1x1, stride-1, unpadded, ungrouped Conv with constant
+    weights reading it as its data input (else [])."""
+
+    readers = list(tensor.outputs)
+    if not readers or is_graph_output(graph, tensor):
+        return []
+    for conv in readers:
+        attrs = conv_attrs(conv) if conv.op == "Conv" and conv.inputs[0] is tensor else None
+        if attrs is None or attrs[0] != (1, 1) or attrs[1] != (1, 1) or any(attrs[2]) or any(d != 1 for d in attrs[3]):
+            return []
+        if int(conv.attrs.get("group", 1)) != 1:
+            return []
+    return readers
 
 
 def _pool_host(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:

@@ -232,9 +232,10 @@ def emit_segments(
             failed = exc.segment if isinstance(exc, _SegmentRefused) else None
             if failed is None or not request.partition:
                 raise exc.cause if isinstance(exc, _SegmentRefused) else exc
-            # move the nodes the backend named (its first failure); a refusal naming none moves the segment
+            # move the first node the backend named (the root of its failure: what follows it may well
+            # compile once it runs on the host); a refusal naming none moves the whole segment
             named = [n for d in exc.diagnostics for n in d.nodes if n in failed.nodes]
-            moved = list(dict.fromkeys(named)) or failed.nodes
+            moved = named[:1] or failed.nodes
             reason = f"the {request.target} backend refused it: {exc.message}"
             host_nodes.update({name: reason for name in moved})
             refusals.append(Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved "

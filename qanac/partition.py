@@ -10,8 +10,9 @@ Planning (``plan_segments``):
 2. Nodes are visited in topological order and cut into maximal runs of one placement.
 3. A device run below ``min_device_share`` of the model's MACs (e.g. the 1x1 convs inside an SE gate)
    costs two transfers for next to no compute: it joins the host.
-4. A device run with other than one input and one output tensor cannot be one device model: it joins
-   the host, with the reason.
+4. A device run with other than one input and one output tensor cannot be one device model: its
+   contiguous part (in topological order) with one input and one output tensor and the most MACs stays
+   on the device, the rest joins the host, with the reason.
 Neighbouring host runs are merged after each step. ``compile_model`` then compiles each device segment;
 one the backend refuses (UnsupportedModelError) is moved to the host with the backend's reason, and
 planning repeats. Every move is reported as a diagnostic (code PART001/PART002/PART003).
@@ -34,6 +35,7 @@ from qanac.model_summary import macs_by_node
 DEVICE = "device"
 HOST = "host"
 DEFAULT_MIN_DEVICE_SHARE = 0.01
+FULL_SEARCH_NODES = 120  # longer runs: only their prefixes and suffixes are tried as single-tensor parts
 
 
 @dataclasses.dataclass
@@ -94,6 +96,26 @@ def _boundaries(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> tuple[li
     return inputs, outputs
 
 
+def _largest_single_tensor_part(model: onnx.ModelProto, run: list[onnx.NodeProto],
+                                macs: dict[str, int]) -> tuple[int, int] | None:
+    """(first, last) index of the contiguous part of ``run`` with one input and one output tensor and the
+    most MACs (at least one), or None."""
+
+    n = len(run)
+    cumulative = np.concatenate([[0], np.cumsum([macs.get(node.name, 0) for node in run])])
+    if n <= FULL_SEARCH_NODES:
+        candidates = [(i, j) for i in range(n) for j in range(i, n)]
+    else:
+        candidates = [(0, j) for j in range(n)] + [(i, n - 1) for i in range(1, n)]
+    candidates = [c for c in candidates if c != (0, n - 1) and cumulative[c[1] + 1] > cumulative[c[0]]]
+    candidates.sort(key=lambda c: (-(cumulative[c[1] + 1] - cumulative[c[0]]), c[0] - c[1]))  # longer on ties
+    for first, last in candidates:
+        inputs, outputs = _boundaries(model, run[first:last + 1])
+        if len(inputs) == 1 and len(outputs) == 1:
+            return first, last
+    return None
+
+
 def plan_segments(
     model: onnx.ModelProto,
     host_nodes: dict[str, str],
@@ -127,8 +149,13 @@ def plan_segments(
                           f"worth its transfers (--min-device-share {min_device_share})")
                 code = "PART002"
             elif len(inputs) != 1 or len(outputs) != 1:
+                kept = _largest_single_tensor_part(model, run, macs)
                 reason = (f"a device segment needs one input and one output tensor; these nodes would need "
                           f"inputs {inputs} and outputs {outputs}")
+                if kept is not None:
+                    reason += (f"; the part from '{run[kept[0]].name}' to '{run[kept[1]].name}' has one of each "
+                               f"and stays on the device")
+                    run = run[:kept[0]] + run[kept[1] + 1:]
                 code = "PART003"
             if reason is not None:
                 for n in run:

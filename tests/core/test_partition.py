@@ -59,13 +59,28 @@ def test_small_device_segments_join_the_host():
     assert kinds.count(DEVICE) <= 1 and any(d.code == "PART002" for d in plan.diagnostics)
 
 
-def test_a_run_with_two_outputs_goes_to_the_host():
+def test_a_run_with_two_outputs_keeps_its_largest_single_tensor_part():
     # only the Mul on the host: conv1/relu1's output then feeds the sigmoid on the device and the mul on
-    # the host, and the device run {conv1, relu1, sigmoid} would need two output tensors
+    # the host, and the device run {conv1, relu1, sigmoid} would need two output tensors; {conv1, relu1}
+    # has one input and one output and holds the run's MACs, so only the sigmoid moves
     plan = plan_segments(chain(), {"mul": "AKD103"})
-    first = plan.segments[0]
-    assert first.kind == HOST and "conv1" in first.nodes
-    assert any(d.code == "PART003" for d in plan.diagnostics)
+    assert [(s.kind, s.nodes) for s in plan.segments] == [
+        (DEVICE, ["conv1", "relu1"]), (HOST, ["sigmoid", "mul"]), (DEVICE, ["conv2", "relu2"])]
+    part003 = [d for d in plan.diagnostics if d.code == "PART003"]
+    assert len(part003) == 1 and part003[0].nodes == ["sigmoid"]
+    assert "from 'conv1' to 'relu1' has one of each and stays on the device" in part003[0].message
+
+
+def test_the_part_with_most_macs_is_kept():
+    # no gate, but relu1's output r1 is also a graph output: {conv1 .. relu2} writes r1 and y; the
+    # single-tensor parts are conv1..relu1 (x -> r1) and conv2..relu2 (r1 -> y), with equal MACs: the
+    # first found of the largest is kept, the other runs on the host
+    model = chain(gate=False)
+    model.graph.output.append(helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, ["N", 4, 8, 8]))
+    plan = plan_segments(model, {})
+    assert [s.kind for s in plan.segments].count(DEVICE) == 1
+    device = next(s for s in plan.segments if s.kind == DEVICE)
+    assert len(device.inputs) == 1 and len(device.outputs) == 1 and device.macs * 2 == plan.total_macs
 
 
 def test_identity_input_layer_is_exact_and_only_when_needed():

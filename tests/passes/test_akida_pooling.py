@@ -201,3 +201,33 @@ def test_global_pool_left_alone(stem, reason):
     compiled, counts, details = rewrite(model([GAP], stem=stem), "stage-global-average-pool")
     assert counts == {}
     assert details.get("skipped", {}).get("globalaveragepool") == reason
+
+
+def test_average_pool_read_by_pointwise_convs_folds_into_them():
+    """A residual block's hand-over: 2x2/2 average pooling read by two 1x1 Convs becomes two 3x3/2 Convs."""
+
+    rng = np.random.default_rng(3)
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1)), "pb": rng.normal(size=(8, C, 1, 1)),
+             "bb": rng.normal(size=8)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["a"], name="act"),
+        helper.make_node("AveragePool", ["a"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "pa"], ["ya"], name="primary"),
+        helper.make_node("Conv", ["p", "pb", "bb"], ["yb"], name="projection"),
+    ]
+    graph = helper.make_graph(
+        nodes, "fold", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, 8, 8])],
+        [helper.make_tensor_value_info("ya", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("yb", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    compiled, counts, _ = rewrite(original, "average-pool-to-depthwise")
+    assert counts == {"fold-average-pool-into-pointwise-conv": 2}
+    assert "AveragePool" not in ops(compiled) and ops(compiled).count("Conv") == 3
+    for name in ("primary", "projection"):
+        conv = next(n for n in compiled.graph.nodes if n.name.startswith(name))
+        assert conv.attrs["kernel_shape"] == [3, 3] and conv.attrs["strides"] == [2, 2]
+        assert conv.attrs["pads"] == [0, 0, 1, 1] and conv.inputs[0].name == "a"
+
