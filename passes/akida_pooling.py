@@ -21,9 +21,18 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_GAP_PIXELS, STRIDE2_KERNELS, is_depthwise
+from qanac.akida_rules import (
+    ACTIVATIONS,
+    DEPTHWISE_KERNELS,
+    MAX_GAP_PIXELS,
+    STRIDE2_KERNELS,
+    fused_chain,
+    is_depthwise,
+    maxpool_last_in_sequence,
+)
 from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
-from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of
+from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of, replace_uses
+from qanac.lint import LintContext
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.passes._akida_layers import (
@@ -42,6 +51,7 @@ from qanac.passes._rewrite import derived_node_name, new_constant, node_label
 AVERAGE_RULE = "average-pool-to-depthwise"
 MAXPOOL_RULE = "split-padded-maxpool"
 GAP_RULE = "stage-global-average-pool"
+FEED_RULE = "identity-conv-after-maxpool"
 # Layers after which a global pooling can be fused once an identity convolution is put between.
 GAP_SOURCES = ("Conv", "ConvTranspose", "Add", "Concat", "MaxPool")
 SHARED_REASON = (
@@ -381,4 +391,44 @@ def stage_global_average_pool(model: CompilationModel, ctx: PassContext) -> Pass
         result.details.setdefault("staged", {})[node_label(gap)] = f"{problem}: {stage} halving stage(s)"
     if skipped:
         result.details["skipped"] = skipped
+    return result
+
+
+@register_pass(FEED_RULE, targets=["akida"])
+def identity_conv_after_maxpool(model: CompilationModel, ctx: PassContext) -> PassResult:
+    """Let a Conv with max pooling feed a convolution, as Akida requires, by putting a 1x1 identity Conv
+    after its layer when anything else reads it (exact).
+
+    akida's map() puts a layer with max pooling in software when it is the last of its sequence ("A layer
+    with max pooling cannot be the last layer of a sequence."): when its output goes to a residual Add, a
+    Flatten and dense layer, or the model output (lint AKD204). The identity Conv (weights the identity
+    matrix, no bias, no activation) is read in their place; its C*C MACs per pixel are the price. ResNet's
+    stem (Conv, ReLU, MaxPool(3, 2, 1), split by split-padded-maxpool, feeding the first residual block)
+    is the common case.
+    """
+
+    result = PassResult()
+    graph = model.graph
+    ctx_lint = LintContext(graph)
+    for conv in nodes_of(graph, ["Conv"]):
+        if maxpool_last_in_sequence(conv, ctx_lint) is None:
+            continue
+        last = fused_chain(conv)[-1]
+        out = last.outputs[0]
+        count = channels(out)
+        if count is None or spatial_size(out) is None:
+            result.details.setdefault("skipped", {})[node_label(conv)] = "output shape unknown (run infer-shapes)"
+            continue
+        name = derived_node_name(last, FEED_RULE)
+        fed = shaped_like(graph, f"{name}/out", out, (count, *spatial_size(out)))
+        replace_uses(out, fed)
+        identity = conv_node(graph, name, out, identity_pointwise_weights(count), fed)
+        outputs = graph.outputs
+        if any(t is out for t in outputs):
+            graph.outputs = [fed if t is out else t for t in outputs]
+            fed.name, out.name = out.name, f"{out.name}::{FEED_RULE}"
+        model.record(identity, FEED_RULE)
+        result.count(FEED_RULE)
+    if result.counts:
+        graph.toposort()
     return result

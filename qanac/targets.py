@@ -43,6 +43,7 @@ AKIDA_LEGALIZE: tuple[str, ...] = (
     "strided-conv-to-stride1",
     "average-pool-to-depthwise",
     "split-padded-maxpool",
+    "identity-conv-after-maxpool",
     "stage-global-average-pool",
 )
 # Approximations that act on the legalized graph (after every exact rewrite).

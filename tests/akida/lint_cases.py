@@ -70,7 +70,7 @@ CASES = {
     "batchnorm_first_unfolded": (lambda: S(nn.BatchNorm2d(3), *stem(), *cbr(16, 32), *head(32)), {"AKD110"}),
     "input_conv_gap": (lambda: S(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), *head(16)), {"AKD111", "AKD115", "AKD202"}),
     "average_pool": (lambda: S(*stem(), *cbr(16, 32), nn.AvgPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD112"}),
-    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113", "AKD204"}),
+    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113"}),
     "conv_pads_2": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 2), nn.ReLU(), *head(32)), {"AKD115"}),
     "zero_pad_before_conv": (lambda: S(*stem(), nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(16, 32, 3, 2, 0), nn.ReLU(),
                                        *cbr(32, 32), *head(32)), set()),  # fuse-pad-into-conv
@@ -101,6 +101,7 @@ FIXED_BY_PASS = {
     "gap_after_maxpool": "stage-global-average-pool",
     "gap_too_large": "stage-global-average-pool",
     "gap_after_strided_conv": "stage-global-average-pool",
+    "maxpool_before_dense": "identity-conv-after-maxpool",
 }
 DISABLED_PASSES = {case: frozenset({name}) for case, name in FIXED_BY_PASS.items()}
 CASES.update({f"{case}+{name}": (CASES[case][0], set()) for case, name in FIXED_BY_PASS.items()})

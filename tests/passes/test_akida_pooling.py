@@ -231,3 +231,35 @@ def test_average_pool_read_by_pointwise_convs_folds_into_them():
         assert conv.attrs["kernel_shape"] == [3, 3] and conv.attrs["strides"] == [2, 2]
         assert conv.attrs["pads"] == [0, 0, 1, 1] and conv.inputs[0].name == "a"
 
+
+
+# --- identity-conv-after-maxpool -------------------------------------------------------------------------
+
+MAXPOOL = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
+
+
+def test_maxpool_layer_feeding_the_output_gets_an_identity_conv():
+    compiled, counts, _ = rewrite(model([MAXPOOL, ("Relu", {})], stem="none"), "identity-conv-after-maxpool")
+    assert counts == {"identity-conv-after-maxpool": 1}
+    assert ops(compiled)[-1] == "Conv" and compiled.graph.outputs[0].name == "y"
+    identity = compiled.graph.nodes[-1]
+    np.testing.assert_array_equal(identity.inputs[1].values[:, :, 0, 0], np.eye(C))
+
+
+def test_maxpool_layer_feeding_only_convs_is_left():
+    rng = np.random.default_rng(4)
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "w1": rng.normal(size=(C, C, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Relu", ["p"], ["a"], name="act"),
+        helper.make_node("Conv", ["a", "w1"], ["y"], name="next"),
+    ]
+    graph = helper.make_graph(
+        nodes, "fed", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    compiled, counts, _ = rewrite(original, "identity-conv-after-maxpool")
+    assert counts == {} and ops(compiled) == ["Conv", "MaxPool", "Relu", "Conv"]
