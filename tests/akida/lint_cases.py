@@ -65,6 +65,8 @@ CASES = {
     "grouped_conv": (lambda: S(*stem(), *cbr(16, 32, g=4), *head(32)), {"AKD105"}),
     "dilated_conv": (lambda: S(*stem(), *cbr(16, 32, d=2), *head(32)), {"AKD106"}),
     "stride2_kernel5": (lambda: S(*stem(), *cbr(16, 32, 5, 2), *cbr(32, 32), *head(32)), {"AKD107"}),
+    "depthwise_5x5_stride2": (lambda: S(*stem(), *cbr(16, 16, 5, 2, g=16), *cbr(16, 32, 1), *cbr(32, 32), *head(32)),
+                              set()),
     "even_kernel": (lambda: S(*stem(), *cbr(16, 32, 2, 1, p=0), *head(32)), {"AKD108"}),
     "maxpool_padded": (lambda: S(*stem(), *cbr(16, 32), nn.MaxPool2d(3, 2, 1), *cbr(32, 32), *head(32)), {"AKD109"}),
     "batchnorm_first_unfolded": (lambda: S(nn.BatchNorm2d(3), *stem(), *cbr(16, 32), *head(32)), {"AKD110"}),
