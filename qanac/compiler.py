@@ -215,6 +215,44 @@ def emit_segments(
 
     host_nodes = dict(host_nodes)
     refusals: list[Diagnostic] = []
+    # device segments already compiled in an earlier attempt (same nodes, same float inputs): reused
+    cache = _SegmentCache(stage / ".compiled-segments")
+    try:
+        return _emit_until_accepted(final, host_nodes, refusals, calibration, backend, request, stage, cache)
+    finally:
+        shutil.rmtree(cache.root, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class _SegmentCache:
+    """Emitted device segments by their node names, with a copy of their files."""
+
+    root: Path
+    entries: dict[tuple[str, ...], tuple[Path, Any]] = dataclasses.field(default_factory=dict)
+
+    def restore(self, segment: Segment, folder: Path) -> Any | None:
+        hit = self.entries.get(tuple(segment.nodes))
+        if hit is None:
+            return None
+        shutil.copytree(hit[0], folder, dirs_exist_ok=True)
+        return hit[1]
+
+    def store(self, segment: Segment, folder: Path, emitted: Any) -> None:
+        kept = self.root / str(len(self.entries))
+        shutil.copytree(folder, kept)
+        self.entries[tuple(segment.nodes)] = (kept, emitted)
+
+
+def _emit_until_accepted(
+    final: onnx.ModelProto,
+    host_nodes: dict[str, str],
+    refusals: list[Diagnostic],
+    calibration: CalibrationData,
+    backend: Any,
+    request: CompileRequest,
+    stage: Path,
+    cache: _SegmentCache,
+) -> EmittedSegments:
     for attempt in range(len(final.graph.node) + 1):
         plan = plan_segments(final, host_nodes, request.min_device_share)
         if not any(s.kind == DEVICE for s in plan.segments):
@@ -226,7 +264,7 @@ def emit_segments(
         scratch = stage / f".attempt{attempt}"
         scratch.mkdir()
         try:
-            result = _emit_plan(plan, final, calibration, backend, request, scratch)
+            result = _emit_plan(plan, final, calibration, backend, request, scratch, cache)
         except UnsupportedModelError as exc:
             shutil.rmtree(scratch)
             failed = exc.segment if isinstance(exc, _SegmentRefused) else None
@@ -263,6 +301,7 @@ def _emit_plan(
     backend: Any,
     request: CompileRequest,
     out: Path,
+    cache: _SegmentCache,
 ) -> EmittedSegments:
     single = len(plan.segments) == 1
     device_inputs = [s.inputs[0] for s in plan.segments if s.kind == DEVICE]
@@ -291,10 +330,13 @@ def _emit_plan(
                 calibration, arrays={segment.inputs[0]: samples[segment.inputs[0]]}, raw=None,
                 source=f"{calibration.source} (float activations at '{segment.inputs[0]}')",
             )
-            try:
-                emitted = backend.emit(model, data, request.backend_options, out / folder)
-            except UnsupportedModelError as exc:
-                raise _SegmentRefused(segment, exc) from exc
+            emitted = cache.restore(segment, out / folder)
+            if emitted is None:
+                try:
+                    emitted = backend.emit(model, data, request.backend_options, out / folder)
+                except UnsupportedModelError as exc:
+                    raise _SegmentRefused(segment, exc) from exc
+                cache.store(segment, out / folder, emitted)
             entry.update(target=request.target, files=dict(emitted.files), variants=list(backend.variants),
                          **emitted.manifest)
             device_manifest = device_manifest or dict(emitted.manifest)
