@@ -41,7 +41,8 @@ class RefusingBackend:
         self.calls: list[tuple[str, ...]] = []
 
     def emit(self, model: onnx.ModelProto, data, options, folder: Path) -> EmitResult:
-        names = tuple(n.name for n in model.graph.node)
+        # (a segment starting at a 4-channel conv gets an identity input layer: not the test's concern)
+        names = tuple(n.name for n in model.graph.node if not n.name.endswith("::identity-input"))
         self.calls.append(names)
         bad = [n for n in names if n in self.refused]
         if bad:

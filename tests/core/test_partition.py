@@ -8,7 +8,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qanac.execution import run_onnx
-from qanac.partition import DEVICE, HOST, extract_segment, plan_segments, with_single_reader_input
+from qanac.partition import DEVICE, HOST, extract_segment, plan_segments, with_identity_input_layer
 
 
 def chain(gate: bool = True) -> onnx.ModelProto:
@@ -84,14 +84,24 @@ def test_the_part_with_most_macs_is_kept():
 
 
 def test_identity_input_layer_is_exact_and_only_when_needed():
-    model = chain(gate=False)
-    same, inserted = with_single_reader_input(model)
-    assert not inserted and same is model
+    # a depthwise first layer reads any channel count: nothing to add
+    depthwise_first = chain(gate=False)
+    conv1 = depthwise_first.graph.node[0]
+    conv1.attribute.append(helper.make_attribute("group", 4))
+    weights = next(i for i in depthwise_first.graph.initializer if i.name == "w1")
+    weights.CopyFrom(numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w1"))
+    same, inserted = with_identity_input_layer(depthwise_first)
+    assert not inserted and same is depthwise_first
+    # a standard conv over 4 channels would become an image input layer (1 or 3 channels only)
+    wide, inserted = with_identity_input_layer(chain(gate=False))
+    assert inserted and wide.graph.node[0].name.endswith("::identity-input")
+    data = {"x": np.random.default_rng(3).normal(size=(2, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_onnx(wide, data)[0], run_onnx(chain(gate=False), data)[0], rtol=1e-6, atol=1e-6)
     two_readers = chain(gate=True)  # x feeds conv1 only; make relu1's output the input of a segment
     plan = plan_segments(two_readers, {"conv1": "test", "relu1": "test"}, min_device_share=0.0)
     segment = next(s for s in plan.segments if s.kind == DEVICE)
     sub = extract_segment(two_readers, segment)
-    fixed, inserted = with_single_reader_input(sub)
+    fixed, inserted = with_identity_input_layer(sub)
     assert inserted and [n.op_type for n in fixed.graph.node][0] == "Conv"
     assert sum(segment.inputs[0] in n.input for n in fixed.graph.node) == 1
     data = {segment.inputs[0]: np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)}
