@@ -1,9 +1,10 @@
 """Benchmark: which standard CNNs reach Akida through qanac, and what plain MetaTF does with the same ONNX.
 
-For a fixed set of architectures built in code (torchvision / timm definitions, never pretrained weights;
-the QANA paper net from qanac.zoo), each model is briefly trained (40 Adam steps of 32 images by default) on scikit-learn's digits (8x8 images
-bilinearly upsampled to SIZE x SIZE, repeated to 3 channels; input in [0, 1]), exported to ONNX
-(opset 17, eval mode, dynamo=False), and then
+Each of a fixed set of architectures built in code (torchvision / timm definitions, never pretrained
+weights; the QANA paper net from qanac.zoo) gets random weights, BatchNorm statistics and a ridge-fitted
+classifier on scikit-learn's digits (8x8 images bilinearly upsampled to SIZE x SIZE, repeated to 3
+channels; input in [0, 1]; optionally --steps Adam steps first), so that its predictions have real
+margins; it is exported to ONNX (opset 17, eval mode, dynamo=False), and then
 
   (a) compiled by qanac for Akida (``compile_model``, default device SixNodesIPv2, host partitioning on):
       exit status, segments, share of MACs on the device hardware, top-1 agreement of the whole bundle
@@ -13,12 +14,12 @@ bilinearly upsampled to SIZE x SIZE, repeated to 3 channels; input in [0, 1]), e
       the quantizeml/cnn2snn warnings and the node where conversion stopped), and, when it converts,
       the share of MACs in Hardware sequences on SixNodesIPv2 (``model.map(device, hw_only=False)``).
 
-Data (seeded, the same for every model): calibration = 64 images of the training split, held-out = 128
-images of the test split (disjoint); training = the rest of the training split. Every model runs in its
+Data (seeded, the same for every model, disjoint sets): 64 calibration images, 128 held-out images, the
+other 1605 for the weights (256 of them for BatchNorm statistics and the readout). Every model runs in its
 own subprocess, so one crash or hang does not stop the table.
 
     python bench/akida_coverage.py [--models resnet18,qana] [--size 64] [--out coverage.json]
-                                   [--steps 40] [--timeout 1800] [--workdir DIR]
+                                   [--steps 0] [--timeout 1800] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 NUM_CLASSES = 10
 CALIB_SAMPLES = 64
 HELDOUT_SAMPLES = 128
+FIT_SAMPLES = 256
 SEED = 0
 _TRUNCATION_MARKERS = ("not quantized", "Conversion stops")
 
@@ -105,6 +107,10 @@ MODELS: dict[str, tuple[Callable[[int], Any], str]] = {
     "squeezenet1_1": (_squeezenet1_1, "torchvision squeezenet1_1"),
     "qana": (_qana, "qanac.zoo QANA paper variant (Ghost, sigmoid spatial gate, SE, 2x2 avgpool)"),
 }
+# extra rows: a model of MODELS compiled with opt-in approximations (--approx)
+APPROXIMATED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qana+attention-freeze": ("qana", ("attention-freeze",)),
+}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -130,8 +136,16 @@ def make_data(size: int, seed: int = SEED) -> dict[str, np.ndarray]:
     }
 
 
-def train_briefly(model, data: dict[str, np.ndarray], steps: int, seed: int = SEED) -> dict[str, Any]:
-    """``steps`` Adam steps (batch 32) on the digits; 0: random weights with BN statistics of the training images."""
+def set_weights(model, data: dict[str, np.ndarray], steps: int, seed: int = SEED) -> dict[str, Any]:
+    """Give a randomly initialised model predictions with real margins, cheaply (2 cores).
+
+    1. optionally ``steps`` Adam steps (batch 32) on the training images;
+    2. BatchNorm statistics recomputed on 256 training images (cumulative average), so that eval-mode
+       activations are well scaled;
+    3. the classifier (the last Linear, or SqueezeNet's final 1x1 conv) refitted in closed form by ridge
+       regression of one-hot targets on its input features over the same 256 images: a random-feature
+       classifier of the digits.
+    """
 
     import torch
 
@@ -139,12 +153,8 @@ def train_briefly(model, data: dict[str, np.ndarray], steps: int, seed: int = SE
     x = torch.from_numpy(data["train_x"].astype(np.float32) / 255.0)
     y = torch.from_numpy(data["train_y"])
     started = time.perf_counter()
-    model.train()
-    if steps == 0:
-        with torch.no_grad():
-            for start in range(0, len(x), 64):
-                model(x[start:start + 64])
-    else:
+    if steps:
+        model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(seed)
         batches: list = []
@@ -152,14 +162,45 @@ def train_briefly(model, data: dict[str, np.ndarray], steps: int, seed: int = SE
             batches.extend(b for b in torch.randperm(len(x), generator=generator).split(32) if len(b) == 32)
         for batch in batches[:steps]:
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-            loss.backward()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
+    fit_x, fit_y = x[:FIT_SAMPLES], y[:FIT_SAMPLES]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in fit_x.split(64):
+            model(batch)
     model.eval()
+    classifier = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    features: list = []
+    handle = classifier.register_forward_hook(lambda m, inputs, out: features.append(inputs[0].detach()))
+    with torch.no_grad():
+        for batch in fit_x.split(64):
+            model(batch)
+    handle.remove()
+    f = torch.cat(features)
+    if f.ndim == 4:  # a 1x1 conv classifier (SqueezeNet): fit on the spatially averaged features
+        f = f.mean(dim=(2, 3))
+    f = torch.cat([f, torch.ones(len(f), 1)], dim=1).double()
+    targets = torch.nn.functional.one_hot(fit_y, NUM_CLASSES).double() * 4.0
+    gram = f.T @ f
+    ridge = 1e-2 * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    solution = torch.linalg.solve(gram + ridge, f.T @ targets)  # (features + 1, classes)
+    with torch.no_grad():
+        weight = solution[:-1].T.float()
+        classifier.weight.copy_(weight.reshape(classifier.weight.shape))
+        if classifier.bias is not None:
+            classifier.bias.copy_(solution[-1].float())
     with torch.no_grad():
         test = torch.from_numpy(data["test_x"].astype(np.float32) / 255.0)
-        accuracy = float((model(test).argmax(1).numpy() == data["test_y"]).mean())
-    return {"steps": steps, "seconds": time.perf_counter() - started, "float_test_accuracy": accuracy}
+        predictions = model(test).argmax(1).numpy()
+    return {"steps": steps, "bn_layers": len(norms), "readout": type(classifier).__name__,
+            "seconds": time.perf_counter() - started,
+            "float_test_accuracy": float((predictions == data["test_y"]).mean()),
+            "float_distinct_predictions": int(len(np.unique(predictions)))}
 
 
 def export(model, size: int, path: Path) -> None:
@@ -196,7 +237,8 @@ def count_params_macs(model, size: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- qanac
 
 
-def run_qanac(onnx_path: Path, calib: Path, heldout: Path, out: Path) -> dict[str, Any]:
+def run_qanac(onnx_path: Path, calib: Path, heldout: Path, out: Path,
+              approximations: tuple[str, ...] = ()) -> dict[str, Any]:
     from qanac.bundle import Bundle
     from qanac.compare import Thresholds
     from qanac.compiler import CompileRequest, compile_model
@@ -208,7 +250,8 @@ def run_qanac(onnx_path: Path, calib: Path, heldout: Path, out: Path) -> dict[st
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             compiled = compile_model(CompileRequest(source=str(onnx_path), target="akida", calibration=str(calib),
-                                                    output=out, force=True))
+                                                    output=out, force=True,
+                                                    approximations=frozenset(approximations)))
     except QanacError as exc:
         result.update(status=exc.exit_code, error=_first_line(exc.message),
                       diagnostics=[f"{d.code} {d.nodes[:1]} {_first_line(d.message)}"
@@ -225,6 +268,10 @@ def run_qanac(onnx_path: Path, calib: Path, heldout: Path, out: Path) -> dict[st
     manifest, report = compiled.manifest, compiled.report
     segments = manifest.get("segments") or [{"kind": "device"}]
     result["segments"] = len(segments)
+    result["rewrites"] = {entry["pass"]: entry["counts"] for entry in manifest.get("passes_applied", [])
+                          if entry["pass"] in REWRITE_PASSES}
+    result["approximation_change"] = {entry["pass"]: entry["max_abs_change"] for entry in
+                                      manifest.get("passes_applied", []) if not entry.get("exact", True)}
     result["segment_kinds"] = [s.get("kind") for s in segments]
     partition = report.get("partition") or {}
     if "backend" in report:
@@ -252,6 +299,14 @@ def run_qanac(onnx_path: Path, calib: Path, heldout: Path, out: Path) -> dict[st
         result["verify_error"] = f"crash {type(exc).__name__}: {_first_line(str(exc))}"
         result["verify_traceback"] = traceback.format_exc(limit=-6)
     return result
+
+
+# the rewrites the table reports (canonicalization bookkeeping such as infer-shapes is left out)
+REWRITE_PASSES = (
+    "fold-batchnorm-into-conv", "batchnorm-to-affine", "fuse-pad-into-conv", "attention-freeze", "scale-to-depthwise",
+    "dilated-conv-to-dense", "grouped-conv-to-dense", "even-kernel-to-odd", "strided-conv-to-stride1",
+    "average-pool-to-depthwise", "split-padded-maxpool", "stage-global-average-pool", "bound-relu",
+)
 
 
 # ---------------------------------------------------------------------------------------- plain MetaTF
@@ -316,7 +371,10 @@ def run_one(name: str, size: int, steps: int, workdir: Path) -> dict[str, Any]:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     torch.manual_seed(SEED)
-    factory, description = MODELS[name]
+    base, approximations = APPROXIMATED.get(name, (name, ()))
+    factory, description = MODELS[base]
+    if approximations:
+        description += f", with --approx {','.join(approximations)}"
     record: dict[str, Any] = {"model": name, "description": description, "size": size}
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -328,7 +386,7 @@ def run_one(name: str, size: int, steps: int, workdir: Path) -> dict[str, Any]:
 
     model = factory(size)
     record.update(count_params_macs(model, size))
-    record["training"] = train_briefly(model, data, steps)
+    record["weights"] = set_weights(model, data, steps)
     onnx_path = folder / f"{name}.onnx"
     export(model, size, onnx_path)
 
@@ -339,7 +397,7 @@ def run_one(name: str, size: int, steps: int, workdir: Path) -> dict[str, Any]:
         import cnn2snn  # noqa: F401
         import quantizeml.models  # noqa: F401
 
-    record["qanac"] = run_qanac(onnx_path, calib, heldout, folder / "bundle")
+    record["qanac"] = run_qanac(onnx_path, calib, heldout, folder / "bundle", approximations)
     samples = (data["calib_x"].astype(np.float32) / np.float32(255.0))
     try:
         record["metatf"] = run_plain_metatf(onnx_path, samples)
@@ -401,6 +459,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
     notes = []
     for r in records:
         q = r.get("qanac", {})
+        fired = ", ".join(f"{name} {sum(counts.values())}" for name, counts in q.get("rewrites", {}).items()
+                          if sum(counts.values()))
+        if fired:
+            notes.append(f"{r['model']}: rewrites: {fired}")
         if q.get("status") not in (0, None):
             notes.append(f"{r['model']}: qanac {('exit ' + str(q['status'])) if q['status'] != 'crash' else 'CRASH'}: "
                          f"{q.get('error', '')}")
@@ -416,9 +478,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
+    choices = [*MODELS, *APPROXIMATED]
+    parser.add_argument("--models", default=",".join(choices), help=f"comma-separated, from: {', '.join(choices)}")
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps (batch 32) on digits; 0: random weights")
+    parser.add_argument("--steps", type=int, default=0, help="Adam steps (batch 32) on digits before the readout fit")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--workdir", type=Path, default=None, help="ONNX files and bundles (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
@@ -432,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in choices]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(choices)}")
     started = time.perf_counter()
     records = []
     for name in names:
@@ -460,8 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         records.append(record)
         print(f"[{name}] done in {record['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     total = time.perf_counter() - started
+    trained = f" after {args.steps} Adam steps" if args.steps else ""
     print(f"Akida coverage, input 3x{args.size}x{args.size}, digits ({CALIB_SAMPLES} calibration, "
-          f"{HELDOUT_SAMPLES} held-out images), {args.steps} training steps of 32, device SixNodesIPv2")
+          f"{HELDOUT_SAMPLES} held-out images), random weights + BN statistics + ridge readout{trained}, "
+          f"device SixNodesIPv2")
     print(format_table(records))
     print(f"\ntotal {total:.0f} s; work files in {workdir}")
     if args.out:
