@@ -31,6 +31,7 @@ from qanac.akida_rules import (
     maxpool_last_in_sequence,
 )
 from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
+from qanac.diagnostics import Level
 from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of, replace_uses
 from qanac.lint import LintContext
 from qanac.pipeline import PassContext
@@ -119,7 +120,9 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
     when no window runs past the padding. When every reader of the pooling is a 1x1 stride-1 Conv, the
     pooling is folded into them instead: each becomes the K x K Conv with the pooling's stride, padding
     and window, weights w / (kh * kw) on the window's taps (a residual block's two 1x1 projections in
-    QANA). That costs K*K times the 1x1 Conv's MACs, but a separate depthwise layer after a residual Add
+    QANA), unless the pooled map comes from a node lint reports as an error (or one reading such a node:
+    a residual Add of an attention gate, say), which runs on the host, where the fold would only cost
+    MACs. The fold costs K*K times the 1x1 Conv's MACs, but a separate depthwise layer after a residual Add
     that feeds two branches makes akida's multi-pass mapping put the rest of the model in software
     ("Hardware partial reconfiguration with layers on the second branch is not supported.", measured on
     the QANA net with attention-freeze: 3 % of MACs on hardware; folded: 100 %, one sequence of passes).
@@ -130,6 +133,7 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
     result = PassResult()
     skipped: dict[str, str] = {}
     graph = model.graph
+    host_bound: set[str] | None = None  # computed when a fold is possible
     for pool in nodes_of(graph, ["AveragePool"]):
         x = pool.inputs[0]
         size, count = spatial_size(x), channels(x)
@@ -147,7 +151,9 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
         stride = _ints(pool, "strides", [1, 1])
         out = pool.outputs[0]
         readers = _pointwise_readers(out, graph)
-        if readers:
+        if readers and host_bound is None:
+            host_bound = _host_bound_nodes(model)
+        if readers and not _feeds_from(x, host_bound):
             for conv in readers:  # 1x1 conv of the average = K x K strided conv with the window masked in
                 pointwise = constant_value(conv.inputs[1]).astype(np.float32)
                 weights = np.zeros((*pointwise.shape[:2], K, K), np.float32)
@@ -173,6 +179,24 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
     if skipped:
         result.details["skipped"] = skipped
     return result
+
+
+def _host_bound_nodes(model: CompilationModel) -> set[str]:
+    """Nodes the akida lint rules report as errors: partitioning runs them on the host."""
+
+    from qanac.lint import lint_model
+    from qanac.targets import get_target
+
+    return {d.nodes[0] for d in lint_model(model, get_target("akida")) if d.level == Level.ERROR and d.nodes}
+
+
+def _feeds_from(tensor: gs.Tensor, nodes: set[str]) -> bool:
+    """Whether ``tensor``'s producer, or a producer of one of its inputs, is in ``nodes``."""
+
+    node = producer(tensor)
+    if node is None:
+        return False
+    return node.name in nodes or any((p := producer(t)) is not None and p.name in nodes for t in node.inputs)
 
 
 def _pointwise_readers(tensor: gs.Tensor, graph: gs.Graph) -> list[gs.Node]:

@@ -263,3 +263,31 @@ def test_maxpool_layer_feeding_only_convs_is_left():
     original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     compiled, counts, _ = rewrite(original, "identity-conv-after-maxpool")
     assert counts == {} and ops(compiled) == ["Conv", "MaxPool", "Relu", "Conv"]
+
+
+def test_average_pool_of_a_host_bound_map_is_not_folded():
+    """The pooled map is a residual Add of a sigmoid gate (AKD103, runs on the host): folding would only
+    multiply the host's MACs, so the pooling becomes a depthwise layer and the 1x1 Conv stays."""
+
+    rng = np.random.default_rng(5)
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1)), "wg": rng.normal(size=(C, C, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["a"], name="act"),
+        helper.make_node("Conv", ["a", "wg"], ["g"], name="gate_conv"),
+        helper.make_node("Sigmoid", ["g"], ["s"], name="gate"),
+        helper.make_node("Mul", ["a", "s"], ["m"], name="gated"),
+        helper.make_node("Add", ["m", "a"], ["t"], name="residual"),
+        helper.make_node("AveragePool", ["t"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "pa"], ["y"], name="primary"),
+    ]
+    graph = helper.make_graph(
+        nodes, "gated", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    compiled, counts, _ = rewrite(original, "average-pool-to-depthwise")
+    assert counts == {"average-pool-to-depthwise": 1}
+    primary = next(n for n in compiled.graph.nodes if n.name == "primary")
+    assert list(primary.inputs[1].shape) == [6, C, 1, 1]
