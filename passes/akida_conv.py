@@ -40,12 +40,20 @@ STRIDED_RULE = "strided-conv-to-stride1"
 SELECT_KERNEL = min(k for k in STRIDE2_KERNELS if k in DEPTHWISE_KERNELS)  # 3: a depthwise stride-2 kernel
 
 
-def _replace_weights(model: CompilationModel, conv: gs.Node, rule: str, weights: np.ndarray) -> None:
+def _replace_weights(model: CompilationModel, conv: gs.Node, rule: str, weights: np.ndarray,
+                     result: PassResult) -> None:
+    """Give ``conv`` the (dense, ungrouped or grown) ``weights``, count the rewrite, and note when the
+    result is too large for a CNP (it then converts but runs in software)."""
+
     name = derived_node_name(conv, rule)
     conv.inputs[1] = new_constant(model.graph, f"{name}/weight", weights)
     conv.attrs["kernel_shape"] = [int(weights.shape[2]), int(weights.shape[3])]
     conv.name = name
     model.record(conv, rule)
+    note = _cnp_note(conv, tuple(weights.shape[2:]), weights.shape[1] * int(conv.attrs.get("group", 1)))
+    if note:
+        result.details.setdefault("software", {})[conv.name] = note
+    result.count(rule)
 
 
 def _cnp_note(conv: gs.Node, kernel: tuple[int, int], in_channels: int) -> str | None:
@@ -85,11 +93,7 @@ def dilated_conv_to_dense(model: CompilationModel, ctx: PassContext) -> PassResu
         spread = np.zeros(weights.shape[:2] + dense, dtype=weights.dtype)
         spread[:, :, :: dilations[0], :: dilations[1]] = weights
         conv.attrs.pop("dilations", None)
-        _replace_weights(model, conv, DILATED_RULE, spread)
-        note = _cnp_note(conv, dense, weights.shape[1] * int(conv.attrs.get("group", 1)))
-        if note:
-            result.details.setdefault("software", {})[conv.name] = note
-        result.count(DILATED_RULE)
+        _replace_weights(model, conv, DILATED_RULE, spread, result)
     if skipped:
         result.details["skipped"] = skipped
     return result
@@ -123,11 +127,7 @@ def grouped_conv_to_dense(model: CompilationModel, ctx: PassContext) -> PassResu
         for j in range(group):
             dense[j * outs:(j + 1) * outs, j * per_group:(j + 1) * per_group] = weights[j * outs:(j + 1) * outs]
         conv.attrs["group"] = 1
-        _replace_weights(model, conv, GROUPED_RULE, dense)
-        note = _cnp_note(conv, tuple(weights.shape[2:]), per_group * group)
-        if note:
-            result.details.setdefault("software", {})[conv.name] = note
-        result.count(GROUPED_RULE)
+        _replace_weights(model, conv, GROUPED_RULE, dense, result)
     if skipped:
         result.details["skipped"] = skipped
     return result
@@ -182,8 +182,7 @@ def even_kernel_to_odd(model: CompilationModel, ctx: PassContext) -> PassResult:
         padded = np.zeros(weights.shape[:2] + odd, dtype=weights.dtype)
         padded[:, :, oh:oh + kernel[0], ow:ow + kernel[1]] = weights
         conv.attrs["pads"] = grown
-        _replace_weights(model, conv, EVEN_RULE, padded)
-        result.count(EVEN_RULE)
+        _replace_weights(model, conv, EVEN_RULE, padded, result)
     if skipped:
         result.details["skipped"] = skipped
     return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.helper
+import onnx.numpy_helper
 
 from qanac.calibration import CalibrationData, Preprocessing
 from qanac.compare import exact_tolerance
@@ -16,12 +18,36 @@ from tests.conftest import parse
 __all__ = [
     "apply_pass",
     "assert_outputs_equal",
+    "graph_model",
     "ops",
     "parse",
     "random_inputs",
+    "rewrite_and_compare",
     "run",
     "verify_pipeline",
 ]
+
+
+def graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], x_shape: list,
+                outputs: tuple[str, ...] = ("y",)) -> onnx.ModelProto:
+    """An opset-17 model with float input ``x`` of ``x_shape``, float ``weights`` and untyped outputs."""
+
+    graph = onnx.helper.make_graph(
+        nodes, "test", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+        [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
+def rewrite_and_compare(model: onnx.ModelProto, rule: str):
+    """Run infer-shapes and ``rule`` under --verify-each, then compare outputs on fresh inputs; returns
+    (compiled model, the rule's counts, its details)."""
+
+    compiled, report = verify_pipeline(model, ["infer-shapes", rule], random_inputs(model, seed=1))
+    assert_outputs_equal(model, compiled, random_inputs(model, seed=2))
+    totals = report.totals()[rule]
+    return compiled, totals["counts"], totals["details"]
 
 
 def apply_pass(model: onnx.ModelProto | CompilationModel, name: str) -> tuple[CompilationModel, PassResult]:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from tests.passes.rewrite_testing import assert_outputs_equal, random_inputs, verify_pipeline
+from tests.passes.rewrite_testing import graph_model, rewrite_and_compare
 
 
 def conv_model(c_in: int, c_out: int, kernel: int, size: int = 8, stem: bool = True, relu: bool = True,
@@ -27,21 +27,8 @@ def conv_model(c_in: int, c_out: int, kernel: int, size: int = 8, stem: bool = T
     nodes.append(helper.make_node("Conv", [x, "w", "b"], ["c" if relu else "y"], name="conv", **attrs))
     if relu:
         nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
-    graph = helper.make_graph(
-        nodes, "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c_in, size, size])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return graph_model(nodes, inits, ["N", c_in, size, size])
 
-
-def rewrite(model: onnx.ModelProto, rule: str):
-    """Run infer-shapes and ``rule`` under --verify-each, then compare outputs on fresh inputs."""
-
-    compiled, report = verify_pipeline(model, ["infer-shapes", rule], random_inputs(model, seed=1))
-    assert_outputs_equal(model, compiled, random_inputs(model, seed=2))
-    totals = report.totals()[rule]
-    return compiled, totals["counts"], totals["details"]
 
 
 def node(compiled, name: str):
@@ -54,7 +41,7 @@ def node(compiled, name: str):
 @pytest.mark.parametrize("group, dilation, dense", [(1, 2, 5), (4, 2, 5), (1, 3, 7)])
 def test_dilated_conv_becomes_dense_kernel(group, dilation, dense):
     model = conv_model(4, 4, 3, size=12, dilations=[dilation] * 2, pads=[dilation] * 4, group=group)
-    compiled, counts, _ = rewrite(model, "dilated-conv-to-dense")
+    compiled, counts, _ = rewrite_and_compare(model, "dilated-conv-to-dense")
     assert counts == {"dilated-conv-to-dense": 1}
     conv = node(compiled, "conv::dilated-conv-to-dense")
     weights = conv.inputs[1].values
@@ -67,7 +54,7 @@ def test_dilated_conv_becomes_dense_kernel(group, dilation, dense):
 
 def test_dilated_conv_larger_than_7x7_is_left():
     model = conv_model(4, 4, 3, size=12, dilations=[4, 4], pads=[4, 4, 4, 4])
-    compiled, counts, details = rewrite(model, "dilated-conv-to-dense")
+    compiled, counts, details = rewrite_and_compare(model, "dilated-conv-to-dense")
     assert counts == {}
     assert details["skipped"] == {"conv": "dense kernel 9x9 is larger than 7x7"}
     assert node(compiled, "conv").attrs["dilations"] == [4, 4]
@@ -78,7 +65,7 @@ def test_dilated_conv_larger_than_7x7_is_left():
 
 def test_grouped_conv_becomes_block_diagonal():
     model = conv_model(8, 12, 3, pads=[1, 1, 1, 1], group=4)
-    compiled, counts, _ = rewrite(model, "grouped-conv-to-dense")
+    compiled, counts, _ = rewrite_and_compare(model, "grouped-conv-to-dense")
     assert counts == {"grouped-conv-to-dense": 1}
     conv = node(compiled, "conv::grouped-conv-to-dense")
     weights = conv.inputs[1].values
@@ -90,7 +77,7 @@ def test_grouped_conv_becomes_block_diagonal():
 
 @pytest.mark.parametrize("group", [1, 8])
 def test_plain_and_depthwise_convs_are_left(group):
-    compiled, counts, _ = rewrite(conv_model(8, 8, 3, pads=[1, 1, 1, 1], group=group), "grouped-conv-to-dense")
+    compiled, counts, _ = rewrite_and_compare(conv_model(8, 8, 3, pads=[1, 1, 1, 1], group=group), "grouped-conv-to-dense")
     assert counts == {} and node(compiled, "conv").attrs["group"] == group
 
 
@@ -105,7 +92,7 @@ def test_plain_and_depthwise_convs_are_left(group):
 ])
 def test_even_kernel_grows_to_odd_with_accepted_pads(kernel, strides, pads, size, grown):
     model = conv_model(4, 4, kernel, size=size, strides=[strides] * 2, pads=pads)
-    compiled, counts, _ = rewrite(model, "even-kernel-to-odd")
+    compiled, counts, _ = rewrite_and_compare(model, "even-kernel-to-odd")
     assert counts == {"even-kernel-to-odd": 1}
     conv = node(compiled, "conv::even-kernel-to-odd")
     assert conv.inputs[1].values.shape[2:] == (kernel + 1, kernel + 1)
@@ -113,7 +100,7 @@ def test_even_kernel_grows_to_odd_with_accepted_pads(kernel, strides, pads, size
 
 
 def test_even_kernel_that_shrinks_the_map_by_one_is_left():
-    compiled, counts, details = rewrite(conv_model(4, 4, 2, pads=[0, 0, 0, 0]), "even-kernel-to-odd")
+    compiled, counts, details = rewrite_and_compare(conv_model(4, 4, 2, pads=[0, 0, 0, 0]), "even-kernel-to-odd")
     assert counts == {}
     assert "needs one-sided pads" in details["skipped"]["conv"]
     assert node(compiled, "conv").inputs[1].values.shape[2:] == (2, 2)
@@ -130,7 +117,7 @@ def test_even_kernel_that_shrinks_the_map_by_one_is_left():
 ])
 def test_stride2_conv_becomes_stride1_and_selection(kernel, pads, size, relu):
     model = conv_model(4, 6, kernel, size=size, relu=relu, strides=[2, 2], pads=pads)
-    compiled, counts, _ = rewrite(model, "strided-conv-to-stride1")
+    compiled, counts, _ = rewrite_and_compare(model, "strided-conv-to-stride1")
     assert counts == {"strided-conv-to-stride1": 1}
     conv = node(compiled, "conv::strided-conv-to-stride1")
     select = node(compiled, "conv::strided-conv-to-stride1:0")
@@ -150,7 +137,7 @@ def test_stride2_conv_becomes_stride1_and_selection(kernel, pads, size, relu):
     (None, conv_model(4, 4, 5, strides=[2, 2], pads=[2, 2, 2, 2], group=4)),  # depthwise: quantizeml splits it
 ])
 def test_stride2_conv_left_alone(why, model):
-    compiled, counts, details = rewrite(model, "strided-conv-to-stride1")
+    compiled, counts, details = rewrite_and_compare(model, "strided-conv-to-stride1")
     assert counts == {}
     assert details.get("skipped", {}).get("conv") == why
     assert node(compiled, "conv").attrs["strides"] == [2, 2]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from tests.passes.rewrite_testing import assert_outputs_equal, random_inputs, verify_pipeline
+from tests.passes.rewrite_testing import graph_model, rewrite_and_compare
 
 C = 4
 
@@ -36,21 +36,8 @@ def model(tail: list[tuple[str, dict]], size: tuple[int, int] = (8, 8), stem: st
         out = "y" if i == len(tail) - 1 else f"t{i}"
         nodes.append(helper.make_node(op, [x], [out], name=op.lower(), **attrs))
         x = out
-    graph = helper.make_graph(
-        nodes, "pool", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, *size])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return graph_model(nodes, inits, ["N", C, *size])
 
-
-def rewrite(original: onnx.ModelProto, rule: str):
-    """Run infer-shapes and ``rule`` under --verify-each, then compare outputs on fresh inputs."""
-
-    compiled, report = verify_pipeline(original, ["infer-shapes", rule], random_inputs(original, seed=1))
-    assert_outputs_equal(original, compiled, random_inputs(original, seed=2))
-    totals = report.totals()[rule]
-    return compiled, totals["counts"], totals["details"]
 
 
 def ops(compiled) -> list[str]:
@@ -74,7 +61,7 @@ def avg(kernel, strides, pads=(0, 0, 0, 0), **attrs) -> tuple[str, dict]:
     (avg(3, 1), (8, 8), 3, [0, 0, 0, 0], (slice(0, 3), slice(0, 3))),
 ])
 def test_average_pool_becomes_masked_depthwise_conv(pool, size, K, pads, taps):
-    compiled, counts, _ = rewrite(model([pool], size), "average-pool-to-depthwise")
+    compiled, counts, _ = rewrite_and_compare(model([pool], size), "average-pool-to-depthwise")
     assert counts == {"average-pool-to-depthwise": 1}
     conv = next(n for n in compiled.graph.nodes if n.name == "averagepool::average-pool-to-depthwise")
     assert conv.op == "Conv" and conv.attrs["group"] == C and conv.attrs["pads"] == pads
@@ -93,13 +80,13 @@ def test_average_pool_becomes_masked_depthwise_conv(pool, size, K, pads, taps):
     (avg(4, 4), (8, 8), "strides [4, 4]"),
 ])
 def test_average_pool_left_with_reason(pool, size, reason):
-    compiled, counts, details = rewrite(model([pool], size), "average-pool-to-depthwise")
+    compiled, counts, details = rewrite_and_compare(model([pool], size), "average-pool-to-depthwise")
     assert counts == {} and "AveragePool" in ops(compiled)
     assert reason in details["skipped"]["averagepool"]
 
 
 def test_whole_map_average_pool_is_left_to_quantizeml():
-    compiled, counts, details = rewrite(model([avg(8, 1)]), "average-pool-to-depthwise")
+    compiled, counts, details = rewrite_and_compare(model([avg(8, 1)]), "average-pool-to-depthwise")
     assert counts == {} and details == {}
 
 
@@ -110,7 +97,7 @@ MAXPOOL_3_2_1 = ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": 
 
 @pytest.mark.parametrize("size", [(8, 8), (7, 7), (8, 5), (2, 2)])
 def test_padded_maxpool_becomes_two_2x2_pools_around_a_shift(size):
-    compiled, counts, _ = rewrite(model([MAXPOOL_3_2_1], size), "split-padded-maxpool")
+    compiled, counts, _ = rewrite_and_compare(model([MAXPOOL_3_2_1], size), "split-padded-maxpool")
     assert counts == {"split-padded-maxpool": 1}
     assert ops(compiled) == ["Conv", "Conv", "Relu", "MaxPool", "Conv", "MaxPool", "Relu"]
     first, shift, second = compiled.graph.nodes[3:6]
@@ -128,13 +115,13 @@ def test_padded_maxpool_becomes_two_2x2_pools_around_a_shift(size):
     ("relu", ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]}), "only MaxPool 3x3"),
 ])
 def test_padded_maxpool_left_with_reason(stem, pool, reason):
-    compiled, counts, details = rewrite(model([pool], stem=stem), "split-padded-maxpool")
+    compiled, counts, details = rewrite_and_compare(model([pool], stem=stem), "split-padded-maxpool")
     assert counts == {} and ops(compiled).count("MaxPool") == 1
     assert reason in details["skipped"]["maxpool"]
 
 
 def test_padded_maxpool_after_a_strided_conv_gets_an_identity_host():
-    compiled, counts, _ = rewrite(model([MAXPOOL_3_2_1], (16, 16), strides=2), "split-padded-maxpool")
+    compiled, counts, _ = rewrite_and_compare(model([MAXPOOL_3_2_1], (16, 16), strides=2), "split-padded-maxpool")
     assert counts == {"split-padded-maxpool-with-identity-host": 1}
     assert ops(compiled) == ["Conv", "Conv", "Relu", "Conv", "MaxPool", "Relu", "Conv", "MaxPool", "Relu"]
     host = compiled.graph.nodes[3]
@@ -144,7 +131,7 @@ def test_padded_maxpool_after_a_strided_conv_gets_an_identity_host():
 
 def test_maxpool_without_begin_pads_is_not_a_candidate():
     pool = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
-    compiled, counts, details = rewrite(model([pool]), "split-padded-maxpool")
+    compiled, counts, details = rewrite_and_compare(model([pool]), "split-padded-maxpool")
     assert counts == {} and details == {}
 
 
@@ -161,7 +148,7 @@ GAP = ("GlobalAveragePool", {})
     ((1, 200), 1, 1),
 ])
 def test_global_pool_gets_sum_preserving_stages_and_identity(size, strides, stages):
-    compiled, counts, details = rewrite(model([GAP], size, strides=strides), "stage-global-average-pool")
+    compiled, counts, details = rewrite_and_compare(model([GAP], size, strides=strides), "stage-global-average-pool")
     expected = {"identity-conv-before-global-pool": 1}
     if stages:
         expected["halve-before-global-pool"] = stages
@@ -177,7 +164,7 @@ def test_global_pool_gets_sum_preserving_stages_and_identity(size, strides, stag
 
 def test_global_pool_after_maxpool():
     maxpool = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
-    compiled, counts, details = rewrite(model([maxpool, GAP]), "stage-global-average-pool")
+    compiled, counts, details = rewrite_and_compare(model([maxpool, GAP]), "stage-global-average-pool")
     assert counts == {"identity-conv-before-global-pool": 1}
     assert "after MaxPool" in details["staged"]["globalaveragepool"]
 
@@ -188,7 +175,7 @@ def test_global_pool_of_a_map_read_elsewhere_is_left():
     original = model([GAP, ("Sigmoid", {})], size=(16, 16))
     original.graph.node.append(helper.make_node("Mul", ["a", "y"], ["gated"], name="gate"))
     original.graph.output[0].name = "gated"
-    compiled, counts, details = rewrite(original, "stage-global-average-pool")
+    compiled, counts, details = rewrite_and_compare(original, "stage-global-average-pool")
     assert counts == {}
     assert "also read elsewhere" in details["skipped"]["globalaveragepool"]
 
@@ -198,7 +185,7 @@ def test_global_pool_of_a_map_read_elsewhere_is_left():
     ("sigmoid", "reads Sigmoid 'act', which Akida does not run"),
 ])
 def test_global_pool_left_alone(stem, reason):
-    compiled, counts, details = rewrite(model([GAP], stem=stem), "stage-global-average-pool")
+    compiled, counts, details = rewrite_and_compare(model([GAP], stem=stem), "stage-global-average-pool")
     assert counts == {}
     assert details.get("skipped", {}).get("globalaveragepool") == reason
 
@@ -216,14 +203,8 @@ def test_average_pool_read_by_pointwise_convs_folds_into_them():
         helper.make_node("Conv", ["p", "pa"], ["ya"], name="primary"),
         helper.make_node("Conv", ["p", "pb", "bb"], ["yb"], name="projection"),
     ]
-    graph = helper.make_graph(
-        nodes, "fold", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, 8, 8])],
-        [helper.make_tensor_value_info("ya", onnx.TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("yb", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    compiled, counts, _ = rewrite(original, "average-pool-to-depthwise")
+    original = graph_model(nodes, inits, ["N", C, 8, 8], outputs=("ya", "yb"))
+    compiled, counts, _ = rewrite_and_compare(original, "average-pool-to-depthwise")
     assert counts == {"fold-average-pool-into-pointwise-conv": 2}
     assert "AveragePool" not in ops(compiled) and ops(compiled).count("Conv") == 3
     for name in ("primary", "projection"):
@@ -239,7 +220,7 @@ MAXPOOL = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
 
 
 def test_maxpool_layer_feeding_the_output_gets_an_identity_conv():
-    compiled, counts, _ = rewrite(model([MAXPOOL, ("Relu", {})], stem="none"), "identity-conv-after-maxpool")
+    compiled, counts, _ = rewrite_and_compare(model([MAXPOOL, ("Relu", {})], stem="none"), "identity-conv-after-maxpool")
     assert counts == {"identity-conv-after-maxpool": 1}
     assert ops(compiled)[-1] == "Conv" and compiled.graph.outputs[0].name == "y"
     identity = compiled.graph.nodes[-1]
@@ -255,13 +236,8 @@ def test_maxpool_layer_feeding_only_convs_is_left():
         helper.make_node("Relu", ["p"], ["a"], name="act"),
         helper.make_node("Conv", ["a", "w1"], ["y"], name="next"),
     ]
-    graph = helper.make_graph(
-        nodes, "fed", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    compiled, counts, _ = rewrite(original, "identity-conv-after-maxpool")
+    original = graph_model(nodes, inits, ["N", C, 8, 8])
+    compiled, counts, _ = rewrite_and_compare(original, "identity-conv-after-maxpool")
     assert counts == {} and ops(compiled) == ["Conv", "MaxPool", "Relu", "Conv"]
 
 
@@ -281,13 +257,8 @@ def test_average_pool_of_a_host_bound_map_is_not_folded():
         helper.make_node("AveragePool", ["t"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Conv", ["p", "pa"], ["y"], name="primary"),
     ]
-    graph = helper.make_graph(
-        nodes, "gated", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", C, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    compiled, counts, _ = rewrite(original, "average-pool-to-depthwise")
+    original = graph_model(nodes, inits, ["N", C, 8, 8])
+    compiled, counts, _ = rewrite_and_compare(original, "average-pool-to-depthwise")
     assert counts == {"average-pool-to-depthwise": 1}
     primary = next(n for n in compiled.graph.nodes if n.name == "primary")
     assert list(primary.inputs[1].shape) == [6, C, 1, 1]
