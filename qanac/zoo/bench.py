@@ -12,7 +12,7 @@ training images only. ``--approx attention-freeze`` compiles a second time with 
 With ``--out RUN`` the run directory keeps what the commands need to be repeated by hand::
 
     RUN/model.onnx                      the exported model (QAT model when --qat-epochs > 0)
-    RUN/akida/calib.npy                 uint8 training images the compiler calibrates on
+    RUN/calib.npy                       uint8 training images the compiler calibrates on
     RUN/akida/test.npz                  the test split (``input`` uint8 NCHW, ``labels``)
     RUN/akida/bundle, RUN/akida/eval    the compiled bundle and its evaluation (eval.json, confusion.png)
     RUN/akida-approx/...                the same with the approximations
@@ -64,22 +64,21 @@ def akida_deployment(manifest: dict[str, Any], report: dict[str, Any]) -> dict[s
     }
 
 
-def write_akida_inputs(data, work: Path) -> tuple[Path, Path]:
-    """``calib.npy`` (the training split's uint8 images) and ``test.npz`` (test images and labels)."""
+def write_test_split(data, path: Path) -> Path:
+    """The test split as ``.npz`` for ``qanac eval``: uint8 images under the model's input name, ``labels``."""
 
     from qanac.zoo.export import INPUT_NAME
 
-    work.mkdir(parents=True, exist_ok=True)
-    calib, test = work / "calib.npy", work / "test.npz"
-    np.save(calib, data.train.images)
-    np.savez(test, **{INPUT_NAME: data.test.images, "labels": data.test.labels})
-    return calib, test
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{INPUT_NAME: data.test.images, "labels": data.test.labels})
+    return path
 
 
 def compile_and_evaluate(
-    onnx_path: Path, data, work: Path, approximations: frozenset[str] = frozenset()
+    run: Path, data, work: Path, approximations: frozenset[str] = frozenset()
 ) -> dict[str, Any]:
-    """``qanac compile --target akida`` calibrated on training images, then ``qanac eval`` on the test split.
+    """``qanac compile --target akida`` of a training run's model.onnx, calibrated on its calib.npy (training
+    images), then ``qanac eval`` of the bundle on the test split of ``data``.
 
     A model the compiler refuses gives ``{"status": exit code, "error": message}`` instead of metrics.
     """
@@ -89,9 +88,10 @@ def compile_and_evaluate(
     from qanac.diagnostics import QanacError
     from qanac.evaluate import evaluate_bundle, load_labelled
 
-    calib, test = write_akida_inputs(data, work)
-    request = CompileRequest(source=str(onnx_path), target="akida", output=work / "bundle", calibration=str(calib),
-                             force=True, approximations=frozenset(approximations), labels=list(data.class_names))
+    test = write_test_split(data, work / "test.npz")
+    request = CompileRequest(source=str(run / "model.onnx"), target="akida", output=work / "bundle",
+                             calibration=str(run / "calib.npy"), force=True,
+                             approximations=frozenset(approximations), labels=list(data.class_names))
     started = time.perf_counter()
     try:
         compiled = compile_model(request)
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--qat-bits", type=int, default=8, help="4 = Akida v1 setting (8-bit first layer)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 when another job holds a core: two threads then run 10x slower)")
     parser.add_argument("--akida", action="store_true", help="compile for Akida and evaluate the bundle")
     parser.add_argument("--approx", action="append", default=[],
                         help="with --akida: also compile with this approximation (repeatable), e.g. attention-freeze")
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     qat = QATConfig() if args.qat_bits == 8 else QATConfig.akida_v1(weight_bits=args.qat_bits,
                                                                     activation_bits=args.qat_bits)
     config = TrainConfig(epochs=args.epochs, qat_epochs=args.qat_epochs, lr=args.lr, qat_lr=args.qat_lr,
-                         batch_size=args.batch_size, seed=args.seed, qat=qat, patience=max(4, args.epochs // 3))
+                         batch_size=args.batch_size, seed=args.seed, qat=qat, patience=max(4, args.epochs // 3),
+                         num_threads=args.threads)
     scratch = tempfile.TemporaryDirectory(prefix="qana-bench-") if args.out is None else None
     out = Path(args.out) if args.out is not None else Path(scratch.name)
     started = time.perf_counter()
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "best_epoch": metrics["float"]["best_epoch"], "epochs_run": metrics["float"]["epochs_run"],
                   "seconds_per_epoch": round(metrics["float"]["seconds_per_epoch"], 2)},
         "seconds_train": round(time.perf_counter() - started, 1),
+        "threads": args.threads,
         "load_average": os.getloadavg(),
     }
     if "qat" in metrics:
@@ -173,10 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "exported_test": short(metrics["test"]),
                          "seconds_per_epoch": round(metrics["qat"]["seconds_per_epoch"], 2)}
     if args.akida:
-        report["akida"] = compile_and_evaluate(out / "model.onnx", data, out / "akida")
+        report["akida"] = compile_and_evaluate(out, data, out / "akida")
         if args.approx:
-            report["akida_approx"] = compile_and_evaluate(out / "model.onnx", data, out / "akida-approx",
-                                                          frozenset(args.approx))
+            report["akida_approx"] = compile_and_evaluate(out, data, out / "akida-approx", frozenset(args.approx))
     if scratch is not None:
         scratch.cleanup()
     print(json.dumps(report, indent=1))

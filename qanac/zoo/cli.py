@@ -106,15 +106,18 @@ def export_command(name: str, variant: str | None, input_size: int | None, class
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch threads; 1 when another job holds a core (two threads then run far slower).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
 @handle_errors
 def train_command(name: str, variant: str | None, input_size: int | None, classes: int | None,
                   width_mult: float | None, data: Path, epochs: int, qat_epochs: int, batch_size: int, lr: float,
-                  seed: int, output: Path, force: bool, as_json: bool) -> None:
+                  seed: int, threads: int, output: Path, force: bool, as_json: bool) -> None:
     """Train a zoo model with a lesion-grouped, stratified split; early stopping and schedule use the
-    validation split only. Writes checkpoint(s), model.onnx (ready for `qanac compile`), metrics.json."""
+    validation split only. Writes checkpoint(s), model.onnx (ready for `qanac compile`), calib.npy
+    (training images for `qanac compile --calib`), metrics.json."""
 
     from qanac.bundle import check_output_dir, staged_directory
     from qanac.zoo.train import TrainConfig, train
@@ -122,7 +125,8 @@ def train_command(name: str, variant: str | None, input_size: int | None, classe
     check_output_dir(output, force)
     spec = _spec(name, variant, input_size, classes, width_mult)
     splits = _load_splits(data, spec.kwargs["input_size"], seed)
-    config = TrainConfig(epochs=epochs, qat_epochs=qat_epochs, batch_size=batch_size, lr=lr, seed=seed)
+    config = TrainConfig(epochs=epochs, qat_epochs=qat_epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         num_threads=threads)
     bar = None
 
     def on_progress(event) -> None:
@@ -146,7 +150,7 @@ def train_command(name: str, variant: str | None, input_size: int | None, classe
     if as_json:
         emit_json({"output": str(output), "metrics": result.metrics})
         return
-    click.echo(f"run written to {output} (model.onnx, checkpoint, metrics.json)")
+    click.echo(f"run written to {output} (model.onnx, calib.npy, checkpoint, metrics.json)")
     test = result.metrics.get("test", {})
     for key in ("top1", "macro_f1", "balanced_accuracy"):
         if key in test:

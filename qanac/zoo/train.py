@@ -18,6 +18,8 @@ Output directory::
     model.onnx      the model to compile: fixed batch 1, input "input" (N,C,H,W float in [0,1]),
                     output "logits"
     float.onnx      the float model, when QAT ran (model.onnx is then the QAT model)
+    calib.npy       up to 1024 training images (uint8 NCHW, never augmented, seeded choice) for
+                    ``qanac compile --calib``: the compiler calibrates on training data only
     metrics.json    "val"/"test": metrics of the exported model (model.onnx); "float"/"qat": per
                     phase (best epoch, validation and test); "exported": which phase model.onnx holds;
                     per-epoch history, sizes, timings, and the ONNX Runtime vs PyTorch check of model.onnx
@@ -49,6 +51,7 @@ from qanac.zoo.qat import QATConfig, convert_qat_to_float, prepare_qat
 from qanac.zoo.registry import ModelSpec, build_model
 
 SCHEDULES = ("cosine", "plateau")
+CALIBRATION_IMAGES = 1024  # what the Akida backend calibrates on at most
 MONITORS = ("balanced_accuracy", "macro_f1", "top1")
 
 
@@ -304,6 +307,8 @@ def _write_outputs(
         export_onnx(float_model, data.input_shape, out / "float.onnx", dynamic_batch=config.export_dynamic_batch)
     export_onnx(final, data.input_shape, out / "model.onnx", dynamic_batch=config.export_dynamic_batch)
     metrics["onnx_check"] = check_onnx_matches(final, out / "model.onnx", data.test)
+    np.save(out / "calib.npy", calibration_images(data.train, seed=config.seed))
+    files["calibration"] = "calib.npy"
     files["metrics"] = "metrics.json"
     batch = "N" if config.export_dynamic_batch else 1
     description = {
@@ -319,6 +324,13 @@ def _write_outputs(
     }
     (out / "config.json").write_text(json.dumps(description, indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def calibration_images(dataset: ImageDataset, count: int = CALIBRATION_IMAGES, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` of the dataset's uint8 images (never augmented), chosen with ``seed``, in order."""
+
+    chosen = np.random.default_rng(seed).permutation(len(dataset.images))[:count]
+    return dataset.images[np.sort(chosen)]
 
 
 def check_onnx_matches(model: nn.Module, onnx_path: Path, dataset: ImageDataset, samples: int = 8) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Real data, end to end: sklearn's bundled handwritten digits, upsampled to 32x32 RGB.
 
-A small native QANA is trained (float, then 8-bit QAT), exported, compiled for Akida by qanac
-(calibrated on training images only), and the compiled bundle is run on the test split: the float model
-reaches >= 90 % test accuracy and the compiled model loses at most 1 point of it.
+A small native QANA is trained (float, then 8-bit QAT), exported, compiled for Akida by qanac (calibrated
+on the run's calib.npy: training images only), and the compiled bundle is run on the test split: the
+float model reaches >= 90 % test accuracy and the compiled model loses at most 1 point of it.
 """
 
 import pytest
@@ -21,12 +21,12 @@ def test_small_native_qana_learns_digits_and_keeps_its_accuracy_on_akida(tmp_pat
     spec = resolve_spec("qana", "native", input_size=32, width_mult=0.5)
     # one thread: with another job on the second core, two torch threads run 10x slower than one
     config = TrainConfig(epochs=12, qat_epochs=2, lr=3e-3, qat_lr=3e-4, patience=5, seed=0, num_threads=1)
-    metrics = train(spec, data, config, tmp_path / "run").metrics
+    metrics = train(spec, data, config, tmp_path / "run").metrics  # writes model.onnx and calib.npy
     float_top1 = metrics["float"]["test"]["top1"]
     assert float_top1 >= 0.90
     assert metrics["qat"]["test"]["top1"] >= 0.90
 
-    akida = compile_and_evaluate(tmp_path / "run" / "model.onnx", data, tmp_path / "akida")
+    akida = compile_and_evaluate(tmp_path / "run", data, tmp_path / "akida")
     assert akida["status"] == 0, akida
     assert akida["device_mac_share"] == 1.0 and akida["hardware_sequences"] == 1, akida["sequences"]
     test = akida["test"]

@@ -30,8 +30,11 @@ def test_fixture_end_to_end(ham, tmp_path, variant):
     kinds = [e.event for e in events]
     assert kinds[0] == "phase_start" and "batch" in kinds and "epoch_end" in kinds and kinds[-1] == "done"
     assert {e.phase for e in events} == {"float", "qat"}
-    for name in ("config.json", "metrics.json", "float.pt", "qat.pt", "model.onnx", "float.onnx"):
+    for name in ("config.json", "metrics.json", "float.pt", "qat.pt", "model.onnx", "float.onnx", "calib.npy"):
         assert (tmp_path / name).is_file(), name
+    calib = np.load(tmp_path / "calib.npy")  # training images only, never augmented
+    assert calib.dtype == np.uint8 and len(calib) == len(ham.train)
+    assert {image.tobytes() for image in calib} <= {image.tobytes() for image in ham.train.images}
 
     # ONNX Runtime on the exported model equals PyTorch
     images, _ = ham.test.arrays()

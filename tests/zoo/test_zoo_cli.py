@@ -38,12 +38,13 @@ def test_train_compile_eval_on_ham10000_layout(tmp_path):
     result = invoke("zoo", "train", "qana", "--data", data, "--epochs", "1", "--input-size", "32", "--width-mult",
                     "0.25", "-o", run, "--json")
     assert result.exit_code == 0, result.output
-    assert {"model.onnx", "config.json", "metrics.json", "float.pt"} <= {p.name for p in run.iterdir()}
+    assert {"model.onnx", "config.json", "metrics.json", "float.pt", "calib.npy"} <= {p.name for p in run.iterdir()}
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["grouped"] and config["data"]["group_key"] == "lesion_id"
 
     bundle = tmp_path / "bundle"
-    result = invoke("compile", run / "model.onnx", "--target", "akida", "--calib", data, "-o", bundle, "--json")
+    result = invoke("compile", run / "model.onnx", "--target", "akida", "--calib", run / "calib.npy", "-o", bundle,
+                    "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["manifest"]["partition"]["device_mac_share"] == 1.0  # native: all on device
 
