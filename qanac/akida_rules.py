@@ -228,6 +228,22 @@ def maxpool_pads(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
+def maxpool_not_after_conv(node: gs.Node, ctx: LintContext) -> str | None:
+    if node.op != "MaxPool":
+        return None
+    source = node.inputs[0]
+    producer = ctx.producer(source)
+    if producer is not None and producer.op in ACTIVATIONS and len(source.outputs) == 1:
+        source = producer.inputs[0]
+        producer = ctx.producer(source)
+    if producer is not None and producer.op == "Conv" and len(source.outputs) == 1:
+        return None
+    what = "the model input" if producer is None else f"{producer.op} '{producer.name}'"
+    if producer is not None and producer.op == "Conv":
+        what += ", whose output is also read elsewhere"
+    return f"max pooling of {what} (it must follow a convolution, with at most its activation between)"
+
+
 def input_batchnorm(node: gs.Node, ctx: LintContext) -> str | None:
     # A first dense or depthwise layer is fine: qanac's Akida backend then quantizes the input as int8.
     if node is input_layer(ctx) and node.op == "BatchNormalization":
@@ -406,6 +422,10 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD114", "softmax inside the graph", Level.ERROR, softmax_inside,
          "quantize() leaves it unquantized and convert() silently truncates the model before it",
          "move the softmax to the end of the model (qanac then runs it on the host)"),
+    Rule("AKD116", "max pooling not after a convolution", Level.ERROR, maxpool_not_after_conv,
+         "quantize() leaves it unquantized and convert() silently truncates the model before it",
+         "pool right after a convolution (and its activation): pool each branch before a Concat, or "
+         "downsample with a stride-2 convolution"),
     Rule("AKD115", "convolution padding", Level.ERROR, conv_padding,
          "convert() raises 'Expect pads to be one of ...'",
          "pad by k // 2 on each side (PyTorch padding=k//2, Keras padding='same'), or for stride 2 only at "

@@ -46,6 +46,19 @@ class ResidualConcat(nn.Module):
         return self.h(torch.cat([self.b(y) + y, self.c(y)], 1))
 
 
+class Join(nn.Module):
+    """Two conv branches of a 16-channel map, joined by Concat (32 channels) or a residual Add (16)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a = nn.Sequential(*cbr(16, 16))
+        self.b = nn.Sequential(*cbr(16, 16, 1))
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1) if self.how == "concat" else self.a(x) + x
+
+
 S = nn.Sequential
 CASES = {
     # must pass clean and map fully on hardware
@@ -73,6 +86,9 @@ CASES = {
     "input_conv_gap": (lambda: S(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), *head(16)), {"AKD111", "AKD115", "AKD202"}),
     "average_pool": (lambda: S(*stem(), *cbr(16, 32), nn.AvgPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD112"}),
     "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113"}),
+    "maxpool_after_concat": (lambda: S(*stem(), Join("concat"), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD116"}),
+    "maxpool_after_add": (lambda: S(*stem(), Join("add"), nn.MaxPool2d(2, 2), *cbr(16, 32), *head(32)), {"AKD116"}),
+    "maxpool_after_activation": (lambda: S(*stem(), *cbr(16, 32), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)), set()),
     "conv_pads_2": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 2), nn.ReLU(), *head(32)), {"AKD115"}),
     "zero_pad_before_conv": (lambda: S(*stem(), nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(16, 32, 3, 2, 0), nn.ReLU(),
                                        *cbr(32, 32), *head(32)), set()),  # fuse-pad-into-conv
