@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--attention", default=None, help="native only: context, additive or none")
     parser.add_argument("--dataset", default="digits", choices=["digits", "cluttered"])
     parser.add_argument("--primary-kernel", type=int, default=None, help="native only: 1 or 3")
+    parser.add_argument("--downsample", default=None, help="native only: pool (default) or stride")
     parser.add_argument("--spike-bound", type=float, default=None, help="upper clip of the spike generator")
     parser.add_argument("--width-mult", type=float, default=0.5)
     parser.add_argument("--size", type=int, default=32)
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options["spike_bound"] = args.spike_bound
     if args.primary_kernel:
         options["primary_kernel"] = args.primary_kernel
+    if args.downsample:
+        options["downsample"] = args.downsample
     spec = resolve_spec("qana", args.variant, input_size=args.size, **options)
     qat = QATConfig() if args.qat_bits == 8 else QATConfig.akida_v1(weight_bits=args.qat_bits,
                                                                     activation_bits=args.qat_bits)

@@ -13,23 +13,31 @@ then the "spike generator" (separable conv3x3, BN, ReLU bounded at 1) with squee
 head. The released code applies the dense head to the 4x4x256 map and does not build; here the map is
 pooled first. The released code's separable 1x1 convolutions (a depthwise 1x1 scale followed by a
 pointwise conv) are plain 1x1 convs: the per-channel scale is redundant with the pointwise weights.
-With the default widths the model has 267k parameters (the paper states ~265k) and 32M MACs at 64x64.
+With the default widths the model has 263k parameters (the paper states ~265k) and 35M MACs at 64x64.
 
 ``native`` keeps the block structure but uses only what Akida IP v2 runs in hardware (see
-``docs`` of the Akida target and ``quantizeml``'s pattern table): every convolution is a
-``Conv [MaxPool] [ReLU6 | Clip(0, b)] [GAP]`` pattern, a depthwise conv, an Add, a Concat or a Gemm.
+``docs/qana.md`` and ``docs/akida.md``): every convolution is a ``Conv [MaxPool] [ReLU6 | Clip(0, b)]
+[GAP]`` pattern, a depthwise conv, an Add, a Concat or a Gemm. Each block (``downsample="pool"``, the
+default)::
 
-* Downsampling: 2x2 max pooling fused into the Ghost convolutions (``Conv -> BN -> MaxPool -> ReLU6``,
-  BN folds into the conv); the residual projection is a stride-2 1x1 conv (stride 2 is legal with
-  kernel 1). Non-global AveragePool does not exist on Akida.
+    p       = relu6(bn(conv3x3(x)))                              Ghost primary, full resolution
+    ghost   = concat(p, relu6(bn(conv1x1(bn(depthwise3x3(p))))))  Ghost cheap branch
+    context = relu6(maxpool2x2(bn(conv1x1(relu6(bn(depthwise3x3(ghost)))))))
+    out     = context + bn(conv1x1/2(x))                          residual projection, stride 2
+
+* Spatial gate -> context branch: Akida cannot multiply two tensors nor evaluate a bare sigmoid, so the
+  gate becomes a branch that sees a 3x3 neighbourhood per channel and mixes channels like the paper's
+  gate, and is *added* to the residual, which the device runs.
+* Downsampling: the paper pools at the end of the block; non-global AveragePool does not exist on
+  Akida, so the 2x2 pooling is a max pooling fused into the context conv (``Conv -> BN -> MaxPool ->
+  ReLU6`` is one Akida layer; without the ReLU6 quantizeml cannot quantize the pooling), and the
+  residual projection is a stride-2 1x1 conv (Akida strides 1x1 and 3x3 kernels). ``downsample="stride"``
+  instead strides the Ghost primary conv (the block then works at half resolution: 3x fewer MACs, but
+  measured far less accurate where locating the object matters, see docs/qana.md).
 * Ghost: primary and cheap branch each end in BN + ReLU6 (as in GhostNet), so each is one Akida layer;
   BN after a Concat would not fold into a conv.
-* Spatial gate: additive instead of multiplicative (``y = g + conv1x1(relu6(bn(depthwise3x3(g))))``):
-  Akida cannot multiply two tensors nor evaluate a bare sigmoid. The branch sees a 3x3 neighbourhood
-  per channel and mixes channels like the paper's gate, and its output is added, which the device runs.
 * Spike generator: separable conv3x3 with BN, Clip(0, ``spike_bound``) and fused GAP (the final map must
-  have at most 144 pixels); squeeze-and-excitation becomes an additive residual MLP on the pooled vector
-  (``p + fc2(relu(fc1(p)))``, two Gemms and an Add).
+  have at most 144 pixels); squeeze-and-excitation is left out (a multiply by a tensor).
 * The first layer is a standard 3x3 conv stem (Akida's input layer must be a standard convolution and
   feeds a single consumer).
 """
@@ -49,6 +57,7 @@ DEFAULT_INPUT_SIZE = 64
 DEFAULT_NUM_CLASSES = 7
 AKIDA_GAP_MAX_PIXELS = 144
 ATTENTIONS = ("context", "additive", "none")
+DOWNSAMPLING = ("pool", "stride")
 
 
 class Add(nn.Module):
@@ -111,24 +120,33 @@ class PaperBlock(nn.Module):
 
 
 class NativeBlock(nn.Module):
-    """Akida-native block: strided Ghost module, residual projection, optional spatial context branch.
+    """Akida-native block: Ghost module, residual projection, spatial context branch, downsampling by 2.
 
-    ``y = concat(p, cheap(p))`` with ``p = relu6(bn(conv3x3/2(x)))``; the residual is a stride-2 1x1
-    projection ``r(x)``. ``attention`` decides how ``y`` meets ``r(x)``:
+    ``y = concat(p, cheap(p))`` with ``p = relu6(bn(conv(x)))``; the residual is a stride-2 1x1 projection
+    ``r(x)``; ``ctx = bn(conv1x1(relu6(bn(depthwise3x3(.)))))``.
+
+    ``downsample="pool"``: ``p`` keeps the input's resolution and the block's output is
+    ``relu6(maxpool2x2(ctx(y))) + r(x)``; with ``attention="none"`` the context branch is a plain
+    ``relu6(maxpool2x2(bn(conv1x1(y))))`` transition. ``attention="additive"`` needs ``"stride"``.
+
+    ``downsample="stride"``: ``p`` is computed with stride 2 and ``attention`` decides how ``y`` meets
+    ``r(x)``:
 
     * ``none``:     ``z = y + r(x)``. quantizeml inserts an identity 1x1 conv between the Concat and the
       Add (an Add needs power-of-two input scales, a Concat does not provide them).
-    * ``context``:  ``z = ctx(y) + r(x)``, ``ctx = bn(conv1x1(relu6(bn(depthwise3x3(y)))))``: the
-      identity conv becomes a learned spatial-context conv at the same place and almost the same cost.
+    * ``context``:  ``z = ctx(y) + r(x)``: the identity conv becomes a learned spatial-context conv at the
+      same place and almost the same cost.
     * ``additive``: ``z = m + ctx(m)``, ``m = y + r(x)``: a residual context branch after the merge.
       Three more layers per block; at full width it needs more than the 24 NPs of SixNodesIPv2.
     """
 
-    def __init__(self, cin: int, width: int, dropout: float, attention: str, primary_kernel: int = 3):
+    def __init__(self, cin: int, width: int, dropout: float, attention: str, primary_kernel: int = 3,
+                 downsample: str = "pool"):
         super().__init__()
         half = width // 2
+        pool = downsample == "pool"
         self.attention = attention
-        self.primary = conv_bn(cin, half, primary_kernel, stride=2, act=nn.ReLU6())
+        self.primary = conv_bn(cin, half, primary_kernel, stride=1 if pool else 2, act=nn.ReLU6())
         self.cheap = nn.Sequential(
             depthwise(half, bias=False),
             nn.BatchNorm2d(half),
@@ -143,8 +161,9 @@ class NativeBlock(nn.Module):
                 depthwise(width, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU6(),
-                *conv_bn(width, width, 1),
+                *conv_bn(width, width, 1, pool=pool, act=nn.ReLU6() if pool else None),
             )
+        self.transition = conv_bn(width, width, 1, pool=True, act=nn.ReLU6()) if pool and self.context is None else None
         if attention == "additive":
             self.context_add = Add()
 
@@ -153,6 +172,8 @@ class NativeBlock(nn.Module):
         ghost = self.dropout(torch.cat([primary, self.cheap(primary)], dim=1))
         if self.attention == "context":
             return self.residual_add(self.context(ghost), self.residual(x))
+        if self.transition is not None:
+            return self.residual_add(self.transition(ghost), self.residual(x))
         merged = self.residual_add(ghost, self.residual(x))
         if self.attention == "none":
             return merged
@@ -194,6 +215,7 @@ class QANA(nn.Module):
         attention: str = "context",
         stem_width: int | None = None,
         primary_kernel: int = 3,
+        downsample: str = "pool",
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -202,6 +224,10 @@ class QANA(nn.Module):
             raise UsageError(
                 f"unknown attention {attention!r} for the native variant", hint=f"one of {', '.join(ATTENTIONS)}"
             )
+        if downsample not in DOWNSAMPLING:
+            raise UsageError(f"unknown downsample {downsample!r}", hint=f"one of {', '.join(DOWNSAMPLING)}")
+        if variant == "native" and downsample == "pool" and attention == "additive":
+            raise UsageError("additive attention merges before the context branch and needs downsample='stride'")
         if primary_kernel not in (1, 3):
             raise UsageError(f"primary_kernel must be 1 or 3 (Akida strides only those), got {primary_kernel}")
         if num_classes < 2:
@@ -226,7 +252,7 @@ class QANA(nn.Module):
             blocks.append(nn.Sequential(*conv_bn(in_channels, stem, 3, act=nn.ReLU6()), *conv_bn(stem, stem, 1, act=nn.ReLU6())))
             cin = stem
             for w in widths:
-                blocks.append(NativeBlock(cin, w, dropout, attention, primary_kernel))
+                blocks.append(NativeBlock(cin, w, dropout, attention, primary_kernel, downsample))
                 cin = w
         self.features = nn.Sequential(*blocks)
 

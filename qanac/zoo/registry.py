@@ -124,7 +124,8 @@ register(
         factory=qana.qana,
         variants={
             "paper": "the QANA paper's network (Ghost + sigmoid spatial gate + SE); runs in float only",
-            "native": "Akida IP v2 native: strided Ghost blocks, additive context, Clip(0,1) spike + GAP",
+            "native": "Akida IP v2 native: Ghost blocks, additive context branch with fused max pooling, "
+                      "Clip(0,1) spike + GAP; one hardware sequence",
         },
         default_variant="native",
         input_size=qana.DEFAULT_INPUT_SIZE,

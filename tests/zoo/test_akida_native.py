@@ -51,10 +51,11 @@ def _compile(model, raw, tmp_path, approximations=frozenset()):
     return result, akida_deployment(result.manifest, result.report)
 
 
-@pytest.mark.parametrize("attention", ["context", "none"])
-def test_native_variant_maps_in_one_hardware_sequence(attention, tmp_path):
+@pytest.mark.parametrize("attention, downsample", [("context", "pool"), ("none", "pool"), ("context", "stride")])
+def test_native_variant_maps_in_one_hardware_sequence(attention, downsample, tmp_path):
     raw = _images(16, 0)
-    model = _with_statistics(qana("native", attention=attention, width_mult=0.25, input_size=SIZE), raw)
+    model = _with_statistics(qana("native", attention=attention, downsample=downsample, width_mult=0.25,
+                                  input_size=SIZE), raw)
     result, deployment = _compile(model, raw, tmp_path)
     assert deployment["segments"] == 1 and deployment["transfers"] == 0
     assert deployment["device_mac_share"] == 1.0, result.report["backend_summary"]

@@ -44,16 +44,19 @@ def test_native_rejects_gap_beyond_akida_limit():
 
 
 @pytest.mark.parametrize("bad", [dict(input_size=60), dict(variant="other"), dict(attention="mul"),
-                                 dict(num_classes=1), dict(width_mult=0)])
+                                 dict(num_classes=1), dict(width_mult=0), dict(downsample="avg"),
+                                 dict(attention="additive")])
 def test_bad_options_are_usage_errors(bad):
     kwargs = {"variant": "native", **bad}
     with pytest.raises(UsageError):
         qana(kwargs.pop("variant"), **kwargs)
 
 
-@pytest.mark.parametrize("attention", ["context", "additive", "none"])
-def test_native_exports_only_akida_ops(attention):
-    proto = export_onnx(qana("native", attention=attention, width_mult=0.25, input_size=32), (3, 32, 32))
+@pytest.mark.parametrize("attention, downsample", [("context", "pool"), ("none", "pool"), ("context", "stride"),
+                                                   ("additive", "stride"), ("none", "stride")])
+def test_native_exports_only_akida_ops(attention, downsample):
+    model = qana("native", attention=attention, downsample=downsample, width_mult=0.25, input_size=32)
+    proto = export_onnx(model, (3, 32, 32))
     ops = {node.op_type for node in proto.graph.node}
     assert ops <= AKIDA_V2_OPS, ops - AKIDA_V2_OPS
     clips = [n for n in proto.graph.node if n.op_type == "Clip"]
@@ -77,3 +80,16 @@ def test_primary_kernel_one_halves_the_parameters_of_the_ghost_primary():
     assert small(torch.rand(1, 3, 64, 64)).shape == (1, 7)
     with pytest.raises(UsageError):
         qana("native", primary_kernel=5)
+
+
+def test_native_pools_at_the_end_of_each_block_by_default():
+    """downsample="pool": the Ghost module runs at the block's input resolution (3x the MACs of "stride")
+    and a 2x2 max pooling fused into the context conv halves it; the parameters are the same."""
+
+    pooled, strided = qana("native"), qana("native", downsample="stride")
+    assert count_parameters(pooled) == count_parameters(strided)
+    assert 3 * count_macs(strided, (3, 64, 64)) < count_macs(pooled, (3, 64, 64)) < 3.5 * count_macs(strided, (3, 64, 64))
+    assert isinstance(pooled.features[1].context[-2], torch.nn.MaxPool2d)
+    assert pooled.features[1].primary[0].stride == (1, 1) and strided.features[1].primary[0].stride == (2, 2)
+    x = torch.rand(2, 3, 64, 64)
+    assert pooled.eval()(x).shape == strided.eval()(x).shape == (2, 7)
