@@ -33,9 +33,10 @@ from qanac.akida_rules import (
 from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.diagnostics import Level
 from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of, replace_uses
-from qanac.lint import LintContext
+from qanac.lint import LintContext, lint_model
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
+from qanac.targets import get_target
 from qanac.passes._akida_layers import (
     channels,
     conv_attrs,
@@ -183,9 +184,6 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
 
 def _host_bound_nodes(model: CompilationModel) -> set[str]:
     """Nodes the akida lint rules report as errors: partitioning runs them on the host."""
-
-    from qanac.lint import lint_model
-    from qanac.targets import get_target
 
     return {d.nodes[0] for d in lint_model(model, get_target("akida")) if d.level == Level.ERROR and d.nodes}
 
