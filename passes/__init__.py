@@ -1,7 +1,8 @@
 """Built-in rewrite passes (import name ``qanac.passes``), one module per family of rewrites.
 
 Importing a module registers its passes (``qanac.registry.register_pass``). ``load_all`` imports every
-family listed in ``FAMILIES``; a new family is added there.
+target-independent family listed in ``FAMILIES``; a new family is added there. A target's own passes live
+in a sub-package named after it (``passes/akida/``), loaded through the target registry.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ FAMILIES = (
     "batchnorm",
     "softmax",
     "layout",
-    "approximations",
-    "scaling",
-    "akida_conv",
-    "akida_pooling",
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qanac.backends.onnxruntime import OnnxRuntimeRunner
+from qanac.execution import OnnxRuntimeRunner
 from qanac.diagnostics import UsageError
 from qanac.targets import get_target
 

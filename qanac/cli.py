@@ -400,12 +400,12 @@ def devices_command(as_json: bool) -> None:
 def targets_command(as_json: bool) -> None:
     """List the compilation targets and their pipelines."""
 
-    from qanac.targets import TARGETS
+    from qanac.targets import all_targets
 
     if as_json:
-        emit_json([{"name": t.name, "description": t.description, "pipeline": list(t.pipeline)} for t in TARGETS.values()])
+        emit_json([{"name": t.name, "description": t.description, "pipeline": list(t.pipeline)} for t in all_targets().values()])
         return
-    for t in TARGETS.values():
+    for t in all_targets().values():
         click.echo(f"{t.name}: {t.description}\n    pipeline: {','.join(t.pipeline)}")
 
 

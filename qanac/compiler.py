@@ -32,7 +32,6 @@ from qanac.partition import (
     Segment,
     extract_segment,
     plan_segments,
-    with_identity_input_layer,
 )
 from qanac.pipeline import PassContext, PassRecord, PipelineOptions, PipelineReport, run_pipeline
 from qanac.registry import load_passes
@@ -323,9 +322,7 @@ def _emit_plan(
             texts.append(f"  {name} host (ONNX Runtime): {len(segment.nodes)} nodes, {segment.macs:,} MACs, "
                          f"'{segment.nodes[0]}' .. '{segment.nodes[-1]}'")
         else:
-            model, identity = with_identity_input_layer(final if single else extract_segment(final, segment))
-            if identity:
-                entry["identity_input"] = True
+            model = final if single else extract_segment(final, segment)
             data = calibration if single else dataclasses.replace(
                 calibration, arrays={segment.inputs[0]: samples[segment.inputs[0]]}, raw=None,
                 source=f"{calibration.source} (float activations at '{segment.inputs[0]}')",

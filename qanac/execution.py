@@ -6,6 +6,7 @@ models through ``run_onnx`` so that threading, batching and output order are the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -99,3 +100,14 @@ def apply_post_processing(outputs: list[np.ndarray], names: list[str], steps: It
         index = names.index(step["output"])
         result[index] = _POST_OPS[step["op"]](result[index], axis=step.get("axis", -1)).astype(np.float32)
     return result
+
+
+class OnnxRuntimeRunner:
+    """Runs an ONNX file with ONNX Runtime on the CPU (used for QDQ models and host segments)."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        self.session = make_session(str(path), threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray], progress=None) -> list[np.ndarray]:
+        return run_session(self.session, inputs, progress=progress)

@@ -1,6 +1,6 @@
 """Lint: every rule a target states, checked against every node, all findings at once.
 
-A target's rules are a table of ``Rule`` (see qanac/akida_rules.py): a stable code, what breaks, what the
+A target's rules are a table of ``Rule`` (see backends/akida/rules.py): a stable code, what breaks, what the
 vendor toolchain does about it, and the way out (a qanac pass that fixes it, or a model change). Each
 rule's ``check`` looks at one node with the help of ``LintContext`` and returns a message when the node
 breaks the rule. Legalization passes read the same table, so lint and the compiler cannot disagree

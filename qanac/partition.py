@@ -35,7 +35,6 @@ from qanac.model_summary import macs_by_node
 DEVICE = "device"
 HOST = "host"
 DEFAULT_MIN_DEVICE_SHARE = 0.01
-IMAGE_CHANNELS = (1, 3)  # what an Akida InputConv2D reads
 FULL_SEARCH_NODES = 120  # longer runs: only their prefixes and suffixes are tried as single-tensor parts
 
 
@@ -189,37 +188,3 @@ def extract_segment(model: onnx.ModelProto, segment: Segment) -> onnx.ModelProto
     del extracted.metadata_props[:]
     extracted.metadata_props.extend(model.metadata_props)
     return extracted
-
-
-def with_identity_input_layer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """Give a device segment a first layer quantizeml accepts, when it has none.
-
-    quantizeml takes only models whose input feeds exactly one node, and turns a standard Conv reading
-    the input into an image InputConv2D, for 1 or 3 channels only (a segment starting at SqueezeNet's
-    64-channel squeeze conv fails with "Invalid input range"). In both cases an identity layer is put in
-    front: a 3x3 depthwise Conv whose only non-zero tap is a centre 1. Exact in float, 9*C MACs per pixel,
-    and a first layer Akida maps for any channel count.
-    """
-
-    name = model.graph.input[0].name
-    readers = [n for n in model.graph.node if name in n.input]
-    inferred = onnx.shape_inference.infer_shapes(model)
-    channels = inferred.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    wide_conv_first = (len(readers) == 1 and readers[0].op_type == "Conv" and channels not in IMAGE_CHANNELS
-                       and not any(a.name == "group" and a.i > 1 for a in readers[0].attribute))
-    if len(readers) < 2 and not wide_conv_first:
-        return model, False
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    identity = f"{name}::identity-input"
-    weights = np.zeros((channels, 1, 3, 3), np.float32)
-    weights[:, 0, 1, 1] = 1.0
-    out.graph.initializer.append(onnx.numpy_helper.from_array(weights, identity + "/weight"))
-    for node in out.graph.node:
-        for i, value in enumerate(node.input):
-            if value == name:
-                node.input[i] = identity
-    out.graph.node.insert(0, onnx.helper.make_node(
-        "Conv", [name, identity + "/weight"], [identity], name=identity, group=channels, pads=[1, 1, 1, 1]
-    ))
-    return out, True

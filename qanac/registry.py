@@ -6,7 +6,8 @@ to float rounding, checked by ``--verify-each``) or approximate (runs only on th
 always reported with its measured deviation).
 
 Sources of passes, in load order:
-    built-in     the modules of ``qanac.passes``
+    built-in     the modules of ``qanac.passes``, then each registered target's pass package
+                 (``Target.passes``, e.g. ``qanac.passes.akida``)
     entry point  installed distributions declaring the group ``qanac.passes`` (``name = "pkg.module"``);
                  importing the module registers its passes
     --plugin     a Python file given on the command line
@@ -122,8 +123,11 @@ def load_builtin_passes() -> None:
     if _builtins_loaded:
         return
     import qanac.passes
+    from qanac.targets import all_targets
 
     qanac.passes.load_all()
+    for target in all_targets().values():
+        target.load_passes()
     _builtins_loaded = True
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from qanac.compiler import CompileResult
 from qanac.registry import PassInfo
-from qanac.targets import TARGETS
+from qanac.targets import all_targets
 
 
 def format_pass_table(totals: dict[str, dict[str, Any]], with_time: bool) -> list[str]:
@@ -69,7 +69,7 @@ def format_pass_reference(infos: list[PassInfo]) -> str:
         "## Pipelines",
         "",
     ]
-    for target in TARGETS.values():
+    for target in all_targets().values():
         lines.append(f"- `{target.name}`: " + " -> ".join(f"`{p}`" for p in target.pipeline))
     lines.append("")
     for info in infos:

@@ -1,17 +1,23 @@
-"""Targets: what each device accepts, which passes prepare a model for it, and which backend emits it.
+"""The target registry: what each target is called, which passes prepare a model for it, its lint rules,
+and which backend emits it. The core reaches a target only through this registry.
 
-A target is declarative. Its pipeline is a list of registered pass names (canonicalization first, then
-the target's legalization); its lint rules, when it has any, are one table used by both ``qanac lint``
-and legalization so the rules live in one place. Backends are imported only when used.
+A target is a declarative ``Target`` record. Targets arrive through the entry point group
+``qanac.targets`` (``name = "package.module:TARGET"``); qanac's own (``akida``, ``onnxruntime``) are
+declared that way in pyproject.toml, so a third-party target registers exactly like a built-in one.
+Loading a target's record imports only its declaration module: the backend (and the vendor stack behind
+it) is imported when the backend is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 from typing import Any
 
 from qanac.diagnostics import UsageError
+
+ENTRY_POINT_GROUP = "qanac.targets"
 
 # Exact, target-independent normalisation of any imported model (docs/passes.md).
 CANONICALIZE: tuple[str, ...] = (
@@ -31,62 +37,81 @@ CANONICALIZE: tuple[str, ...] = (
 )
 
 
-# Opt-in approximations for Akida (run only with --approx NAME; always reported with their deviation).
-AKIDA_APPROXIMATIONS: tuple[str, ...] = ("attention-freeze",)
-# Exact Akida rewrites that must follow the approximations (they clean up what those leave behind).
-AKIDA_AFTER_APPROXIMATIONS: tuple[str, ...] = ("scale-to-depthwise",)
-# Exact rewrites of what Akida refuses or runs in software into forms it maps (passes/akida_*.py).
-AKIDA_LEGALIZE: tuple[str, ...] = (
-    "dilated-conv-to-dense",
-    "grouped-conv-to-dense",
-    "even-kernel-to-odd",
-    "strided-conv-to-stride1",
-    "average-pool-to-depthwise",
-    "split-padded-maxpool",
-    "identity-conv-after-maxpool",
-    "stage-global-average-pool",
-)
-# Approximations that act on the legalized graph (after every exact rewrite).
-AKIDA_FINAL_APPROXIMATIONS: tuple[str, ...] = ("bound-relu",)
+def _load(reference: str) -> Any:
+    module_name, _, attribute = reference.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
+    """A target as the core sees it. Every reference is a ``module:attribute`` string, imported on use.
+
+    ``passes`` names the package holding the target's own passes (imported before its pipeline runs);
+    ``rules`` the target's lint rule table; ``device_check`` a ``function(device) -> list[Diagnostic]``
+    for ``--device``.
+    """
+
     name: str
     description: str
     backend: str  # "module:Class"
     pipeline: tuple[str, ...]
-    rules: str | None = None  # "module:attribute" holding the target's lint rule table
-    device_check: str | None = None  # "module:function(device) -> list[Diagnostic]" for --device
+    rules: str | None = None
+    device_check: str | None = None
+    passes: str | None = None
     default_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def load_backend(self):
-        module_name, _, class_name = self.backend.partition(":")
-        module = importlib.import_module(module_name)
-        return getattr(module, class_name)()
+        return _load(self.backend)()
+
+    def load_passes(self) -> None:
+        if self.passes is not None:
+            importlib.import_module(self.passes)
+
+    def load_rules(self) -> list[Any]:
+        return list(_load(self.rules)) if self.rules else []
+
+    def device_findings(self, device: str) -> list[Any]:
+        return _load(self.device_check)(device) if self.device_check else []
 
 
-TARGETS: dict[str, Target] = {
-    "onnxruntime": Target(
-        name="onnxruntime",
-        description="int8 QDQ ONNX model for ONNX Runtime (static, per-channel), the reference deployment",
-        backend="qanac.backends.onnxruntime:OnnxRuntimeBackend",
-        pipeline=CANONICALIZE,
-    ),
-    "akida": Target(
-        name="akida",
-        description="BrainChip Akida IP v2 (.fbz through quantizeml + cnn2snn), mapped on a virtual or real device",
-        backend="qanac.backends.akida.backend:AkidaBackend",
-        pipeline=CANONICALIZE + AKIDA_APPROXIMATIONS + AKIDA_AFTER_APPROXIMATIONS + AKIDA_LEGALIZE
-        + AKIDA_FINAL_APPROXIMATIONS,
-        rules="qanac.akida_rules:AKIDA_RULES",
-        device_check="qanac.akida_rules:device_findings",
-    ),
-}
+_TARGETS: dict[str, Target] = {}
+_entry_points_loaded = False
+
+
+def register_target(target: Target) -> None:
+    """Add a target; a second target with the same name is an error."""
+
+    existing = _TARGETS.get(target.name)
+    if existing is not None and existing != target:
+        raise UsageError(f"target name clash: '{target.name}' is registered twice")
+    _TARGETS[target.name] = target
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            target = entry.load()
+        except Exception as exc:  # a broken plugin must not break the compiler silently
+            raise UsageError(
+                f"cannot load target '{entry.name}' ({entry.value}) from entry point group "
+                f"{ENTRY_POINT_GROUP}: {type(exc).__name__}: {exc}"
+            ) from exc
+        register_target(target)
+
+
+def all_targets() -> dict[str, Target]:
+    _load_entry_points()
+    return dict(sorted(_TARGETS.items()))
 
 
 def get_target(name: str) -> Target:
+    targets = all_targets()
     try:
-        return TARGETS[name]
+        return targets[name]
     except KeyError:
-        raise UsageError(f"unknown target '{name}'", hint="targets: " + ", ".join(sorted(TARGETS))) from None
+        raise UsageError(f"unknown target '{name}'", hint="targets: " + ", ".join(targets)) from None

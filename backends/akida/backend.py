@@ -32,6 +32,7 @@ from qanac.graph import source_names_of
 
 from .agreement import compare_akida_to_quantized
 from .convert import compile_onnx
+from .input_layer import with_identity_input_layer
 from .devices import DEFAULT_DEVICE, MODEL_IP_VERSION, check_ip_version
 from .mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
 from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunner
@@ -50,6 +51,7 @@ class AkidaBackend:
     ) -> EmitResult:
         device_name = options.get("device") or DEFAULT_DEVICE
         check_ip_version(device_name)
+        model, identity_input = with_identity_input_layer(model)
         started = time.perf_counter()
         conversion = compile_onnx(
             model,
@@ -97,6 +99,7 @@ class AkidaBackend:
                 "device": device_name,
                 "ip_version": MODEL_IP_VERSION,
                 "akida": {**conversion.describe(), "device": mapping["device"]},
+                **({"identity_input": True} if identity_input else {}),
             },
             diagnostics=diagnostics,
             summary=format_mapping_report(mapping),

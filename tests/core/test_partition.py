@@ -8,7 +8,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qanac.execution import run_onnx
-from qanac.partition import DEVICE, HOST, extract_segment, plan_segments, with_identity_input_layer
+from qanac.backends.akida.input_layer import with_identity_input_layer
+from qanac.partition import DEVICE, HOST, extract_segment, plan_segments
 
 
 def chain(gate: bool = True) -> onnx.ModelProto:

@@ -33,7 +33,7 @@ from onnxruntime.quantization import (
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
-from qanac.execution import make_session, run_session
+from qanac.execution import OnnxRuntimeRunner, make_session, run_session
 
 QDQ_FILE = "model.qdq.onnx"
 KERNEL_CHECK_SAMPLES = 64
@@ -161,14 +161,3 @@ def check_fused_kernels(path: Path, calibration: CalibrationData) -> dict[str, A
         "top1_agreement": agreement,
         "max_abs_difference": float(np.max(np.abs(fused - plain))),
     }
-
-
-class OnnxRuntimeRunner:
-    """Runs an ONNX file with ONNX Runtime on the CPU (used for QDQ models and host segments)."""
-
-    def __init__(self, path: Path, threads: int = 0):
-        self.session = make_session(str(path), threads)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, inputs: dict[str, np.ndarray], progress=None) -> list[np.ndarray]:
-        return run_session(self.session, inputs, progress=progress)

@@ -1,6 +1,6 @@
 """Building blocks for the Akida legalization passes: the graph facts the passes ask about (spatial sizes,
 non-negative tensors, the input layer), and constructors for the small fixed-weight layers the rewrites
-insert. The padding forms cnn2snn accepts are in qanac/akida_padding.py.
+insert. The padding forms cnn2snn accepts are in backends/akida/padding.py.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.akida_rules import input_layer
+from qanac.backends.akida.rules import input_layer
 from qanac.graph import constant_value
 from qanac.lint import LintContext
 from qanac.passes._rewrite import fresh_tensor_name, new_constant, static_dims

@@ -11,7 +11,7 @@
   tap of weight 1, which keeps every other pixel.
 
 Each pass changes a node only when the result is in a form cnn2snn accepts (kernel sizes, padding forms;
-see qanac/passes/_akida_layers.py), and names the reason in its details when it leaves one.
+see passes/akida/layers.py), and names the reason in its details when it leaves one.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_CNP_INPUT_CHANNELS, STRIDE2_KERNELS, is_depthwise
-from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
+from qanac.backends.akida.rules import ACTIVATIONS, DEPTHWISE_KERNELS, MAX_CNP_INPUT_CHANNELS, STRIDE2_KERNELS, is_depthwise
+from qanac.backends.akida.padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
-from qanac.passes._akida_layers import (
+from qanac.passes.akida.layers import (
     conv_attrs,
     conv_node,
     is_input_layer,

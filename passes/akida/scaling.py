@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.akida_rules import ACTIVATIONS, DEPTHWISE_KERNELS
+from qanac.backends.akida.rules import ACTIVATIONS, DEPTHWISE_KERNELS
 from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass

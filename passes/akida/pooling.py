@@ -21,7 +21,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.akida_rules import (
+from qanac.backends.akida.rules import (
     ACTIVATIONS,
     DEPTHWISE_KERNELS,
     MAX_GAP_PIXELS,
@@ -30,14 +30,14 @@ from qanac.akida_rules import (
     is_depthwise,
     maxpool_last_in_sequence,
 )
-from qanac.akida_padding import accepted_forms, form_pads, output_size, pads_form
+from qanac.backends.akida.padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.diagnostics import Level
 from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of, replace_uses
 from qanac.lint import LintContext, lint_model
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.targets import get_target
-from qanac.passes._akida_layers import (
+from qanac.passes.akida.layers import (
     channels,
     conv_attrs,
     conv_node,

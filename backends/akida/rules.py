@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from qanac.akida_padding import accepted_forms, form_pads, pads_form
+from qanac.backends.akida.padding import accepted_forms, form_pads, pads_form
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.graph import constant_value
 from qanac.lint import PASSIVE_OPS, LintContext, Rule

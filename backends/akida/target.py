@@ -1,0 +1,38 @@
+"""The ``akida`` target declaration (registered through the ``qanac.targets`` entry point group).
+
+Declarative only: the pipeline (canonicalization, then the Akida legalization passes of
+``qanac.passes.akida``), the lint rule table (``rules.py``) and the device check. Importing this module
+imports neither the vendor stack nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+from qanac.targets import CANONICALIZE, Target
+
+# Opt-in approximations (run only with --approx NAME; always reported with their deviation).
+APPROXIMATIONS: tuple[str, ...] = ("attention-freeze",)
+# Exact rewrites that must follow the approximations (they clean up what those leave behind).
+AFTER_APPROXIMATIONS: tuple[str, ...] = ("scale-to-depthwise",)
+# Exact rewrites of what Akida refuses or runs in software into forms it maps (passes/akida/).
+LEGALIZE: tuple[str, ...] = (
+    "dilated-conv-to-dense",
+    "grouped-conv-to-dense",
+    "even-kernel-to-odd",
+    "strided-conv-to-stride1",
+    "average-pool-to-depthwise",
+    "split-padded-maxpool",
+    "identity-conv-after-maxpool",
+    "stage-global-average-pool",
+)
+# Approximations that act on the legalized graph (after every exact rewrite).
+FINAL_APPROXIMATIONS: tuple[str, ...] = ("bound-relu",)
+
+TARGET = Target(
+    name="akida",
+    description="BrainChip Akida IP v2 (.fbz through quantizeml + cnn2snn), mapped on a virtual or real device",
+    backend="qanac.backends.akida.backend:AkidaBackend",
+    pipeline=CANONICALIZE + APPROXIMATIONS + AFTER_APPROXIMATIONS + LEGALIZE + FINAL_APPROXIMATIONS,
+    rules="qanac.backends.akida.rules:AKIDA_RULES",
+    device_check="qanac.backends.akida.rules:device_findings",
+    passes="qanac.passes.akida",
+)
