@@ -3,7 +3,8 @@ and static shapes.
 
 New nodes are named with ``qanac.graph.derived_name`` from the node they replace (or, for an unnamed node,
 from its first output), so that every node still traces back to the input model. New tensors get a name
-derived the same way and made unique in the graph.
+derived the same way and made unique in the graph by ``qanac.graph.fresh_tensor_name`` (an index kept
+on the graph, so a new name costs constant time).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.graph import derived_name
+from qanac.graph import derived_name, fresh_tensor_name
 
 
 def node_label(node: gs.Node) -> str:
@@ -26,18 +27,6 @@ def node_label(node: gs.Node) -> str:
 
 def derived_node_name(node: gs.Node, rule: str, index: int | None = None) -> str:
     return derived_name(node_label(node), rule, index)
-
-
-def fresh_tensor_name(graph: gs.Graph, base: str) -> str:
-    """``base`` if no tensor of ``graph`` is called that, else ``base_1``, ``base_2``..."""
-
-    taken = graph.tensors().keys()
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
-        i += 1
-    return f"{base}_{i}"
 
 
 def new_constant(graph: gs.Graph, base: str, values: np.ndarray) -> gs.Constant:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of
+from qanac.graph import CompilationModel, constant_value, disconnect, is_graph_output, nodes_of
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
 from qanac.passes._rewrite import derived_node_name, known_rank, new_constant, new_variable, node_label
@@ -130,8 +130,7 @@ def fold_batchnorm_into_conv(model: CompilationModel, ctx: PassContext) -> PassR
         else:
             layer.inputs.append(bias_tensor)
         y = bn.outputs[0]
-        bn.inputs.clear()
-        bn.outputs.clear()
+        disconnect(bn)
         layer.outputs[0] = y
         layer.name = name
         model.record(layer, FOLD_RULE)
@@ -180,8 +179,7 @@ def batchnorm_to_affine(model: CompilationModel, ctx: PassContext) -> PassResult
             inputs=[x, new_constant(graph, f"{mul_name}/scale", s.reshape(channel_shape).astype(dtype))],
             outputs=[scaled],
         )
-        bn.inputs.clear()
-        bn.outputs.clear()
+        disconnect(bn)
         add = gs.Node(
             "Add",
             name=add_name,

@@ -218,6 +218,97 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
                 consumer.inputs[i] = new
 
 
+def _remove_identical(items: list, obj: object) -> None:
+    """Remove the first element of ``items`` that *is* ``obj``, bypassing any list subclass override.
+
+    onnx-graphsurgeon's synchronized lists remove by ``==``, and node equality compares names, attributes,
+    inputs and outputs; on a tensor read by many nodes (parameters shared between layers) that scan is
+    what makes a long run of removals quadratic.
+    """
+
+    for i, item in enumerate(items):
+        if item is obj:
+            list.__delitem__(items, i)
+            return
+
+
+def disconnect(node: gs.Node) -> None:
+    """Detach ``node`` from every tensor it reads or writes; the node keeps no inputs or outputs.
+
+    The same as ``node.inputs.clear(); node.outputs.clear()``, with removal by identity, so its cost is
+    the number of edges touched, however many other nodes share the node's tensors.
+    """
+
+    for tensor in node.inputs:
+        _remove_identical(tensor.outputs, node)
+    for tensor in node.outputs:
+        _remove_identical(tensor.inputs, node)
+    list.clear(node.inputs)
+    list.clear(node.outputs)
+
+
+class _TensorNames:
+    """The tensor names taken in one graph, kept up to date as nodes are appended.
+
+    Built with one walk over ``graph.tensors()``. Tensors on nodes appended to ``graph.nodes`` since the
+    last look are added by scanning only those nodes; when ``graph.nodes`` was replaced or shrank the
+    walk is redone. Every name handed out stays taken, attached to the graph or not. Tensors attached by
+    hand to nodes that were already in the graph are seen after ``refresh_tensor_names`` (the pipeline
+    calls it before every pass).
+    """
+
+    def __init__(self, graph: gs.Graph):
+        self.taken: set[str] = set(graph.tensors().keys())
+        self.next_suffix: dict[str, int] = {}
+        self.nodes = graph.nodes
+        self.scanned = len(graph.nodes)
+
+    def catch_up(self, graph: gs.Graph) -> bool:
+        """Take the names of tensors on newly appended nodes; False when a full rebuild is needed."""
+
+        if graph.nodes is not self.nodes or len(graph.nodes) < self.scanned:
+            return False
+        for node in graph.nodes[self.scanned:]:
+            self.taken.update(t.name for t in node.inputs)
+            self.taken.update(t.name for t in node.outputs)
+        self.scanned = len(graph.nodes)
+        return True
+
+    def fresh(self, base: str) -> str:
+        name = base
+        if name in self.taken:
+            i = self.next_suffix.get(base, 1)
+            while f"{base}_{i}" in self.taken:
+                i += 1
+            self.next_suffix[base] = i + 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+_NAMES_ATTR = "_qanac_tensor_names"
+
+
+def fresh_tensor_name(graph: gs.Graph, base: str) -> str:
+    """``base`` if no tensor of ``graph`` is called that, else ``base_1``, ``base_2``...
+
+    The name is also distinct from every name this function returned before for ``graph``, attached or
+    not. Amortized cost is constant per name (see ``_TensorNames`` for what keeps the index current).
+    """
+
+    names = vars(graph).get(_NAMES_ATTR)
+    if names is None or not names.catch_up(graph):
+        names = _TensorNames(graph)
+        vars(graph)[_NAMES_ATTR] = names
+    return names.fresh(base)
+
+
+def refresh_tensor_names(graph: gs.Graph) -> None:
+    """Forget the name index of ``graph``: the next fresh name walks the graph again."""
+
+    vars(graph).pop(_NAMES_ATTR, None)
+
+
 def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
     """Remove a single-output node by wiring its consumers to one of its inputs.
 
@@ -236,6 +327,5 @@ def bypass_node(graph: gs.Graph, node: gs.Node, keep_input: int = 0) -> bool:
         producer.outputs[index] = result
     else:
         replace_uses(result, source)
-    node.outputs.clear()
-    node.inputs.clear()
+    disconnect(node)
     return True

@@ -34,7 +34,7 @@ from qanac.calibration import CalibrationData
 from qanac.compare import max_exact_violation
 from qanac.diagnostics import Diagnostic, InternalError, QanacError, UsageError, VerificationError
 from qanac.execution import apply_post_processing, run_onnx
-from qanac.graph import CompilationModel, output_names, save_onnx
+from qanac.graph import CompilationModel, output_names, refresh_tensor_names, save_onnx
 from qanac.registry import PassInfo, PassResult, get_pass
 
 VERIFY_SAMPLES = 8
@@ -208,6 +208,7 @@ def _run_one(
     report: PipelineReport,
     options: PipelineOptions,
 ) -> PassResult:
+    refresh_tensor_names(model.graph)
     try:
         result = info.fn(model, ctx)
     except QanacError:
