@@ -1,5 +1,9 @@
 """The ``qanac`` command line (click). Each command's docstring is its --help text.
 
+The commands here name no target: a target's own options (``--device`` ...) join ``compile``, ``lint`` and
+``run`` from its ``Target.options``, and its own commands (``devices`` ...) and the zoo's join the group
+from the registry (``qanac.targets``), so ``qanac --help`` imports no backend.
+
 Exit codes: 0 ok; 1 verification failed; 2 bad usage or unreadable input; 3 model not supported by the
 target; 4 internal error (a bug: please report it with the reproducer qanac wrote).
 Errors print one line and a hint on stderr (or a JSON object with --json); --debug shows the traceback.
@@ -17,11 +21,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import click  # noqa: E402
 
 from qanac import __version__  # noqa: E402
-from qanac.cli_support import emit_json, handle_errors, json_option, progress_bar  # noqa: E402
+from qanac.cli_support import (  # noqa: E402
+    RegistryGroup,
+    TargetOptionsCommand,
+    emit_json,
+    handle_errors,
+    json_option,
+    progress_bar,
+    target_options,
+)
 from qanac.diagnostics import EXIT_VERIFY_FAILED, UsageError  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RegistryGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qanac")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def cli(debug: bool) -> None:
@@ -52,7 +64,7 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
         raise UsageError(f"--{name} takes comma-separated numbers, got '{text}'") from None
 
 
-@cli.command("compile")
+@cli.command("compile", cls=TargetOptionsCommand)
 @click.argument("source")
 @click.option("--target", "-t", required=True, help="Target to compile for (see `qanac targets`).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
@@ -60,9 +72,6 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--num-calib", type=click.IntRange(min=1), help="Use only the first N calibration samples.")
 @click.option("--input-shape", help="Fix input shapes: 1,3,64,64 or NAME:1,3,64,64;NAME2:... .")
 @click.option("--weights", type=click.Path(), help="state_dict for a PyTorch factory source.")
-@click.option("--device", help="Device of the target (Akida: SixNodesIPv2, AKD1000, auto, ...).")
-@click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True, help="onnxruntime target: how activation ranges are calibrated.")
 @click.option("--scale", type=float, help="Preprocessing: raw uint8 images are multiplied by this (default 1/255).")
 @click.option("--mean", help="Preprocessing: per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--std", help="Preprocessing: per-channel std divided by after the mean.")
@@ -84,30 +93,32 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @json_option
 @handle_errors
 def compile_command(source: str, target: str, output: Path, calib: str | None, num_calib: int | None,
-                    input_shape: str | None, weights: str | None, device: str | None, calibrate_method: str,
+                    input_shape: str | None, weights: str | None,
                     scale: float | None, mean: str | None, std: str | None, labels: str | None,
                     pipeline_text: str | None, disable_pass: tuple[str, ...], stop_after: str | None,
                     approx: tuple[str, ...], max_deviation: float | None, no_partition: bool,
                     min_device_share: float, pass_option: tuple[str, ...],
                     plugin: tuple[str, ...], dump_dir: Path | None, time_passes: bool, verify_each: bool,
                     force: bool, as_json: bool) -> None:
-    """Compile SOURCE (an .onnx file, or a framework model) for a target into a bundle directory."""
+    """Compile SOURCE (an .onnx file, or a framework model) for a target into a bundle directory.
+
+    Options marked with a target's name are that target's own (`qanac targets` lists them).
+    """
 
     from qanac.calibration import Preprocessing
     from qanac.compiler import CompileRequest, compile_model
     from qanac.pipeline import PipelineOptions, parse_pipeline
     from qanac.registry import load_passes
     from qanac.report import format_compile_result
+    from qanac.targets import get_target
 
+    backend_options = target_options([get_target(target).name])
     load_passes(plugin)
     preprocessing = Preprocessing(
         scale=scale if scale is not None else 1.0 / 255.0,
         mean=_parse_floats(mean, "mean") or (0.0,),
         std=_parse_floats(std, "std") or (1.0,),
     )
-    backend_options: dict[str, Any] = {"calibrate_method": calibrate_method}
-    if device:
-        backend_options["device"] = device
     request = CompileRequest(
         source=source,
         target=target,
@@ -211,18 +222,19 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
         click.get_current_context().exit(EXIT_VERIFY_FAILED)
 
 
-@cli.command("run")
+@cli.command("run", cls=TargetOptionsCommand)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--input", "inputs", required=True, multiple=True,
               help="X.npy / X.npz, an image folder, or image files (repeatable).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Save the outputs (.npy, or .npz for several).")
-@click.option("--hardware", is_flag=True, help="Run on a connected device (Akida) instead of the software backend.")
 @click.option("--top", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to print per sample.")
 @json_option
 @handle_errors
-def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, hardware: bool, top: int,
-                as_json: bool) -> None:
-    """Run a bundle on inputs with its recorded preprocessing; print predictions (with labels if recorded)."""
+def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, top: int, as_json: bool) -> None:
+    """Run a bundle on inputs with its recorded preprocessing; print predictions (with labels if recorded).
+
+    Options marked with a target's name are that target's own: they apply to bundles of that target.
+    """
 
     import numpy as np
 
@@ -231,14 +243,15 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, hard
     from qanac.verify import run_bundle
 
     opened = Bundle.open(bundle)
+    runner_options = target_options([opened.target])
     data, names = load_run_inputs(opened, inputs)
     with progress_bar("running", data.num_samples, enabled=not as_json) as bar:
-        outputs = run_bundle(opened, data, {"hardware": hardware}, progress=bar.update)
+        outputs = run_bundle(opened, data, runner_options, progress=bar.update)
     if output is not None:
         if len(outputs) == 1 and output.suffix == ".npy":
             np.save(output, outputs[0])
         else:
-            np.savez(output, **dict(zip(opened.output_names, outputs)))
+            np.savez(output, **dict(zip(opened.output_names, outputs, strict=True)))
     preds = predictions(outputs[0], opened.labels, names, top)
     if as_json:
         emit_json({"predictions": preds, "output_file": str(output) if output else None})
@@ -248,31 +261,33 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, hard
             click.echo(f"{p['input']}: {classes}")
 
 
-@cli.command("lint")
+@cli.command("lint", cls=TargetOptionsCommand)
 @click.argument("source")
 @click.option("--target", "-t", required=True, help="Target whose rules to check (see `qanac targets`).")
-@click.option("--device", help="Also check that the device can take the model (Akida: AKD1000 is IP v1, ...).")
 @click.option("--input-shape", help="Fix input shapes: 1,3,64,64 or NAME:1,3,64,64;... .")
 @click.option("--weights", type=click.Path(), help="state_dict for a PyTorch factory source.")
 @click.option("--plugin", multiple=True, type=click.Path(), help="Python file registering extra passes.")
 @json_option
 @handle_errors
-def lint_command(source: str, target: str, device: str | None, input_shape: str | None, weights: str | None,
-                 plugin: tuple[str, ...], as_json: bool) -> None:
+def lint_command(source: str, target: str, input_shape: str | None, weights: str | None, plugin: tuple[str, ...],
+                 as_json: bool) -> None:
     """Check SOURCE against every rule of a target and list all problems at once (exit 3 on errors).
 
     The model is first run through the target's exact pipeline, as `qanac compile` would, so what is
     listed is what legalization could not fix. Each finding names the node (and its layer in the source
-    framework), the rule, what the vendor toolchain would do, and the way out.
+    framework), the rule, what the vendor toolchain would do, and the way out. A target's `--device`
+    option also checks that the device can take the model.
     """
 
     from qanac.compiler import CompileRequest, lint_for_target, prepare_model
     from qanac.diagnostics import EXIT_UNSUPPORTED, Level
     from qanac.targets import get_target
 
-    request = CompileRequest(source=source, target=target, output=Path("."), input_shape=input_shape,
-                             weights=weights, plugins=plugin)
     target_info = get_target(target)
+    options = target_options([target_info.name])
+    device = options.get("device")
+    request = CompileRequest(source=source, target=target, output=Path("."), input_shape=input_shape,
+                             weights=weights, plugins=plugin, backend_options=options)
     prepared = prepare_model(request, calibration=None)
     findings = lint_for_target(target_info, prepared.model, device, prepared.pipeline)
     errors = sum(1 for f in findings if f.level == Level.ERROR)
@@ -299,7 +314,7 @@ def lint_command(source: str, target: str, device: str | None, input_shape: str 
 
 @cli.command("rules")
 @click.argument("target")
-@click.option("--markdown", is_flag=True, help="Print the rule table as Markdown (docs/akida.md).")
+@click.option("--markdown", is_flag=True, help="Print the rule table as Markdown (as in the target's docs page).")
 @json_option
 @handle_errors
 def rules_command(target: str, markdown: bool, as_json: bool) -> None:
@@ -317,7 +332,8 @@ def rules_command(target: str, markdown: bool, as_json: bool) -> None:
     else:
         for rule in rules:
             fixed = f" [fixed by {rule.fixed_by}]" if rule.fixed_by else ""
-            click.echo(f"{rule.code} {rule.level.value:<7} {rule.title}{fixed}\n    {rule.consequence}\n    fix: {rule.fix}")
+            click.echo(f"{rule.code} {rule.level.value:<7} {rule.title}{fixed}\n    {rule.consequence}\n"
+                       f"    fix: {rule.fix}")
 
 
 @cli.command("inspect")
@@ -370,43 +386,23 @@ def passes_command(plugin: tuple[str, ...], target: str | None, markdown: bool, 
         click.echo(f"    from {p.origin}")
 
 
-@cli.command("devices")
-@json_option
-@handle_errors
-def devices_command(as_json: bool) -> None:
-    """List Akida devices: the virtual ones qanac maps onto, and any real hardware attached."""
-
-    from qanac.backends.akida.devices import DEFAULT_DEVICE, VIRTUAL_DEVICES, list_hardware_devices
-
-    hardware = list_hardware_devices()
-    if as_json:
-        emit_json({
-            "virtual": [spec.to_dict() for spec in VIRTUAL_DEVICES.values()],
-            "default": DEFAULT_DEVICE,
-            "hardware": hardware,
-        })
-        return
-    click.echo("virtual devices (for mapping; inference runs on akida's software backend):")
-    for spec in VIRTUAL_DEVICES.values():
-        default = "  (default)" if spec.name == DEFAULT_DEVICE else ""
-        click.echo(f"  {spec.name:<16} IP {spec.ip_version}, {spec.num_nps or '?'} NPs: {spec.description}{default}")
-    click.echo("  auto             the smallest device that holds the whole model")
-    click.echo("hardware: " + (", ".join(f"#{d['index']} {d['desc']}" for d in hardware) if hardware else "none attached"))
-
-
 @cli.command("targets")
 @json_option
 @handle_errors
 def targets_command(as_json: bool) -> None:
-    """List the compilation targets and their pipelines."""
+    """List the registered targets: pipeline, command-line options and commands of each."""
 
     from qanac.targets import all_targets
 
     if as_json:
-        emit_json([{"name": t.name, "description": t.description, "pipeline": list(t.pipeline)} for t in all_targets().values()])
+        emit_json([t.to_dict() for t in all_targets().values()])
         return
     for t in all_targets().values():
         click.echo(f"{t.name}: {t.description}\n    pipeline: {','.join(t.pipeline)}")
+        for option in t.options:
+            click.echo(f"    option {option.flag} ({', '.join(option.commands)}): {option.help}")
+        if t.commands:
+            click.echo(f"    commands: {', '.join(sorted(t.commands))}")
 
 
 @cli.command("eval")
@@ -436,15 +432,6 @@ def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: flo
         emit_json(result)
     else:
         click.echo(format_evaluation(result))
-
-
-def _add_zoo() -> None:
-    from qanac.zoo.cli import zoo
-
-    cli.add_command(zoo)
-
-
-_add_zoo()
 
 
 def main() -> None:

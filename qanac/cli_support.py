@@ -1,16 +1,20 @@
-"""Shared pieces of the click commands: error handling with documented exit codes, JSON output, progress."""
+"""Shared pieces of the click commands: error handling with documented exit codes, JSON output, progress,
+and the command-line surface that targets register (their options and commands, ``qanac.targets``)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import click
+from click.core import ParameterSource
 
-from qanac.diagnostics import EXIT_INTERNAL, QanacError
+from qanac.diagnostics import EXIT_INTERNAL, QanacError, UsageError
+from qanac.targets import TargetOption, all_targets, load_command, registered_commands
 
 
 def emit_json(data: Any) -> None:
@@ -65,3 +69,119 @@ def progress_bar(label: str, total: int, enabled: bool = True):
     """A click progress bar on stderr (hidden when stderr is not a terminal or in --json mode)."""
 
     return click.progressbar(length=total, label=label, file=sys.stderr if enabled else open(os.devnull, "w"))
+
+
+@contextlib.contextmanager
+def registry_errors() -> Iterator[None]:
+    """A broken target or command registration (a QanacError while loading the registry) becomes a click
+    error with the same exit code, so it prints one line even before a command's own handler runs."""
+
+    try:
+        yield
+    except QanacError as exc:
+        error = click.ClickException(exc.message + (f" (hint: {exc.hint})" if exc.hint else ""))
+        error.exit_code = exc.exit_code
+        raise error from exc
+
+
+class _TargetClickOption(click.Option):
+    """A click option built from the ``TargetOption`` records that share one flag."""
+
+    def __init__(self, flag: str, records: list[tuple[str, TargetOption]]):
+        first = records[0][1]
+        for target_name, record in records[1:]:
+            if (record.key, record.type, record.choices, record.default, record.is_flag) != (
+                    first.key, first.type, first.choices, first.default, first.is_flag):
+                raise UsageError(f"target option {flag} of target {target_name} differs from target "
+                                 f"{records[0][0]}'s (key, type, choices, default and is_flag must agree)")
+        kwargs: dict[str, Any] = {"help": "; ".join(f"{name} target: {record.help}" for name, record in records)}
+        if first.is_flag:
+            kwargs["is_flag"] = True
+        else:
+            kwargs["type"] = click.Choice(first.choices) if first.choices else first.type
+            kwargs["default"] = first.default
+            kwargs["show_default"] = first.default is not None
+        super().__init__([flag], **kwargs)
+        self.key = first.key
+        self.targets = tuple(name for name, _ in records)
+
+
+class TargetOptionsCommand(click.Command):
+    """A command that also takes every registered target's options for it (``Target.options``).
+
+    The options are read from the registry each time the command parses or prints its help, so a target
+    registered at run time takes part. Their values are moved out of the callback's arguments into
+    ``ctx.meta``; the callback gets the chosen target's with ``target_options``.
+    """
+
+    def _target_params(self, ctx: click.Context) -> list[_TargetClickOption]:
+        with registry_errors():
+            by_flag: dict[str, list[tuple[str, TargetOption]]] = {}
+            for target in all_targets().values():
+                for record in target.options_for(self.name or ""):
+                    by_flag.setdefault(record.flag, []).append((target.name, record))
+            key = (self.name, tuple((flag, tuple(records)) for flag, records in by_flag.items()))
+            cached = ctx.meta.get(_PARAMS_CACHE)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            params = [_TargetClickOption(flag, records) for flag, records in by_flag.items()]
+            taken = {name for param in self.params for name in (param.name, *param.opts)} | set(ctx.help_option_names)
+            clashes = sorted(param.opts[0] for param in params if taken & {param.name, *param.opts})
+            if clashes:
+                raise UsageError(f"target option {', '.join(clashes)} clashes with an option of `qanac {self.name}`")
+        ctx.meta[_PARAMS_CACHE] = (key, params)
+        return params
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        help_option = self.get_help_option(ctx)
+        own = [p for p in params if p is not help_option]
+        return [*own, *self._target_params(ctx), *([help_option] if help_option is not None else [])]
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta[_VALUES] = [(param, ctx.params.pop(param.name)) for param in self._target_params(ctx)]
+        return super().invoke(ctx)
+
+
+_PARAMS_CACHE = "qanac.target_params"
+_VALUES = "qanac.target_option_values"
+
+
+def target_options(target_names: Iterable[str]) -> dict[str, Any]:
+    """The values of the current command's target options that belong to one of ``target_names``, by key
+    (an option left unset is left out). An option given on the command line that none of them declares is
+    a usage error rather than silently ignored."""
+
+    ctx = click.get_current_context()
+    names = set(target_names)
+    options: dict[str, Any] = {}
+    for param, value in ctx.meta.get(_VALUES, []):
+        if names & set(param.targets):
+            if value is not None:
+                options[param.key] = value
+        elif ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+            raise UsageError(f"{param.opts[0]} is an option of target {', '.join(param.targets)}, not of "
+                             f"{', '.join(sorted(names))}",
+                             hint=f"drop {param.opts[0]}; `qanac targets` lists each target's options")
+    return options
+
+
+class RegistryGroup(click.Group):
+    """The ``qanac`` group: its built-in commands plus the commands targets and the ``qanac.commands``
+    entry point group register (``qanac.targets.registered_commands``), each imported only when listed or
+    run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        with registry_errors():
+            extra = registered_commands()
+            clashes = sorted(set(extra) & set(self.commands))
+            if clashes:
+                raise UsageError(f"registered command {', '.join(clashes)} clashes with a built-in qanac command")
+        return sorted([*self.commands, *extra])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        with registry_errors():
+            reference = registered_commands().get(cmd_name)
+            return None if reference is None else load_command(cmd_name, reference)

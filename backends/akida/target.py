@@ -1,13 +1,14 @@
 """The ``akida`` target declaration (registered through the ``qanac.targets`` entry point group).
 
 Declarative only: the pipeline (canonicalization, then the Akida legalization passes of
-``qanac.passes.akida``), the lint rule table (``rules.py``) and the device check. Importing this module
-imports neither the vendor stack nor TensorFlow.
+``qanac.passes.akida``), the lint rule table (``rules.py``), the device check, the command-line options
+(``--device`` for compile and lint, ``--hardware`` for run) and the ``devices`` command (``cli.py``).
+Importing this module imports neither the vendor stack nor TensorFlow.
 """
 
 from __future__ import annotations
 
-from qanac.targets import CANONICALIZE, Target
+from qanac.targets import CANONICALIZE, Target, TargetOption
 
 # Opt-in approximations (run only with --approx NAME; always reported with their deviation).
 APPROXIMATIONS: tuple[str, ...] = ("attention-freeze",)
@@ -35,4 +36,12 @@ TARGET = Target(
     rules="qanac.backends.akida.rules:AKIDA_RULES",
     device_check="qanac.backends.akida.rules:device_findings",
     passes="qanac.passes.akida",
+    options=(
+        TargetOption("--device", key="device", commands=("compile", "lint"),
+                     help="device the model is mapped onto (compile) or checked against (lint): a name from "
+                          "`qanac devices` (default SixNodesIPv2) or 'auto'"),
+        TargetOption("--hardware", key="hardware", commands=("run",), is_flag=True,
+                     help="run on a connected Akida board instead of akida's software backend"),
+    ),
+    commands={"devices": "qanac.backends.akida.cli:devices"},
 )

@@ -98,7 +98,8 @@ def test_inspect_json(small_model_path):
         ("model", ["--calib", None], "needs calibration data"),
     ],
 )
-def test_bad_input_is_exit_2_without_traceback_or_output(tmp_path, small_model_path, small_calib_path, setup, args, message):
+def test_bad_input_is_exit_2_without_traceback_or_output(tmp_path, small_model_path, small_calib_path, setup, args,
+                                                         message):
     model = small_model_path
     if setup == "garbage":
         model = tmp_path / "garbage.onnx"
