@@ -1,14 +1,18 @@
-"""Removal of nodes that do nothing at inference time, and of legacy graph forms."""
+"""Removal of nodes that do nothing at inference time, and of legacy graph forms.
+
+sum-to-add and remove-dropout-identity are rules (``qanac.rewrite``); remove-initializer-inputs edits the
+graph's input list and IR version, not nodes, and stays a function.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.graph import CompilationModel, bypass_node, constant_value, is_graph_output, nodes_of
+from qanac.graph import CompilationModel, bypass_node, constant_value, is_graph_output
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
-from qanac.passes._rewrite import derived_node_name, node_label
+from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
 
 # IR version 4 is the first in which an initializer need not also be listed as a graph input.
 FIRST_IR_WITHOUT_INITIALIZER_INPUTS = 4
@@ -42,64 +46,63 @@ def remove_initializer_inputs(model: CompilationModel, ctx: PassContext) -> Pass
     return result
 
 
-@register_pass("sum-to-add")
-def sum_to_add(model: CompilationModel, ctx: PassContext) -> PassResult:
+class SumToAdd(Rule):
     """Rewrite the legacy variadic ``Sum`` of exactly two inputs as ``Add`` (same broadcasting).
 
     A one-input Sum is its input and becomes an Identity (removed by remove-dropout-identity); a Sum of
-    three or more inputs is left alone. The node is renamed ``<name>::sum-to-add``. Invariant: no Sum
-    with one or two inputs remains.
+    three or more inputs is left alone, with the reason. The node is renamed ``<name>::sum-to-add``.
+    Invariant: no Sum with one or two inputs remains.
     """
 
-    result = PassResult()
-    for node in nodes_of(model.graph, ["Sum"]):
+    name = "sum-to-add"
+    ops = ("Sum",)
+
+    def check(self, rw: Rewriter, node: gs.Node) -> NoMatch | None:
         if len(node.inputs) not in (1, 2):
-            result.details.setdefault("skipped", {})[node_label(node)] = f"Sum of {len(node.inputs)} inputs"
-            continue
+            return NoMatch(f"Sum of {len(node.inputs)} inputs")
+        return None
+
+    def rewrite(self, rw: Rewriter, node: gs.Node, found: None) -> None:
         node.op = "Add" if len(node.inputs) == 2 else "Identity"
-        node.name = derived_node_name(node, "sum-to-add")
-        model.record(node, "sum-to-add")
-        result.count("sum-to-add" if node.op == "Add" else "sum-to-identity")
-    return result
+        rw.rename(node)
+        rw.count("sum-to-add" if node.op == "Add" else "sum-to-identity")
 
 
-@register_pass("remove-dropout-identity")
-def remove_dropout_identity(model: CompilationModel, ctx: PassContext) -> PassResult:
+class RemoveDropoutIdentity(Rule):
     """Remove Identity nodes and inference-mode Dropout (including opset-9 Dropout with a mask output).
 
     A Dropout is in inference mode when it has no ``training_mode`` input or that input is a constant
-    false. A Dropout whose mask output is consumed or is a graph output, or whose ``training_mode`` is
-    not a constant false, is left alone (the reason is in the result's details). Graph output names never
-    change: when the removed node writes a graph output, its input's producer is made to write it.
+    false. Left alone, with the reason: a Dropout whose mask output is consumed or is a graph output, or
+    whose ``training_mode`` is not a constant false, and a node whose input cannot take over its output's
+    name. Invariant: graph output names never change (when the removed node writes a graph output, its
+    input's producer is made to write it); outputs are unchanged.
     """
 
-    result = PassResult()
-    skipped: dict[str, str] = {}
-    graph = model.graph
-    for node in nodes_of(graph, ["Identity", "Dropout"]):
-        if node.op == "Dropout":
-            reason = _dropout_kept_because(graph, node)
-            if reason:
-                skipped[node_label(node)] = reason
-                continue
-        unused_outputs = [node.outputs.pop() for _ in range(len(node.outputs) - 1)][::-1]
-        if bypass_node(graph, node):
-            result.count(f"remove-{node.op.lower()}")
-        else:
-            node.outputs.extend(unused_outputs)
-            skipped[node_label(node)] = "its input cannot take over its output's name (graph input, constant or shared)"
-    if skipped:
-        result.details["skipped"] = skipped
-    return result
+    name = "remove-dropout-identity"
+    ops = ("Identity", "Dropout")
+
+    def check(self, rw: Rewriter, node: gs.Node) -> NoMatch | None:
+        return _dropout_kept_because(rw.graph, node) if node.op == "Dropout" else None
+
+    def rewrite(self, rw: Rewriter, node: gs.Node, found: None) -> NoMatch | None:
+        op = node.op
+        if not bypass_node(rw.graph, node):
+            return NoMatch("its input cannot take over its output's name (graph input, constant or shared)")
+        rw.count(f"remove-{op.lower()}")
+        return None
 
 
-def _dropout_kept_because(graph: gs.Graph, node: gs.Node) -> str:
+def _dropout_kept_because(graph: gs.Graph, node: gs.Node) -> NoMatch | None:
     if len(node.outputs) > 1 and (node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])):
-        return "its mask output is used"
+        return NoMatch("its mask output is used")
     if len(node.inputs) > 2 and not node.inputs[2].is_empty():
         training = constant_value(node.inputs[2])
         if training is None:
-            return "training_mode is not a constant"
+            return NoMatch("training_mode is not a constant")
         if bool(np.asarray(training).reshape(-1)[0]):
-            return "training_mode is true"
-    return ""
+            return NoMatch("training_mode is true")
+    return None
+
+
+register_rules("sum-to-add", SumToAdd())
+register_rules("remove-dropout-identity", RemoveDropoutIdentity())

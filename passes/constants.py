@@ -15,10 +15,11 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.execution import make_session
-from qanac.graph import CompilationModel, constant_value, is_graph_output
+from qanac.graph import CompilationModel, constant_value, derived_name, is_graph_output
+from qanac.passes._rewrite import static_dims, static_shape
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
-from qanac.passes._rewrite import derived_node_name, node_label, static_dims, static_shape
+from qanac.rewrite import node_label
 
 # Never evaluated at compile time: quantization nodes are kept as the model's own; the others draw
 # random numbers, so folding them would freeze one sample.
@@ -129,7 +130,7 @@ def _gather_or_slice(node: gs.Node, positions: np.ndarray) -> np.ndarray | None:
         return positions[np.asarray(indices, dtype=np.int64)]
     params = [None if t.is_empty() else constant_value(t) for t in node.inputs[1:5]]
     present = [not t.is_empty() for t in node.inputs[1:5]]
-    if any(p and v is None for p, v in zip(present, params)) or len(params) < 2:
+    if any(p and v is None for p, v in zip(present, params, strict=True)) or len(params) < 2:
         return None
     starts, ends, axes, steps = (params + [None, None])[:4]
     if axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] not in ([0], [-1]):
@@ -248,7 +249,7 @@ def _keep_constant_outputs(graph: gs.Graph, producers: dict[str, gs.Node]) -> se
             name, attrs = original.name, dict(original.attrs)
             recreated.add(id(original))
         else:
-            name = derived_node_name(original, "fold-constants") if original is not None else out.name
+            name = derived_name(node_label(original), "fold-constants") if original is not None else out.name
             attrs = {"value": gs.Constant(out.name, values)}
         out.to_variable(dtype=values.dtype, shape=list(values.shape))
         graph.nodes.append(gs.Node("Constant", name=name, attrs=attrs, outputs=[out]))
@@ -295,7 +296,8 @@ def _first_failing_node(graph: gs.Graph) -> tuple[gs.Node, str] | None:
         if not all(t.name in values for t in inputs):
             continue
         single = gs.Graph(
-            nodes=[node.copy(inputs=[_const(t, values) for t in node.inputs], outputs=[gs.Variable(t.name) for t in node.outputs])],
+            nodes=[node.copy(inputs=[_const(t, values) for t in node.inputs],
+                             outputs=[gs.Variable(t.name) for t in node.outputs])],
             opset=graph.opset,
             ir_version=graph.ir_version,
         )
@@ -305,7 +307,7 @@ def _first_failing_node(graph: gs.Graph) -> tuple[gs.Node, str] | None:
             outputs = session.run(None, {})
         except Exception as exc:
             return node, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        values.update({t.name: v for t, v in zip(node.outputs, outputs)})
+        values.update({t.name: v for t, v in zip(node.outputs, outputs, strict=True)})
     return None
 
 

@@ -13,10 +13,10 @@ import onnx_graphsurgeon as gs
 
 from qanac.diagnostics import Diagnostic, Level, UsageError
 from qanac.graph import CompilationModel
+from qanac.passes.constants import foldable_nodes
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
-from qanac.passes._rewrite import node_label
-from qanac.passes.constants import foldable_nodes
+from qanac.rewrite import node_label
 
 INPUT_SHAPE_HINT = "fix it with --input-shape NAME:1,3,64,64 (or 1,3,64,64 for a single input)"
 
@@ -234,7 +234,8 @@ def _unresolved(tensor: gs.Variable) -> bool:
 
 
 def _describe(tensor: gs.Variable) -> str:
-    shape = "unknown" if tensor.shape is None else "[" + ", ".join(str(d) if d is not None else "?" for d in tensor.shape) + "]"
+    dims = None if tensor.shape is None else ", ".join(str(d) if d is not None else "?" for d in tensor.shape)
+    shape = "unknown" if dims is None else f"[{dims}]"
     producer = f" from {tensor.inputs[0].op} node '{node_label(tensor.inputs[0])}'" if tensor.inputs else ""
     return f"(shape {shape}{producer})"
 

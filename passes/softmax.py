@@ -8,10 +8,11 @@ the float model did.
 
 from __future__ import annotations
 
-from qanac.graph import CompilationModel, bypass_node, is_graph_output, nodes_of
-from qanac.pipeline import PassContext
-from qanac.registry import PassResult, register_pass
-from qanac.passes._rewrite import known_rank, node_label
+import onnx_graphsurgeon as gs
+
+from qanac.graph import bypass_node, is_graph_output
+from qanac.passes._rewrite import known_rank
+from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
 
 RULE = "strip-trailing-softmax"
 
@@ -22,46 +23,44 @@ def _normalised_axis(node, rank: int, opset: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-@register_pass(RULE)
-def strip_trailing_softmax(model: CompilationModel, ctx: PassContext) -> PassResult:
+class StripTrailingSoftmax(Rule):
     """Remove a Softmax or LogSoftmax whose output is a graph output and record it as post-processing.
 
     Applies only over the last axis (which includes axis 1 of a 2-D tensor) and when the output feeds
     nothing else; the graph output keeps its name (the Softmax's input producer writes it) and
     ``model.post_processing`` gets ``{"op": "Softmax"|"LogSoftmax", "axis": -1, "output": name}`` (the
-    last axis, whatever the rank), inserted before any step already recorded for that output. A Softmax feeding another node is left alone.
-    Invariant: graph outputs with post-processing applied equal the model's outputs.
+    last axis, whatever the rank), inserted before any step already recorded for that output. A Softmax
+    that does not write a graph output is not a candidate. Invariant: graph outputs with post-processing
+    applied equal the model's outputs.
     """
 
-    result = PassResult()
-    skipped: dict[str, str] = {}
-    graph = model.graph
-    for node in nodes_of(graph, ["Softmax", "LogSoftmax"]):
+    name = RULE
+    ops = ("Softmax", "LogSoftmax")
+
+    def match(self, rw: Rewriter, node: gs.Node) -> bool:
+        return is_graph_output(rw.graph, node.outputs[0])
+
+    def check(self, rw: Rewriter, node: gs.Node) -> NoMatch | None:
         y = node.outputs[0]
-        if not is_graph_output(graph, y):
-            continue
-        label = node_label(node)
         if y.outputs:
-            skipped[label] = "its output also feeds other nodes"
-            continue
+            return NoMatch("its output also feeds other nodes")
         rank = known_rank(node.inputs[0]) or known_rank(y)
         if rank is None:
-            skipped[label] = "input rank unknown (run infer-shapes)"
-            continue
-        axis = _normalised_axis(node, rank, graph.opset)
+            return NoMatch("input rank unknown (run infer-shapes)")
+        axis = _normalised_axis(node, rank, rw.graph.opset)
         if axis != rank - 1:
-            skipped[label] = f"normalises over axis {axis}, not the last axis of a rank-{rank} tensor"
-            continue
-        op, output = node.op, y.name
-        if not bypass_node(graph, node):
-            skipped[label] = "its input is a graph input, a constant or used elsewhere"
-            continue
-        step = {"op": op, "axis": -1, "output": output}
-        position = next(
-            (i for i, p in enumerate(model.post_processing) if p.get("output") == output), len(model.post_processing)
-        )
-        model.post_processing.insert(position, step)
-        result.count(f"strip-{op.lower()}")
-    if skipped:
-        result.details["skipped"] = skipped
-    return result
+            return NoMatch(f"normalises over axis {axis}, not the last axis of a rank-{rank} tensor")
+        return None
+
+    def rewrite(self, rw: Rewriter, node: gs.Node, found: None) -> NoMatch | None:
+        op, output = node.op, node.outputs[0].name
+        if not bypass_node(rw.graph, node):
+            return NoMatch("its input is a graph input, a constant or used elsewhere")
+        post = rw.model.post_processing
+        position = next((i for i, p in enumerate(post) if p.get("output") == output), len(post))
+        post.insert(position, {"op": op, "axis": -1, "output": output})
+        rw.count(f"strip-{op.lower()}")
+        return None
+
+
+register_rules(RULE, StripTrailingSoftmax())

@@ -8,16 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper, parser
+from onnx import helper, numpy_helper
+
+from qanac.testing import parse  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def parse(text: str) -> onnx.ModelProto:
-    model = parser.parse_model(text)
-    onnx.checker.check_model(model)
-    return model
 
 
 def conv_bn_relu_softmax(seed: int = 0, batch: str = "N") -> onnx.ModelProto:

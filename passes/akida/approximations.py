@@ -8,9 +8,8 @@ import onnx_graphsurgeon as gs
 
 from qanac.diagnostics import UsageError
 from qanac.execution import tensor_values
-from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of, replace_uses
-from qanac.pipeline import PassContext
-from qanac.registry import PassResult, register_pass
+from qanac.graph import constant_value, replace_uses
+from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
 
 GATE_OPS = ("Sigmoid", "HardSigmoid")
 
@@ -43,7 +42,7 @@ def _scaled_reader(tensor: gs.Tensor) -> tuple[gs.Node, gs.Tensor] | None:
     return None
 
 
-def _fold_into_consumers(model: CompilationModel, mul: gs.Node, features: gs.Tensor, scale: np.ndarray) -> bool:
+def _fold_into_consumers(rw: Rewriter, mul: gs.Node, features: gs.Tensor, scale: np.ndarray) -> bool:
     """Scale the input channels of the Conv(s) or Gemm reading the gated tensor (exact given the frozen gate)."""
 
     output = mul.outputs[0]
@@ -74,12 +73,12 @@ def _fold_into_consumers(model: CompilationModel, mul: gs.Node, features: gs.Ten
             return False
         updates.append((layer, scaled))
     for layer, scaled in updates:
-        layer.inputs[1] = gs.Constant(derived_name(layer.name, "attention-freeze") + "/weight", scaled)
+        layer.inputs[1] = rw.constant(rw.name(layer) + "/weight", scaled)
     replace_uses(output, features)
     return True
 
 
-def _fold_into_producer(model: CompilationModel, mul: gs.Node, scale: np.ndarray) -> bool:
+def _fold_into_producer(rw: Rewriter, mul: gs.Node, scale: np.ndarray) -> bool:
     """x * s with x = Relu(Conv(..)) and s > 0 becomes Relu(Conv'(..)) with the conv's output channels scaled."""
 
     features, constant = mul.inputs
@@ -90,24 +89,22 @@ def _fold_into_producer(model: CompilationModel, mul: gs.Node, scale: np.ndarray
     conv = conv_out.inputs[0] if conv_out.inputs else None
     if conv is None or conv.op != "Conv" or len(conv_out.outputs) != 1 or constant_value(conv.inputs[1]) is None:
         return False
-    name = derived_name(conv.name, "attention-freeze")
+    name = rw.name(conv)
     weights = constant_value(conv.inputs[1]).astype(np.float32)
-    conv.inputs[1] = gs.Constant(name + "/weight", (weights * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
+    conv.inputs[1] = rw.constant(name + "/weight", (weights * scale.reshape(-1, 1, 1, 1)).astype(np.float32))
     bias = constant_value(conv.inputs[2]) if len(conv.inputs) > 2 else np.zeros(weights.shape[0], np.float32)
-    scaled_bias = gs.Constant(name + "/bias", (bias * scale).astype(np.float32))
+    scaled_bias = rw.constant(name + "/bias", (bias * scale).astype(np.float32))
     if len(conv.inputs) > 2:
         conv.inputs[2] = scaled_bias
     else:
         conv.inputs.append(scaled_bias)
     output = mul.outputs[0]
     relu.outputs[0] = output
-    mul.outputs.clear()
-    mul.inputs.clear()
+    rw.remove(mul)
     return True
 
 
-@register_pass("attention-freeze", targets=["akida"], exact=False)
-def attention_freeze(model: CompilationModel, ctx: PassContext) -> PassResult:
+class AttentionFreeze(Rule):
     """Replace attention gates x * sigmoid(g(x)) by x times the gate's per-channel mean on calibration data.
 
     Squeeze-and-excitation, ECA and spatial channel gates multiply a feature map by a sigmoid computed from
@@ -116,41 +113,50 @@ def attention_freeze(model: CompilationModel, ctx: PassContext) -> PassResult:
     Conv(s) or Gemm that read the gated map (also through global/average/max pooling and Flatten, which
     commute with a positive per-channel scale); else into the output channels of the Conv -> Relu that
     produced it; else it stays a Mul by a constant (scale-to-depthwise then makes it a layer Akida runs). The
-    gate's branch then has no consumer and disappears, so the block maps to the device. Approximate: the
-    pipeline reports the measured output change, and ``--max-deviation`` bounds it. Per gate, the scale's
-    range goes into the pass details.
+    gate's branch then has no consumer and disappears, so the block maps to the device. Without calibration
+    data nothing is a candidate. Approximate: the pipeline reports the measured output change, and
+    ``--max-deviation`` bounds it. Per gate, the scale's range goes into ``details["gates"]``.
     """
 
-    result = PassResult()
-    gates = [(mul, *found) for mul in nodes_of(model.graph, ["Mul"]) if (found := _gate_of(mul)) is not None]
-    if not gates or ctx.calibration is None:
-        return result
-    values = tensor_values(model.to_onnx(), ctx.calibration.arrays, [gate.name for _, _, gate in gates])
-    for mul, features, gate in gates:
-        observed = values[gate.name]
+    name = "attention-freeze"
+    ops = ("Mul",)
+
+    def prepare(self, rw: Rewriter, candidates: list[gs.Node]) -> dict[int, tuple[gs.Tensor, np.ndarray]] | None:
+        gates = [(mul, *found) for mul in candidates if (found := _gate_of(mul)) is not None]
+        if not gates or rw.ctx.calibration is None:
+            return None
+        values = tensor_values(rw.model.to_onnx(), rw.ctx.calibration.arrays, [gate.name for _, _, gate in gates])
+        return {id(mul): (features, values[gate.name]) for mul, features, gate in gates}
+
+    def match(self, rw: Rewriter, mul: gs.Node) -> bool:
+        return rw.prepared is not None and id(mul) in rw.prepared
+
+    def check(self, rw: Rewriter, mul: gs.Node) -> tuple[gs.Tensor, np.ndarray, np.ndarray]:
+        features, observed = rw.prepared[id(mul)]
         axes = tuple(i for i in range(observed.ndim) if i != 1)
-        scale = observed.mean(axis=axes).astype(np.float32)
-        result.details[mul.name] = {
+        return features, observed, observed.mean(axis=axes).astype(np.float32)
+
+    def rewrite(self, rw: Rewriter, mul: gs.Node, found: tuple[gs.Tensor, np.ndarray, np.ndarray]) -> None:
+        features, observed, scale = found
+        rw.note("gates", mul, {
             "channels": int(scale.size),
             "scale_min": float(scale.min()),
             "scale_max": float(scale.max()),
             "gate_std_over_data": float(observed.std(axis=0).mean()),
-        }
-        if _fold_into_consumers(model, mul, features, scale):
-            mul.outputs.clear()
-            mul.inputs.clear()
-            result.count("freeze-gate-into-next-conv")
-            continue
-        mul.inputs[0], mul.inputs[1] = features, gs.Constant(
-            derived_name(mul.name, "attention-freeze") + "/scale", scale.reshape(-1, *([1] * (observed.ndim - 2)))
+        })
+        if _fold_into_consumers(rw, mul, features, scale):
+            rw.remove(mul)
+            rw.count("freeze-gate-into-next-conv")
+            return
+        mul.inputs[0], mul.inputs[1] = features, rw.constant(
+            rw.name(mul) + "/scale", scale.reshape(-1, *([1] * (observed.ndim - 2)))
         )
-        model.graph.cleanup()  # the gate's branch is dead now; the features may have a single reader left
-        if _fold_into_producer(model, mul, scale):
-            result.count("freeze-gate-into-previous-conv")
+        rw.graph.cleanup()  # the gate's branch is dead now; the features may have a single reader left
+        if _fold_into_producer(rw, mul, scale):
+            rw.count("freeze-gate-into-previous-conv")
         else:
-            model.record(mul, "attention-freeze")
-            result.count("freeze-gate-to-scale")
-    return result
+            rw.record(mul)
+            rw.count("freeze-gate-to-scale")
 
 
 BOUND_RELU = "bound-relu"
@@ -158,47 +164,60 @@ BOUND_PERCENTILE = 99.99
 BOUND_SAMPLES = 256
 
 
-@register_pass(BOUND_RELU, targets=["akida"], exact=False)
-def bound_relu(model: CompilationModel, ctx: PassContext) -> PassResult:
+class BoundRelu(Rule):
     """Replace each unbounded Relu by Clip(0, b), b the ``percentile`` of its output on calibration data.
 
     The QANA recipe bounds every intermediate activation so that an 8-bit (Akida v2) or 4-bit (v1)
     activation scale spends its levels on the values that occur instead of on rare outliers. Options
     (``--pass-option bound-relu.NAME=VALUE``): ``percentile`` (default 99.99, over all values of the
     layer's output on the first ``samples`` calibration samples, default 256). A layer whose output is
-    zero on all of them keeps its Relu (a bound of 0 would cut it off for good). Per layer, the details
-    record the bound, the observed maximum and the share of values clipped; the pipeline measures the
-    change of the model's outputs, and ``--max-deviation`` bounds it. Relu6 / Clip(0, b) are left as
-    they are.
+    zero on all of them keeps its Relu, with the reason (a bound of 0 would cut it off for good). Per
+    layer, ``details["bounds"]`` records the bound, the observed maximum and the share of values clipped;
+    the pipeline measures the change of the model's outputs, and ``--max-deviation`` bounds it. Relu6 /
+    Clip(0, b) are left as they are; without calibration data nothing is a candidate.
     """
 
-    result = PassResult()
-    relus = nodes_of(model.graph, ["Relu"])
-    if not relus or ctx.calibration is None:
-        return result
-    percentile = float(ctx.option(BOUND_RELU, "percentile", BOUND_PERCENTILE))
-    samples = int(ctx.option(BOUND_RELU, "samples", BOUND_SAMPLES))
-    if not 0.0 < percentile <= 100.0 or samples < 1:
-        raise UsageError(f"bound-relu: percentile must be in (0, 100] and samples >= 1, got {percentile}, {samples}")
-    arrays = ctx.calibration.take(samples).arrays
-    values = tensor_values(model.to_onnx(), arrays, [relu.outputs[0].name for relu in relus])
-    for relu in relus:
-        observed = values[relu.outputs[0].name]
-        bound = float(np.percentile(observed, percentile))
+    name = "relu-to-clip"
+    ops = ("Relu",)
+
+    def prepare(self, rw: Rewriter, candidates: list[gs.Node]) -> dict[str, np.ndarray] | None:
+        if rw.ctx.calibration is None:
+            return None
+        percentile = float(rw.ctx.option(BOUND_RELU, "percentile", BOUND_PERCENTILE))
+        samples = int(rw.ctx.option(BOUND_RELU, "samples", BOUND_SAMPLES))
+        if not 0.0 < percentile <= 100.0 or samples < 1:
+            raise UsageError(
+                f"bound-relu: percentile must be in (0, 100] and samples >= 1, got {percentile}, {samples}"
+            )
+        arrays = rw.ctx.calibration.take(samples).arrays
+        values = tensor_values(rw.model.to_onnx(), arrays, [relu.outputs[0].name for relu in candidates])
+        return {"percentile": percentile, "values": values}
+
+    def match(self, rw: Rewriter, relu: gs.Node) -> bool:
+        return rw.prepared is not None
+
+    def check(self, rw: Rewriter, relu: gs.Node) -> NoMatch | tuple[np.ndarray, float]:
+        observed = rw.prepared["values"][relu.outputs[0].name]
+        bound = float(np.percentile(observed, rw.prepared["percentile"]))
         if bound <= 0.0:
-            result.details.setdefault("skipped", {})[relu.name] = "zero on every calibration sample"
-            continue
+            return NoMatch("zero on every calibration sample")
+        return observed, bound
+
+    def rewrite(self, rw: Rewriter, relu: gs.Node, found: tuple[np.ndarray, float]) -> None:
+        observed, bound = found
         relu.op = "Clip"
         relu.attrs.clear()
         relu.inputs.extend([
-            gs.Constant(derived_name(relu.name, BOUND_RELU) + "/min", np.array(0.0, np.float32)),
-            gs.Constant(derived_name(relu.name, BOUND_RELU) + "/max", np.array(bound, np.float32)),
+            rw.constant(rw.name(relu) + "/min", np.array(0.0, np.float32)),
+            rw.constant(rw.name(relu) + "/max", np.array(bound, np.float32)),
         ])
-        model.record(relu, BOUND_RELU)
-        result.details.setdefault("bounds", {})[relu.name] = {
+        rw.record(relu)
+        rw.note("bounds", relu, {
             "bound": bound,
             "observed_max": float(observed.max()),
             "clipped_share": float((observed > bound).mean()),
-        }
-        result.count("relu-to-clip")
-    return result
+        })
+
+
+register_rules("attention-freeze", AttentionFreeze(), targets=["akida"], exact=False)
+register_rules(BOUND_RELU, BoundRelu(), targets=["akida"], exact=False)

@@ -9,9 +9,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qanac.backends.akida.rules import input_layer
-from qanac.graph import constant_value
+from qanac.graph import constant_value, fresh_tensor_name
 from qanac.lint import LintContext
-from qanac.passes._rewrite import fresh_tensor_name, new_constant, static_dims
+from qanac.passes._rewrite import static_dims
+from qanac.rewrite import new_constant
 
 
 def spatial_size(tensor: gs.Tensor) -> tuple[int, int] | None:

@@ -7,8 +7,8 @@
   non-negative map the same maximum is a 2x2 stride-1 max pooling, a one-pixel shift, and a 2x2 stride-2
   max pooling, all in forms Akida accepts.
 - stage-global-average-pool: a global average pooling Akida cannot fuse where it is (over more than
-  MAX_GAP_PIXELS pixels, after a strided, depthwise or input convolution, or after max pooling) gets depthwise stages that shrink the map while keeping its sum, and a 1x1 identity
-  convolution to fuse into.
+  MAX_GAP_PIXELS pixels, after a strided, depthwise or input convolution, or after max pooling) gets
+  depthwise stages that shrink the map while keeping its sum, and a 1x1 identity convolution to fuse into.
 
 The inserted layers' weights are exact in float (0, 1, 1/n) and quantize without error; the rewrites add
 requantization steps only.
@@ -21,6 +21,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qanac.backends.akida.padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.backends.akida.rules import (
     ACTIVATIONS,
     DEPTHWISE_KERNELS,
@@ -30,13 +31,9 @@ from qanac.backends.akida.rules import (
     is_depthwise,
     maxpool_last_in_sequence,
 )
-from qanac.backends.akida.padding import accepted_forms, form_pads, output_size, pads_form
 from qanac.diagnostics import Level
-from qanac.graph import CompilationModel, constant_value, is_graph_output, nodes_of, replace_uses
+from qanac.graph import CompilationModel, constant_value, is_graph_output, replace_uses
 from qanac.lint import LintContext, lint_model
-from qanac.pipeline import PassContext
-from qanac.registry import PassResult, register_pass
-from qanac.targets import get_target
 from qanac.passes.akida.layers import (
     channels,
     conv_attrs,
@@ -48,7 +45,8 @@ from qanac.passes.akida.layers import (
     shaped_like,
     spatial_size,
 )
-from qanac.passes._rewrite import derived_node_name, new_constant, node_label
+from qanac.rewrite import NoMatch, Rewriter, Rule, node_label, register_rules
+from qanac.targets import get_target
 
 AVERAGE_RULE = "average-pool-to-depthwise"
 MAXPOOL_RULE = "split-padded-maxpool"
@@ -75,7 +73,7 @@ def _pool_output_size(size: int, kernel: int, stride: int, begin: int, end: int,
     return out - 1 if (out - 1) * stride >= size + begin else out
 
 
-def _average_plan(pool: gs.Node, size: tuple[int, int]) -> tuple[int, list[int], tuple[int, int]] | str:
+def _average_plan(pool: gs.Node, size: tuple[int, int]) -> tuple[int, list[int], tuple[int, int]] | NoMatch:
     """(kernel K, conv pads, tap offsets) of the depthwise conv equal to ``pool``, or why there is none."""
 
     kernel = _ints(pool, "kernel_shape", [])
@@ -84,18 +82,18 @@ def _average_plan(pool: gs.Node, size: tuple[int, int]) -> tuple[int, list[int],
     ceil_mode = bool(pool.attrs.get("ceil_mode", 0))
     include_pad = bool(pool.attrs.get("count_include_pad", 0))
     if pool.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        return "auto_pad (run explicit-pads)"
+        return NoMatch("auto_pad (run explicit-pads)")
     if len(kernel) != 2 or any(d != 1 for d in _ints(pool, "dilations", [1, 1])):
-        return "not a 2-D undilated pooling"
+        return NoMatch("not a 2-D undilated pooling")
     if strides[0] != strides[1] or strides[0] not in (1, 2):
-        return f"strides {strides} (Akida convolutions take equal strides of 1 or 2)"
+        return NoMatch(f"strides {strides} (Akida convolutions take equal strides of 1 or 2)")
     outputs = [_pool_output_size(size[i], kernel[i], strides[i], pads[i], pads[i + 2], ceil_mode) for i in range(2)]
     for i in range(2):
         starts = [m * strides[i] - pads[i] for m in range(outputs[i])]
         if starts[-1] + kernel[i] > size[i] + pads[i + 2]:
-            return "a ceil_mode window runs past the padding (ONNX divides it by fewer pixels)"
+            return NoMatch("a ceil_mode window runs past the padding (ONNX divides it by fewer pixels)")
         if not include_pad and (starts[0] < 0 or starts[-1] + kernel[i] > size[i]):
-            return "count_include_pad=0 with windows over the padding: the divisor changes at the borders"
+            return NoMatch("count_include_pad=0 with windows over the padding: the divisor changes at the borders")
     stride = (strides[0], strides[1])
     sizes = [K for K in sorted(DEPTHWISE_KERNELS) if K >= max(kernel) and (stride != (2, 2) or K in STRIDE2_KERNELS)]
     plans = sorted(((K, form) for K in sizes for form in accepted_forms((K, K), stride, False)),
@@ -106,11 +104,10 @@ def _average_plan(pool: gs.Node, size: tuple[int, int]) -> tuple[int, list[int],
         if all(0 <= offsets[i] <= K - kernel[i] and output_size(size[i], K, strides[i], q[i], q[i + 2]) == outputs[i]
                for i in range(2)):
             return K, q, offsets
-    return f"no depthwise kernel of {sorted(DEPTHWISE_KERNELS)} with accepted pads gives the same windows"
+    return NoMatch(f"no depthwise kernel of {sorted(DEPTHWISE_KERNELS)} with accepted pads gives the same windows")
 
 
-@register_pass(AVERAGE_RULE, targets=["akida"])
-def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> PassResult:
+class AveragePoolToDepthwise(Rule):
     """Replace a windowed 2-D AveragePool by the depthwise Conv that computes it (exact).
 
     The Conv's K x K kernel (K the smallest of 3, 5, 7 that holds the window; 3 at stride 2) has 1/(kh*kw)
@@ -123,63 +120,56 @@ def average_pool_to_depthwise(model: CompilationModel, ctx: PassContext) -> Pass
     and window, weights w / (kh * kw) on the window's taps (a residual block's two 1x1 projections in
     QANA), unless the pooled map comes from a node lint reports as an error (or one reading such a node:
     a residual Add of an attention gate, say), which runs on the host, where the fold would only cost
-    MACs. The fold costs K*K times the 1x1 Conv's MACs, but a separate depthwise layer after a residual Add
-    that feeds two branches makes akida's multi-pass mapping put the rest of the model in software
-    ("Hardware partial reconfiguration with layers on the second branch is not supported.", measured on
-    the QANA net with attention-freeze: 3 % of MACs on hardware; folded: 100 %, one sequence of passes).
-    Whole-map poolings without padding are left to quantizeml (which makes them global). Left with the reason: strides other than 1 or 2, unknown input sizes,
-    and windows no accepted padding reproduces.
+    MACs; why folding is worth K*K times the 1x1 Conv's MACs is in docs/pass-notes.md. Whole-map poolings
+    without padding are not candidates (quantizeml makes them global). Left with the reason: strides other
+    than 1 or 2, unknown input sizes, and windows no accepted padding reproduces.
     """
 
-    result = PassResult()
-    skipped: dict[str, str] = {}
-    graph = model.graph
-    host_bound: set[str] | None = None  # computed when a fold is possible
-    for pool in nodes_of(graph, ["AveragePool"]):
+    name = AVERAGE_RULE
+    ops = ("AveragePool",)
+
+    def prepare(self, rw: Rewriter, candidates: list[gs.Node]) -> dict[str, set[str]]:
+        return {}  # the host-bound nodes, found by lint when a fold is first possible
+
+    def match(self, rw: Rewriter, pool: gs.Node) -> bool:
+        size = spatial_size(pool.inputs[0])
+        return size is None or _ints(pool, "kernel_shape", []) != list(size) or any(_ints(pool, "pads", [0, 0, 0, 0]))
+
+    def check(self, rw: Rewriter, pool: gs.Node) -> NoMatch | tuple:
         x = pool.inputs[0]
         size, count = spatial_size(x), channels(x)
         if size is None or count is None:
-            skipped[node_label(pool)] = "input shape unknown (run infer-shapes)"
-            continue
-        if _ints(pool, "kernel_shape", []) == list(size) and not any(_ints(pool, "pads", [0, 0, 0, 0])):
-            continue
+            return NoMatch("input shape unknown (run infer-shapes)")
         plan = _average_plan(pool, size)
-        if isinstance(plan, str):
-            skipped[node_label(pool)] = plan
-            continue
-        K, pads, (dh, dw) = plan
+        if isinstance(plan, NoMatch):
+            return plan
+        readers = _pointwise_readers(pool.outputs[0], rw.graph)
+        if readers and "host_bound" not in rw.prepared:
+            rw.prepared["host_bound"] = _host_bound_nodes(rw.model)
+        if readers and _feeds_from(x, rw.prepared["host_bound"]):
+            readers = []
+        return plan, count, readers
+
+    def rewrite(self, rw: Rewriter, pool: gs.Node, found: tuple) -> None:
+        (K, pads, (dh, dw)), count, readers = found
+        x, out = pool.inputs[0], pool.outputs[0]
         kh, kw = _ints(pool, "kernel_shape", [])
         stride = _ints(pool, "strides", [1, 1])
-        out = pool.outputs[0]
-        readers = _pointwise_readers(out, graph)
-        if readers and host_bound is None:
-            host_bound = _host_bound_nodes(model)
-        if readers and not _feeds_from(x, host_bound):
+        rw.remove(pool)
+        if readers:
             for conv in readers:  # 1x1 conv of the average = K x K strided conv with the window masked in
                 pointwise = constant_value(conv.inputs[1]).astype(np.float32)
                 weights = np.zeros((*pointwise.shape[:2], K, K), np.float32)
                 weights[:, :, dh:dh + kh, dw:dw + kw] = pointwise / (kh * kw)
-                name = derived_node_name(conv, AVERAGE_RULE)
+                rw.rename(conv)
                 conv.inputs[0] = x
-                conv.inputs[1] = new_constant(graph, f"{name}/weight", weights)
+                conv.inputs[1] = rw.constant(f"{conv.name}/weight", weights)
                 conv.attrs.update(kernel_shape=[K, K], strides=list(stride), pads=list(pads))
-                conv.name = name
-                model.record(conv, AVERAGE_RULE)
-            pool.outputs.clear()
-            pool.inputs.clear()
-            result.count("fold-average-pool-into-pointwise-conv", len(readers))
-            continue
+            rw.count("fold-average-pool-into-pointwise-conv", len(readers))
+            return
         weights = np.zeros((count, 1, K, K), np.float32)
         weights[:, 0, dh:dh + kh, dw:dw + kw] = 1.0 / (kh * kw)
-        pool.outputs.clear()
-        pool.inputs.clear()
-        conv = conv_node(graph, derived_node_name(pool, AVERAGE_RULE), x, weights, out,
-                         strides=(stride[0], stride[1]), pads=pads, group=count)
-        model.record(conv, AVERAGE_RULE)
-        result.count(AVERAGE_RULE)
-    if skipped:
-        result.details["skipped"] = skipped
-    return result
+        conv_node(rw.graph, rw.name(pool), x, weights, out, strides=(stride[0], stride[1]), pads=pads, group=count)
 
 
 def _host_bound_nodes(model: CompilationModel) -> set[str]:
@@ -229,8 +219,7 @@ def _pool_host(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
     return conv if pads_form(size, attrs[0], attrs[1], attrs[2], is_input_layer(graph, conv)) == "same" else None
 
 
-@register_pass(MAXPOOL_RULE, targets=["akida"])
-def split_padded_maxpool(model: CompilationModel, ctx: PassContext) -> PassResult:
+class SplitPaddedMaxPool(Rule):
     """Rewrite MaxPool 3x3, stride 2, pads 1 (PyTorch's MaxPool2d(3, 2, 1)) on a non-negative map y as
     MaxPool 2x2/1 (pads at the end), a one-pixel shift, MaxPool 2x2/2 and a Relu (exact).
 
@@ -243,20 +232,19 @@ def split_padded_maxpool(model: CompilationModel, ctx: PassContext) -> PassResul
     values >= 0. Every piece is in a form Akida maps: 2x2 pools (hardware pools at most 2x2) with "same"
     pads, each fused after a stride-1 Conv padded in the "same" form. When the Conv before the pool is not
     such a Conv (strided, like ResNet's stem, or padded otherwise), a 1x1 identity Conv is put in front to
-    host the first pool. The shift is an ordinary Conv, not a depthwise one: Akida's depthwise convolution
-    fused with max pooling does not match quantizeml (measured, SQNR 15 dB); the ordinary one is bit-exact.
+    host the first pool. The shift is an ordinary Conv, not a depthwise one (docs/pass-notes.md says why).
 
-    Left with the reason: inputs that may be negative, other kernel/stride/padding combinations, unknown
-    sizes.
+    MaxPools without begin pads are not candidates. Left with the reason: inputs that may be negative,
+    other kernel/stride/padding combinations, unknown sizes.
     """
 
-    result = PassResult()
-    skipped: dict[str, str] = {}
-    graph = model.graph
-    for pool in nodes_of(graph, ["MaxPool"]):
-        if not any(_ints(pool, "pads", [0, 0, 0, 0])[:2]):
-            continue
-        label = node_label(pool)
+    name = MAXPOOL_RULE
+    ops = ("MaxPool",)
+
+    def match(self, rw: Rewriter, pool: gs.Node) -> bool:
+        return any(_ints(pool, "pads", [0, 0, 0, 0])[:2])
+
+    def check(self, rw: Rewriter, pool: gs.Node) -> NoMatch | tuple:
         shape_ok = (
             _ints(pool, "kernel_shape", []) == [3, 3] and _ints(pool, "strides", [1, 1]) == [2, 2]
             and _ints(pool, "pads", []) == [1, 1, 1, 1] and not pool.attrs.get("ceil_mode", 0)
@@ -264,51 +252,43 @@ def split_padded_maxpool(model: CompilationModel, ctx: PassContext) -> PassResul
         )
         x = pool.inputs[0]
         size, count = spatial_size(x), channels(x)
-        reason = None
         if not shape_ok:
-            reason = "only MaxPool 3x3, stride 2, pads 1 (no ceil_mode, dilation or indices) is rewritten"
-        elif size is None or count is None:
-            reason = "input shape unknown (run infer-shapes)"
-        elif not is_non_negative(x):
-            reason = "its input may be negative (a Relu or Clip(min >= 0) must produce it): the shift's zero would count"
-        if reason:
-            skipped[label] = reason
-            continue
+            return NoMatch("only MaxPool 3x3, stride 2, pads 1 (no ceil_mode, dilation or indices) is rewritten")
+        if size is None or count is None:
+            return NoMatch("input shape unknown (run infer-shapes)")
+        if not is_non_negative(x):
+            return NoMatch("its input may be negative (a Relu or Clip(min >= 0) must produce it): "
+                           "the shift's zero would count")
+        return size, count
 
-        height, width = size
+    def rewrite(self, rw: Rewriter, pool: gs.Node, found: tuple) -> None:
+        (height, width), count = found
+        graph = rw.graph
+        x, out = pool.inputs[0], pool.outputs[0]
         hosted = _pool_host(x, graph) is not None
-        out = pool.outputs[0]
-        pool.outputs.clear()
-        pool.inputs.clear()
-        names = [derived_node_name(pool, MAXPOOL_RULE, i) for i in range(6)]
-        new_nodes = []
+        rw.remove(pool)
+        names = [rw.name(pool, i) for i in range(6)]
         source = x
         if not hosted:
             source = shaped_like(graph, f"{names[0]}/out", x, (count, height, width))
-            new_nodes.append(conv_node(graph, names[0], x, identity_pointwise_weights(count), source))
+            conv_node(graph, names[0], x, identity_pointwise_weights(count), source)
         pairs = shaped_like(graph, f"{names[1]}/out", x, (count, height, width))
-        new_nodes.append(gs.Node("MaxPool", names[1], attrs={"kernel_shape": [2, 2], "strides": [1, 1],
-                                                             "pads": [0, 0, 1, 1]}, inputs=[source], outputs=[pairs]))
+        graph.nodes.append(gs.Node("MaxPool", names[1], attrs={"kernel_shape": [2, 2], "strides": [1, 1],
+                                                               "pads": [0, 0, 1, 1]}, inputs=[source], outputs=[pairs]))
         if not hosted:
             activated = shaped_like(graph, f"{names[2]}/out", x, (count, height, width))
-            new_nodes.append(gs.Node("Relu", names[2], inputs=[pairs], outputs=[activated]))
+            graph.nodes.append(gs.Node("Relu", names[2], inputs=[pairs], outputs=[activated]))
             pairs = activated
         shift_weights = np.zeros((count, count, 3, 3), np.float32)
         shift_weights[np.arange(count), np.arange(count), 0, 0] = 1.0
         shifted = shaped_like(graph, f"{names[3]}/out", x, (count, height, width))
-        new_nodes.append(conv_node(graph, names[3], pairs, shift_weights, shifted, pads=[1, 1, 1, 1]))
+        conv_node(graph, names[3], pairs, shift_weights, shifted, pads=[1, 1, 1, 1])
         pooled = shaped_like(graph, f"{names[4]}/out", x, (count, math.ceil(height / 2), math.ceil(width / 2)))
-        new_nodes.append(gs.Node("MaxPool", names[4], attrs={"kernel_shape": [2, 2], "strides": [2, 2],
-                                                             "pads": [0, 0, height % 2, width % 2]},
-                                 inputs=[shifted], outputs=[pooled]))
-        new_nodes.append(gs.Node("Relu", names[5], inputs=[pooled], outputs=[out]))
-        graph.nodes.extend(n for n in new_nodes if n.op != "Conv")  # conv_node added the Convs already
-        for node in new_nodes:
-            model.record(node, MAXPOOL_RULE)
-        result.count(MAXPOOL_RULE if hosted else f"{MAXPOOL_RULE}-with-identity-host")
-    if skipped:
-        result.details["skipped"] = skipped
-    return result
+        graph.nodes.append(gs.Node("MaxPool", names[4], attrs={"kernel_shape": [2, 2], "strides": [2, 2],
+                                                               "pads": [0, 0, height % 2, width % 2]},
+                                   inputs=[shifted], outputs=[pooled]))
+        graph.nodes.append(gs.Node("Relu", names[5], inputs=[pooled], outputs=[out]))
+        rw.count(MAXPOOL_RULE if hosted else f"{MAXPOOL_RULE}-with-identity-host")
 
 
 def _gap_source(tensor: gs.Tensor, graph: gs.Graph) -> tuple[gs.Node | None, bool]:
@@ -343,8 +323,7 @@ def _why_unfusable(gap: gs.Node, source: gs.Node, size: tuple[int, int], graph: 
     return None
 
 
-@register_pass(GAP_RULE, targets=["akida"])
-def stage_global_average_pool(model: CompilationModel, ctx: PassContext) -> PassResult:
+class StageGlobalAveragePool(Rule):
     """Give a GlobalAveragePool Akida cannot fuse where it is a layer it can fuse into (exact).
 
     While the map has more than MAX_GAP_PIXELS pixels, a depthwise 3x3 stride-2 stage sums each 2x2 block
@@ -357,67 +336,71 @@ def stage_global_average_pool(model: CompilationModel, ctx: PassContext) -> Pass
     does not run (the pooling stays with them), of a Conv whose padding convert() rejects anyway, of a
     map something else reads too (in practice a squeeze-and-excitation gate, which runs on the host: an
     Akida model has one output, and the pooled branch rejoins the map only through the gate), and
-    unknown sizes.
+    unknown sizes. A pooling Akida fuses where it is is not a candidate.
     """
 
-    result = PassResult()
-    skipped: dict[str, str] = {}
-    graph = model.graph
-    for gap in nodes_of(graph, ["GlobalAveragePool"]):
-        x = gap.inputs[0]
-        size, count = spatial_size(x), channels(x)
-        if size is None or count is None:
-            skipped[node_label(gap)] = "input shape unknown (run infer-shapes)"
-            continue
-        source, shared = _gap_source(x, graph)
-        if source is None:
-            skipped[node_label(gap)] = "pools the model input"
-            continue
-        if source.op not in GAP_SOURCES:
-            skipped[node_label(gap)] = f"reads {source.op} '{node_label(source)}', which Akida does not run"
-            continue
-        if shared:
-            skipped[node_label(gap)] = SHARED_REASON
-            continue
-        problem = _why_unfusable(gap, source, size, graph)
-        if problem is None:
-            continue
-        attrs = conv_attrs(source) if source.op == "Conv" else None
-        source_size = spatial_size(source.inputs[0]) if attrs else None
-        if attrs and source_size and pads_form(source_size, attrs[0], attrs[1], attrs[2],
-                                               is_input_layer(graph, source)) is None:
-            skipped[node_label(gap)] = (
-                f"'{node_label(source)}' has pads {attrs[2]} that convert() rejects for a {attrs[0][0]}x{attrs[0][1]} "
-                f"stride-{attrs[1][0]} kernel on a {source_size[0]}x{source_size[1]} map; staging would not help"
-            )
-            continue
+    name = GAP_RULE
+    ops = ("GlobalAveragePool",)
 
-        tensor, (height, width) = x, size
+    def match(self, rw: Rewriter, gap: gs.Node) -> bool:
+        return _gap_problem(gap, rw.graph) is not None
+
+    def check(self, rw: Rewriter, gap: gs.Node) -> NoMatch | tuple:
+        return _gap_problem(gap, rw.graph)
+
+    def rewrite(self, rw: Rewriter, gap: gs.Node, found: tuple) -> None:
+        problem, (height, width), count = found
+        graph = rw.graph
+        x = tensor = gap.inputs[0]
         stage = 0
         while height * width > MAX_GAP_PIXELS:
             q = form_pads((height, width), (HALVING_KERNEL,) * 2, (2, 2), "same")
             smaller = (math.ceil(height / 2), math.ceil(width / 2))
             weights = np.zeros((count, 1, HALVING_KERNEL, HALVING_KERNEL), np.float32)
             weights[:, 0, q[0]:q[0] + 2, q[1]:q[1] + 2] = smaller[0] * smaller[1] / (height * width)
-            name = derived_node_name(gap, GAP_RULE, stage)
+            name = rw.name(gap, stage)
             halved = shaped_like(graph, f"{name}/out", x, (count, *smaller))
-            model.record(conv_node(graph, name, tensor, weights, halved, strides=(2, 2), pads=q, group=count),
-                         GAP_RULE)
+            conv_node(graph, name, tensor, weights, halved, strides=(2, 2), pads=q, group=count)
             tensor, (height, width), stage = halved, smaller, stage + 1
-            result.count("halve-before-global-pool")
-        name = derived_node_name(gap, GAP_RULE, stage)
+            rw.count("halve-before-global-pool")
+        name = rw.name(gap, stage)
         fused = shaped_like(graph, f"{name}/out", x, (count, height, width))
-        model.record(conv_node(graph, name, tensor, identity_pointwise_weights(count), fused), GAP_RULE)
+        conv_node(graph, name, tensor, identity_pointwise_weights(count), fused)
         gap.inputs[0] = fused
-        result.count("identity-conv-before-global-pool")
-        result.details.setdefault("staged", {})[node_label(gap)] = f"{problem}: {stage} halving stage(s)"
-    if skipped:
-        result.details["skipped"] = skipped
-    return result
+        rw.count("identity-conv-before-global-pool")
+        rw.note("staged", gap, f"{problem}: {stage} halving stage(s)")
 
 
-@register_pass(FEED_RULE, targets=["akida"])
-def identity_conv_after_maxpool(model: CompilationModel, ctx: PassContext) -> PassResult:
+def _gap_problem(gap: gs.Node, graph: gs.Graph) -> NoMatch | tuple | None:
+    """(why Akida cannot fuse ``gap`` where it is, input size, channels); None when it can; a NoMatch when
+    staging cannot help or the shapes are unknown."""
+
+    x = gap.inputs[0]
+    size, count = spatial_size(x), channels(x)
+    if size is None or count is None:
+        return NoMatch("input shape unknown (run infer-shapes)")
+    source, shared = _gap_source(x, graph)
+    if source is None:
+        return NoMatch("pools the model input")
+    if source.op not in GAP_SOURCES:
+        return NoMatch(f"reads {source.op} '{node_label(source)}', which Akida does not run")
+    if shared:
+        return NoMatch(SHARED_REASON)
+    problem = _why_unfusable(gap, source, size, graph)
+    if problem is None:
+        return None
+    attrs = conv_attrs(source) if source.op == "Conv" else None
+    source_size = spatial_size(source.inputs[0]) if attrs else None
+    if attrs and source_size and pads_form(source_size, attrs[0], attrs[1], attrs[2],
+                                           is_input_layer(graph, source)) is None:
+        return NoMatch(
+            f"'{node_label(source)}' has pads {attrs[2]} that convert() rejects for a {attrs[0][0]}x{attrs[0][1]} "
+            f"stride-{attrs[1][0]} kernel on a {source_size[0]}x{source_size[1]} map; staging would not help"
+        )
+    return problem, size, count
+
+
+class IdentityConvAfterMaxPool(Rule):
     """Let a Conv with max pooling feed a convolution, as Akida requires, by putting a 1x1 identity Conv
     after its layer when anything else reads it (exact).
 
@@ -429,28 +412,37 @@ def identity_conv_after_maxpool(model: CompilationModel, ctx: PassContext) -> Pa
     is the common case.
     """
 
-    result = PassResult()
-    graph = model.graph
-    ctx_lint = LintContext(graph)
-    for conv in nodes_of(graph, ["Conv"]):
-        if maxpool_last_in_sequence(conv, ctx_lint) is None:
-            continue
+    name = FEED_RULE
+    ops = ("Conv",)
+
+    def prepare(self, rw: Rewriter, candidates: list[gs.Node]) -> LintContext:
+        return LintContext(rw.graph)
+
+    def match(self, rw: Rewriter, conv: gs.Node) -> bool:
+        return maxpool_last_in_sequence(conv, rw.prepared) is not None
+
+    def check(self, rw: Rewriter, conv: gs.Node) -> NoMatch | gs.Node:
         last = fused_chain(conv)[-1]
         out = last.outputs[0]
+        if channels(out) is None or spatial_size(out) is None:
+            return NoMatch("output shape unknown (run infer-shapes)")
+        return last
+
+    def rewrite(self, rw: Rewriter, conv: gs.Node, last: gs.Node) -> None:
+        graph = rw.graph
+        out = last.outputs[0]
         count = channels(out)
-        if count is None or spatial_size(out) is None:
-            result.details.setdefault("skipped", {})[node_label(conv)] = "output shape unknown (run infer-shapes)"
-            continue
-        name = derived_node_name(last, FEED_RULE)
+        name = rw.name(last)
         fed = shaped_like(graph, f"{name}/out", out, (count, *spatial_size(out)))
         replace_uses(out, fed)
-        identity = conv_node(graph, name, out, identity_pointwise_weights(count), fed)
+        conv_node(graph, name, out, identity_pointwise_weights(count), fed)
         outputs = graph.outputs
         if any(t is out for t in outputs):
             graph.outputs = [fed if t is out else t for t in outputs]
             fed.name, out.name = out.name, f"{out.name}::{FEED_RULE}"
-        model.record(identity, FEED_RULE)
-        result.count(FEED_RULE)
-    if result.counts:
-        graph.toposort()
-    return result
+
+
+register_rules(AVERAGE_RULE, AveragePoolToDepthwise(), targets=["akida"])
+register_rules(MAXPOOL_RULE, SplitPaddedMaxPool(), targets=["akida"])
+register_rules(GAP_RULE, StageGlobalAveragePool(), targets=["akida"])
+register_rules(FEED_RULE, IdentityConvAfterMaxPool(), targets=["akida"])

@@ -6,9 +6,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qanac.backends.akida.rules import ACTIVATIONS, DEPTHWISE_KERNELS
-from qanac.graph import CompilationModel, constant_value, derived_name, nodes_of
-from qanac.pipeline import PassContext
-from qanac.registry import PassResult, register_pass
+from qanac.graph import constant_value
+from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
 
 
 def _channel_scale(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
@@ -32,40 +31,44 @@ def _channel_scale(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
     return None
 
 
-@register_pass("scale-to-depthwise", targets=["akida"])
-def scale_to_depthwise(model: CompilationModel, ctx: PassContext) -> PassResult:
-    """Rewrite x * s (s constant, scalar or per channel) after an activation as a 3x3 depthwise Conv whose
-    only non-zero tap is the centre, s[c], with pads 1: the same values, in a layer Akida maps.
+class ScaleToDepthwise(Rule):
+    """Rewrite x * s (s constant, scalar or per channel, x a 4-D NCHW map) after an activation as a 3x3
+    depthwise Conv whose only non-zero tap is the centre, s[c], with pads 1: the same values, in a layer
+    Akida maps.
 
     quantizeml folds a constant Mul into a neighbouring Conv where it can, so only a Mul it cannot fold
     is rewritten: one reading an activation's output (nothing to fold back into) and not read only by
-    Convs (nothing to fold forward into). A 1x1 depthwise conv would run in software on Akida (kernel
-    sizes 3, 5, 7 only), hence the 3x3 form.
+    Convs (nothing to fold forward into); the others are left with the reason. A 1x1 depthwise conv would
+    run in software on Akida (kernel sizes 3, 5, 7 only), hence the 3x3 form. Invariant: outputs unchanged.
     """
 
-    result = PassResult()
-    kernel = min(DEPTHWISE_KERNELS)
-    for mul in nodes_of(model.graph, ["Mul"]):
-        found = _channel_scale(mul)
-        if found is None:
-            continue
-        x, scale = found
+    name = "scale-to-depthwise"
+    ops = ("Mul",)
+
+    def match(self, rw: Rewriter, mul: gs.Node) -> bool:
+        return _channel_scale(mul) is not None
+
+    def check(self, rw: Rewriter, mul: gs.Node) -> NoMatch | tuple[gs.Tensor, np.ndarray]:
+        x, scale = _channel_scale(mul)
         producer = x.inputs[0] if x.inputs else None
         readers = mul.outputs[0].outputs
         if producer is None or producer.op not in ACTIVATIONS or (readers and all(r.op == "Conv" for r in readers)):
-            result.details.setdefault("left", []).append(f"{mul.name}: foldable by quantizeml")
-            continue
+            return NoMatch("foldable by quantizeml")
+        return x, scale
+
+    def rewrite(self, rw: Rewriter, mul: gs.Node, found: tuple[gs.Tensor, np.ndarray]) -> None:
+        x, scale = found
+        kernel = min(DEPTHWISE_KERNELS)
         weights = np.zeros((scale.size, 1, kernel, kernel), np.float32)
         weights[:, 0, kernel // 2, kernel // 2] = scale
-        name = derived_name(mul.name, "scale-to-depthwise")
+        name = rw.name(mul)
         conv = gs.Node(
             "Conv", name, attrs={"group": int(scale.size), "kernel_shape": [kernel, kernel],
                                  "pads": [kernel // 2] * 4, "strides": [1, 1]},
-            inputs=[x, gs.Constant(name + "/weight", weights)], outputs=[mul.outputs[0]],
+            inputs=[x, rw.constant(name + "/weight", weights)], outputs=[mul.outputs[0]],
         )
-        mul.outputs.clear()
-        mul.inputs.clear()
-        model.graph.nodes.append(conv)
-        model.record(conv, "scale-to-depthwise")
-        result.count("scale-to-depthwise")
-    return result
+        rw.remove(mul)
+        rw.graph.nodes.append(conv)
+
+
+register_rules("scale-to-depthwise", ScaleToDepthwise(), targets=["akida"])

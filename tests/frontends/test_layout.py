@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from qanac.graph import CompilationModel
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
 
 LAYOUT = "remove-layout-transposes"
 HEAD = "flatten-dense-to-gemm"

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from tests.passes.rewrite_testing import graph_model, rewrite_and_compare
+from qanac.testing import graph_model, rewrite_and_compare
 
 
 def conv_model(c_in: int, c_out: int, kernel: int, size: int = 8, stem: bool = True, relu: bool = True,
@@ -77,7 +77,8 @@ def test_grouped_conv_becomes_block_diagonal():
 
 @pytest.mark.parametrize("group", [1, 8])
 def test_plain_and_depthwise_convs_are_left(group):
-    compiled, counts, _ = rewrite_and_compare(conv_model(8, 8, 3, pads=[1, 1, 1, 1], group=group), "grouped-conv-to-dense")
+    model = conv_model(8, 8, 3, pads=[1, 1, 1, 1], group=group)
+    compiled, counts, _ = rewrite_and_compare(model, "grouped-conv-to-dense")
     assert counts == {} and node(compiled, "conv").attrs["group"] == group
 
 

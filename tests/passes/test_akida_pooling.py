@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from tests.passes.rewrite_testing import graph_model, rewrite_and_compare
+from qanac.testing import graph_model, rewrite_and_compare
 
 C = 4
 
@@ -194,7 +194,8 @@ def test_average_pool_read_by_pointwise_convs_folds_into_them():
     """A residual block's hand-over: 2x2/2 average pooling read by two 1x1 Convs becomes two 3x3/2 Convs."""
 
     rng = np.random.default_rng(3)
-    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1)), "pb": rng.normal(size=(8, C, 1, 1)),
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1)),
+             "pb": rng.normal(size=(8, C, 1, 1)),
              "bb": rng.normal(size=8)}
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["c"], name="stem", pads=[1, 1, 1, 1]),
@@ -220,7 +221,8 @@ MAXPOOL = ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]})
 
 
 def test_maxpool_layer_feeding_the_output_gets_an_identity_conv():
-    compiled, counts, _ = rewrite_and_compare(model([MAXPOOL, ("Relu", {})], stem="none"), "identity-conv-after-maxpool")
+    original = model([MAXPOOL, ("Relu", {})], stem="none")
+    compiled, counts, _ = rewrite_and_compare(original, "identity-conv-after-maxpool")
     assert counts == {"identity-conv-after-maxpool": 1}
     assert ops(compiled)[-1] == "Conv" and compiled.graph.outputs[0].name == "y"
     identity = compiled.graph.nodes[-1]
@@ -246,7 +248,8 @@ def test_average_pool_of_a_host_bound_map_is_not_folded():
     multiply the host's MACs, so the pooling becomes a depthwise layer and the 1x1 Conv stays."""
 
     rng = np.random.default_rng(5)
-    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1)), "wg": rng.normal(size=(C, C, 1, 1))}
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1)),
+             "wg": rng.normal(size=(C, C, 1, 1))}
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["c"], name="stem", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["a"], name="act"),

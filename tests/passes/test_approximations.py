@@ -103,7 +103,8 @@ def test_does_not_fire_on_swish_or_plain_products():
     cm = CompilationModel.from_onnx(swish)
     data = CalibrationData(arrays={"x": np.ones((2, 4), np.float32), "z": np.ones((2, 4), np.float32)},
                            source="t", preprocessing=Preprocessing())
-    report = run_pipeline(cm, ["attention-freeze"], PassContext("akida", data, approximations=frozenset({"attention-freeze"})))
+    ctx = PassContext("akida", data, approximations=frozenset({"attention-freeze"}))
+    report = run_pipeline(cm, ["attention-freeze"], ctx)
     assert report.totals()["attention-freeze"]["counts"] == {}
     assert [n.op for n in cm.graph.nodes] == ["Sigmoid", "Mul", "Mul"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qanac.targets import CANONICALIZE
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
 
 
 def values(*shape: int, low: float | None = None, seed: int = 0) -> str:
@@ -56,7 +56,8 @@ def test_batchnorm_folds_into_conv(group, bias):
 
 
 def test_shared_weights_are_not_overwritten():
-    text = conv_bn(extra="[conv2] z = Conv <pads = [1, 1, 1, 1]> (x, w, b)", outputs="float[N,4,5,5] y, float[N,4,5,5] z")
+    text = conv_bn(extra="[conv2] z = Conv <pads = [1, 1, 1, 1]> (x, w, b)",
+                   outputs="float[N,4,5,5] y, float[N,4,5,5] z")
     model = parse(text)
     compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
     assert result.counts == {"fold-batchnorm-into-conv": 1}
@@ -186,7 +187,8 @@ def random_layer_bn(seed: int):
     rng = np.random.default_rng(seed)
     group = int(rng.choice([1, 2, 3]))
     c_in, c_out = group * int(rng.integers(1, 3)), group * int(rng.integers(1, 4))
-    k, stride, dilation, pad = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(0, 2))
+    k, stride = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    dilation, pad = int(rng.integers(1, 3)), int(rng.integers(0, 2))
     op = "Conv" if rng.random() < 0.6 else "ConvTranspose"
     shape = (c_out, c_in // group, k, k) if op == "Conv" else (c_in, c_out // group, k, k)
     inits = {"w": rng.normal(size=shape), "b": rng.normal(size=c_out), "scale": rng.uniform(0.5, 1.5, c_out),

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
 
 # IR 3: the weight is an initializer and, as IR < 4 requires, a graph input too
 INITIALIZER_INPUT = """
@@ -105,7 +105,9 @@ def test_inference_dropout_and_identity_are_removed():
     compiled, result = apply_pass(model, "remove-dropout-identity")
     assert result.counts == {"remove-dropout": 2, "remove-identity": 2}
     skipped = result.details["skipped"]
-    assert sorted(skipped.values()) == ["its mask output is used", "training_mode is not a constant", "training_mode is true"]
+    assert sorted(skipped.values()) == [
+        "its mask output is used", "training_mode is not a constant", "training_mode is true"
+    ]
     # the Relu now writes the graph output 'y' itself
     assert ops(compiled).count("Dropout") == 3 and "Identity" not in ops(compiled)
     assert any(n.op == "Relu" and n.outputs[0].name == "y" for n in compiled.graph.nodes)
@@ -158,5 +160,6 @@ def test_opset_12_dropout_training_input(training):
     # the Dropout writes a graph output from a graph input: it can only go when something else can take over
     assert ops(compiled) == ["Constant", "Dropout"]
     reason = next(iter(result.details["skipped"].values()))
-    assert reason == ("training_mode is true" if training else "its input cannot take over its output's name (graph input, constant or shared)")
+    cannot = "its input cannot take over its output's name (graph input, constant or shared)"
+    assert reason == ("training_mode is true" if training else cannot)
     assert onnx.checker.check_model(compiled.to_onnx()) is None

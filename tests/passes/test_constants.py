@@ -7,7 +7,7 @@ import pytest
 
 from qanac.diagnostics import UnsupportedModelError
 from qanac.targets import CANONICALIZE
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
 
 SCALED = """
 <ir_version: 8, opset_import: ["" : 17]>

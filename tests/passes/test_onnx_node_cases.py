@@ -26,10 +26,10 @@ from qanac.compare import exact_tolerance
 from qanac.diagnostics import UsageError
 from qanac.execution import apply_post_processing, make_session
 from qanac.graph import CompilationModel, is_graph_output, output_names
-from qanac.passes._rewrite import node_label
 from qanac.passes.opset import MAX_OPSET, MIN_OPSET, default_opset
 from qanac.pipeline import PassContext, PipelineReport, run_pipeline
 from qanac.registry import load_passes
+from qanac.rewrite import node_label
 from qanac.targets import CANONICALIZE
 
 NODE_CASES = Path(onnx.__file__).parent / "backend" / "test" / "data" / "node"
@@ -187,7 +187,7 @@ def test_node_case_survives_canonicalization(case):
     session = make_session(proto)
     actual = session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})
     actual = apply_post_processing(actual, output_names(proto), compiled.post_processing)
-    for name, want, got in zip(output_names(model), expected, actual):
+    for name, want, got in zip(output_names(model), expected, actual, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype, name
         if np.issubdtype(want.dtype, np.floating):
             error = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) if want.size else 0.0

@@ -6,7 +6,7 @@ import pytest
 
 from qanac.diagnostics import UsageError
 from qanac.passes.opset import MAX_OPSET, MIN_OPSET, UPGRADE_TARGET, default_opset
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
 
 # opset 10: Pad takes its pads as an attribute, Softmax flattens from `axis` (here 1, over C*L), Dropout
 # has no training input

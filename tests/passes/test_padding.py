@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, parse, random_inputs, run, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, parse, random_inputs, run, verify_pipeline
 
 
 def values(*shape: int, seed: int = 0) -> str:
@@ -33,13 +33,20 @@ CASES = {
     "conv-same-upper-stride-2": ("Conv", 'auto_pad = "SAME_UPPER", strides = [2, 2]', CONV_WEIGHT, [1, 0, 1, 1]),
     "conv-same-lower-stride-1": ("Conv", 'auto_pad = "SAME_LOWER"', CONV_WEIGHT, [1, 1, 1, 1]),
     "conv-valid": ("Conv", 'auto_pad = "VALID", strides = [2, 2]', CONV_WEIGHT, [0, 0, 0, 0]),
-    "maxpool-same-upper": ("MaxPool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 2], strides = [2, 2]', "", [0, 0, 1, 0]),
-    "maxpool-same-lower": ("MaxPool", 'auto_pad = "SAME_LOWER", kernel_shape = [2, 2], strides = [2, 2]', "", [1, 0, 0, 0]),
+    "maxpool-same-upper": (
+        "MaxPool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 2], strides = [2, 2]', "", [0, 0, 1, 0]
+    ),
+    "maxpool-same-lower": (
+        "MaxPool", 'auto_pad = "SAME_LOWER", kernel_shape = [2, 2], strides = [2, 2]', "", [1, 0, 0, 0]
+    ),
     "avgpool-same-lower": ("AveragePool", 'auto_pad = "SAME_LOWER", kernel_shape = [3, 2]', "", [1, 1, 1, 0]),
     "avgpool-same-upper-count-pad": (
-        "AveragePool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 3], strides = [3, 2], count_include_pad = 1', "", [0, 0, 1, 1]
+        "AveragePool", 'auto_pad = "SAME_UPPER", kernel_shape = [2, 3], strides = [3, 2], count_include_pad = 1', "",
+        [0, 0, 1, 1],
     ),
-    "convtranspose-same-upper": ("ConvTranspose", 'auto_pad = "SAME_UPPER", strides = [2, 2]', CONV_T_WEIGHT, [0, 0, 1, 1]),
+    "convtranspose-same-upper": (
+        "ConvTranspose", 'auto_pad = "SAME_UPPER", strides = [2, 2]', CONV_T_WEIGHT, [0, 0, 1, 1]
+    ),
 }
 
 
@@ -60,7 +67,8 @@ def test_dilated_same_padding_that_onnx_runtime_refuses_becomes_runnable():
     # ONNX Runtime refuses "Dilation ... for AutoPadType::SAME_UPPER" (and onnx.reference gets the size
     # wrong), so there is no reference run: the pads are checked by hand. Rows: 7 in, stride 2 -> 4 out,
     # dilated extent 5, total (4-1)*2 + 5 - 7 = 4 -> 2 + 2; columns: 6 -> 3, extent 3, total 1 -> 0 + 1.
-    model = parse(single_node("Conv", 'auto_pad = "SAME_UPPER", dilations = [2, 1], strides = [2, 2]', weight=CONV_WEIGHT))
+    attrs = 'auto_pad = "SAME_UPPER", dilations = [2, 1], strides = [2, 2]'
+    model = parse(single_node("Conv", attrs, weight=CONV_WEIGHT))
     compiled, result = apply_pass(model, "explicit-pads")
     assert list(compiled.graph.nodes[0].attrs["pads"]) == [2, 0, 2, 1]
     (output,) = run(compiled, random_inputs(model))

@@ -11,7 +11,7 @@ from qanac.execution import run_onnx
 from qanac.graph import CompilationModel
 from qanac.pipeline import PassContext, PipelineOptions, run_pipeline
 from qanac.registry import load_builtin_passes
-from tests.conftest import parse
+from qanac.testing import parse
 
 TEMPLATE = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -63,7 +63,9 @@ def test_fires_only_where_quantizeml_cannot_fold(activation, reader, why):
 
 def test_left_alone_when_only_convs_read_it():
     text = TEMPLATE.format(activation="Relu", reader="Identity").replace(
-        "  y = Identity (m)", "  w2 = Constant <value = float[3,3,1,1] {1,0,0, 0,1,0, 0,0,1}> ()\n  y2 = Conv (m, w2)\n  y = GlobalAveragePool (y2)"
+        "  y = Identity (m)",
+        "  w2 = Constant <value = float[3,3,1,1] {1,0,0, 0,1,0, 0,0,1}> ()\n  y2 = Conv (m, w2)\n"
+        "  y = GlobalAveragePool (y2)",
     )
     cm, report, expected, actual = run(text)
     assert report.totals().get("scale-to-depthwise", {}).get("counts", {}) == {}

@@ -7,7 +7,7 @@ import pytest
 
 from qanac.diagnostics import UsageError
 from qanac.targets import CANONICALIZE
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, parse, random_inputs, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, parse, random_inputs, verify_pipeline
 
 CONV_RELU = """
 <ir_version: 8, opset_import: ["" : 17]>

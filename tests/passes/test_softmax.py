@@ -7,7 +7,7 @@ import pytest
 
 from qanac.graph import output_names
 from qanac.targets import CANONICALIZE
-from tests.passes.rewrite_testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, run, verify_pipeline
+from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, run, verify_pipeline
 
 CLASSIFIER = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -105,7 +105,8 @@ def test_softmax_of_a_graph_input_stays():
 
 
 def test_stacked_softmaxes_are_recorded_in_application_order():
-    model = parse(CLASSIFIER.replace("[softmax] probs = %s", "[inner] s = Softmax(logits)\n  [outer] probs = LogSoftmax(s)"))
+    stacked = "[inner] s = Softmax(logits)\n  [outer] probs = LogSoftmax(s)"
+    model = parse(CLASSIFIER.replace("[softmax] probs = %s", stacked))
     inputs = random_inputs(model)
     compiled, report = verify_pipeline(model, ["strip-trailing-softmax"], inputs)
     assert report.totals()["strip-trailing-softmax"]["counts"] == {"strip-logsoftmax": 1, "strip-softmax": 1}

@@ -1,4 +1,12 @@
-"""Helpers for pass tests: run one pass or a pipeline on a text-form model and compare with ONNX Runtime."""
+"""Helpers for testing rewrite passes and rules, for qanac's own tests and for plugin authors.
+
+Build the model in ONNX text form (``parse``) or from nodes (``graph_model``), run the pass once
+(``apply_pass``: the pass's ``PassResult`` with its counts and ``details["skipped"]``) or under
+``--verify-each`` (``rewrite_and_compare``, ``verify_pipeline``), and compare ONNX Runtime outputs with
+the tolerance ``--verify-each`` holds exact passes to (``assert_outputs_equal``). A good pass test asserts
+the counts, the structure after the rewrite (``ops``, node names), equal outputs, and a case where the
+rule must not fire, with its reason. docs/writing-a-pass.md shows them in use.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +14,14 @@ import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
+import onnx.parser
 
 from qanac.calibration import CalibrationData, Preprocessing
 from qanac.compare import exact_tolerance
 from qanac.execution import apply_post_processing, make_session
-from qanac.graph import CompilationModel, output_names
+from qanac.graph import CompilationModel, output_names, refresh_tensor_names
 from qanac.pipeline import PassContext, PipelineOptions, PipelineReport, run_pipeline
 from qanac.registry import PassResult, get_pass, load_passes
-from tests.conftest import parse
 
 __all__ = [
     "apply_pass",
@@ -26,6 +34,14 @@ __all__ = [
     "run",
     "verify_pipeline",
 ]
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """A model from ONNX text form (``onnx.parser``), checked by ``onnx.checker``."""
+
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
 
 
 def graph_model(nodes: list[onnx.NodeProto], weights: dict[str, np.ndarray], x_shape: list,
@@ -55,6 +71,7 @@ def apply_pass(model: onnx.ModelProto | CompilationModel, name: str) -> tuple[Co
 
     load_passes()
     compiled = model if isinstance(model, CompilationModel) else CompilationModel.from_onnx(model)
+    refresh_tensor_names(compiled.graph)
     result = get_pass(name).fn(compiled, PassContext(target="onnxruntime"))
     if result.changed:
         compiled.graph.cleanup().toposort()
@@ -62,6 +79,8 @@ def apply_pass(model: onnx.ModelProto | CompilationModel, name: str) -> tuple[Co
 
 
 def ops(model: CompilationModel | onnx.ModelProto) -> list[str]:
+    """The op types of the model's nodes, in graph order."""
+
     if isinstance(model, CompilationModel):
         return [n.op for n in model.graph.nodes]
     return [n.op_type for n in model.graph.node]
@@ -102,7 +121,7 @@ def assert_outputs_equal(
     assert output_names(proto) == output_names(reference)
     expected = run(reference, inputs)
     actual = run(compiled, inputs)
-    for name, want, got in zip(output_names(reference), expected, actual):
+    for name, want, got in zip(output_names(reference), expected, actual, strict=True):
         assert got.shape == want.shape, name
         error = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) if want.size else 0.0
         assert error <= exact_tolerance(want), f"output {name}: max abs error {error:.3g}"
