@@ -16,11 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 from qanac.bundle import Bundle, write_json
-from qanac.calibration import CalibrationData
+from qanac.calibration import HAM10000_CLASSES, CalibrationData, is_ham10000, read_ham10000
 from qanac.diagnostics import UsageError
+from qanac.metrics import classification_metrics, plot_confusion_matrices, recall_drops
 from qanac.verify import bundle_inputs, bundle_preprocessing, load_bundle_data, run_bundle, run_reference
-
-HAM_METADATA = "HAM10000_metadata.csv"
 
 
 @dataclasses.dataclass
@@ -33,16 +32,17 @@ class LabelledData:
 
 def load_labelled(bundle: Bundle, source: str | Path, seed: int = 0) -> LabelledData:
     path = Path(source)
-    if (path / HAM_METADATA).is_file():
-        from qanac.zoo.data import load_ham10000
-
+    if is_ham10000(path):
         spec = bundle_inputs(bundle)[0]
-        splits = load_ham10000(path, image_size=spec.shape[2:], seed=seed, augmentation=None)
+        ham = read_ham10000(path, spec.shape[2:])
+        _, _, test = ham.split(seed=seed)
+        if len(test) == 0:
+            raise UsageError(f"the test split of {path} is empty", hint="use a larger HAM10000 directory")
         preprocessing = bundle_preprocessing(bundle)
-        raw = splits.test.images  # uint8 NCHW, never augmented
+        raw = ham.images[test]
         data = CalibrationData(arrays={spec.name: preprocessing.apply(raw)}, source=f"{path} (test split)",
                                preprocessing=preprocessing, raw={spec.name: raw})
-        return LabelledData(data, splits.test.labels.astype(np.int64), list(splits.class_names), data.source)
+        return LabelledData(data, ham.labels[test], list(HAM10000_CLASSES), data.source)
     data = load_bundle_data(bundle, path)
     if data.labels is None or (data.labels < 0).any():
         raise UsageError(
@@ -67,16 +67,14 @@ def evaluate_bundle(
     recall_drop: float = 0.05,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    from qanac.zoo.metrics import classification_metrics, plot_confusion_matrices, recall_drops
-
     def predictions(outputs: list[np.ndarray]) -> np.ndarray:
         return outputs[0].reshape(len(outputs[0]), -1).argmax(axis=1)
 
     count = len(labelled.class_names)
     reference = classification_metrics(labelled.labels, predictions(run_reference(bundle, labelled.data, progress)),
                                        count, labelled.class_names)
-    compiled = classification_metrics(labelled.labels, predictions(run_bundle(bundle, labelled.data, progress=progress)),
-                                      count, labelled.class_names)
+    compiled_outputs = run_bundle(bundle, labelled.data, progress=progress)
+    compiled = classification_metrics(labelled.labels, predictions(compiled_outputs), count, labelled.class_names)
     drops = recall_drops(reference, compiled, recall_drop)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_confusion_matrices(reference["confusion_matrix"], compiled["confusion_matrix"], labelled.class_names,

@@ -91,7 +91,8 @@ def export_command(name: str, variant: str | None, input_size: int | None, class
     if as_json:
         emit_json({"output": str(output), "model": spec.to_dict(), "parameters": params})
     else:
-        click.echo(f"wrote {output}: {spec.name} ({spec.variant}), {params:,} parameters, input 1x{'x'.join(map(str, shape))}")
+        dims = "x".join(map(str, shape))
+        click.echo(f"wrote {output}: {spec.name} ({spec.variant}), {params:,} parameters, input 1x{dims}")
 
 
 @zoo.command("train")
@@ -158,10 +159,10 @@ def train_command(name: str, variant: str | None, input_size: int | None, classe
 
 
 def _load_splits(data: Path, input_size, seed: int):
-    from qanac.evaluate import HAM_METADATA
-    from qanac.zoo.data import load_digits_splits, load_ham10000, load_image_folder_splits
+    from qanac.calibration import is_ham10000
+    from qanac.zoo.data import load_ham10000, load_image_folder_splits
 
-    if (data / HAM_METADATA).is_file():
+    if is_ham10000(data):
         return load_ham10000(data, image_size=input_size, seed=seed)
     if data.is_dir():
         return load_image_folder_splits(data, image_size=input_size, seed=seed)

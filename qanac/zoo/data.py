@@ -1,4 +1,4 @@
-"""Data sets for the zoo: HAM10000, image folders, sklearn digits, and a HAM10000-shaped test fixture.
+"""Data sets for the zoo: HAM10000, image folders and sklearn digits, as torch datasets for training.
 
 Every loader returns :class:`DataSplits`: train / validation / test :class:`ImageDataset` objects over
 uint8 NCHW arrays already resized to the model input. A dataset yields float32 CHW tensors in [0, 1]
@@ -8,6 +8,8 @@ uint8 NCHW arrays already resized to the model input. A dataset yields float32 C
 Splits are made before anything else touches the data. HAM10000 holds several images of one lesion,
 so the split is grouped by ``lesion_id``: every lesion lands in exactly one split. It is stratified by
 class (each class's lesions are divided in the requested proportions, counted in images) and seeded.
+Reading the HAM10000 layout and the split itself belong to the compiler's data loading
+(:mod:`qanac.calibration`), which `qanac eval` uses to score the same test split.
 Augmentation (:class:`Augmentation`: random horizontal and vertical flips, brightness and contrast
 jitter of at most ``+-10 %``; no flips for digits) is applied on the fly to the training split only;
 validation and test images are never altered.
@@ -21,9 +23,7 @@ validation and test untouched.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -31,13 +31,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from qanac.calibration import IMAGE_SUFFIXES, Preprocessing, load_image_folder
+from qanac.calibration import (
+    DEFAULT_SPLIT_FRACTIONS,
+    HAM10000_CLASSES,
+    IMAGE_SUFFIXES,
+    Preprocessing,
+    grouped_stratified_split,
+    load_image_folder,
+    read_ham10000,
+)
 from qanac.diagnostics import UsageError
-
-HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-HAM10000_METADATA = "HAM10000_metadata.csv"
-HAM10000_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
-DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +136,7 @@ class DataSplits:
         counts = {}
         for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
             per_class = np.bincount(split.labels, minlength=self.num_classes)
-            counts[name] = {c: int(n) for c, n in zip(self.class_names, per_class)}
+            counts[name] = {c: int(n) for c, n in zip(self.class_names, per_class, strict=True)}
         return {
             "class_names": list(self.class_names),
             "input_shape": list(self.input_shape),
@@ -141,50 +144,6 @@ class DataSplits:
             "counts": counts,
             **self.info,
         }
-
-
-def grouped_stratified_split(
-    labels: Sequence[int],
-    groups: Sequence[object],
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of train, validation and test such that no group is in two splits.
-
-    A group's class is the most frequent label among its items. Within each class the groups are
-    shuffled (seeded) and each goes to the split furthest below its target share of that class's items,
-    so every class is divided in ``fractions`` as closely as whole groups allow.
-    """
-
-    labels = np.asarray(labels)
-    groups = np.asarray(groups, dtype=object)
-    if len(labels) != len(groups):
-        raise UsageError(f"{len(labels)} labels but {len(groups)} group ids")
-    fractions = np.asarray(fractions, dtype=np.float64)
-    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
-        raise UsageError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
-    members: dict[object, list[int]] = defaultdict(list)
-    for index, group in enumerate(groups):
-        members[group].append(index)
-    by_class: dict[int, list[object]] = defaultdict(list)
-    for group in sorted(members, key=str):
-        votes = Counter(labels[members[group]].tolist())
-        by_class[votes.most_common(1)[0][0]].append(group)
-
-    rng = np.random.default_rng(seed)
-    assignment: list[list[int]] = [[], [], []]
-    for label in sorted(by_class):
-        class_groups = by_class[label]
-        order = rng.permutation(len(class_groups))
-        total = sum(len(members[class_groups[i]]) for i in order)
-        filled = np.zeros(3)
-        for i in order:
-            group = class_groups[i]
-            deficit = fractions * total - filled
-            target = int(np.argmax(np.where(fractions > 0, deficit, -np.inf)))
-            assignment[target].extend(members[group])
-            filled[target] += len(members[group])
-    return tuple(np.sort(np.asarray(a, dtype=np.int64)) for a in assignment)  # type: ignore[return-value]
 
 
 def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> torch.Tensor:
@@ -204,7 +163,7 @@ def class_weights(labels: np.ndarray, num_classes: int, power: float = 1.0) -> t
 def _make_splits(
     images: np.ndarray,
     labels: np.ndarray,
-    groups: Sequence[object],
+    groups: Sequence[object] | np.ndarray,
     class_names: Sequence[str],
     fractions: Sequence[float],
     seed: int,
@@ -235,22 +194,10 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def read_ham10000_metadata(root: Path) -> list[dict[str, str]]:
-    path = Path(root) / HAM10000_METADATA
-    if not path.is_file():
-        raise UsageError(f"{path} not found", hint=f"point at the folder holding {HAM10000_METADATA}")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    missing = {"lesion_id", "image_id", "dx"} - set(rows[0] if rows else {})
-    if missing:
-        raise UsageError(f"{path} lacks the columns {sorted(missing)}")
-    return rows
-
-
 def load_ham10000(
     root: str | Path,
     image_size: int | Sequence[int] = 64,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
     cache: bool = True,
     augmentation: Augmentation | None = Augmentation(),
@@ -261,56 +208,17 @@ def load_ham10000(
     ``.qanac_cache_<H>x<W>.npz`` and reused when the metadata is unchanged.
     """
 
-    root = Path(root)
-    rows = read_ham10000_metadata(root)
-    height, width = _pair(image_size)
-    unknown = sorted({r["dx"] for r in rows} - set(HAM10000_CLASSES))
-    if unknown:
-        raise UsageError(f"unknown diagnoses in {HAM10000_METADATA}: {unknown}")
-    index = {name: i for i, name in enumerate(HAM10000_CLASSES)}
-    labels = np.array([index[r["dx"]] for r in rows], dtype=np.int64)
-    lesions = [r["lesion_id"] for r in rows]
-    image_ids = [r["image_id"] for r in rows]
-
-    cache_path = root / f".qanac_cache_{height}x{width}.npz"
-    images = None
-    if cache and cache_path.is_file():
-        with np.load(cache_path, allow_pickle=False) as stored:
-            if stored["image_ids"].tolist() == image_ids:
-                images = stored["images"]
-    if images is None:
-        images = np.stack([_read_image(_find_ham_image(root, i), (height, width)) for i in image_ids])
-        if cache:
-            np.savez(cache_path, images=images, image_ids=np.array(image_ids))
+    data = read_ham10000(root, _pair(image_size), cache)
     return _make_splits(
-        images, labels, lesions, HAM10000_CLASSES, fractions, seed,
-        {"dataset": "HAM10000", "root": str(root), "grouped": True, "group_key": "lesion_id"}, augmentation,
+        data.images, data.labels, data.lesion_ids, HAM10000_CLASSES, fractions, seed,
+        {"dataset": "HAM10000", "root": str(data.root), "grouped": True, "group_key": "lesion_id"}, augmentation,
     )
-
-
-def _find_ham_image(root: Path, image_id: str) -> Path:
-    for folder in (*HAM10000_IMAGE_DIRS, "."):
-        path = root / folder / f"{image_id}.jpg"
-        if path.is_file():
-            return path
-    raise UsageError(f"image {image_id}.jpg not found in {', '.join(HAM10000_IMAGE_DIRS)} under {root}")
-
-
-def _read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
-    except OSError as exc:
-        raise UsageError(f"cannot read image {path}: {exc}") from exc
-    return array.transpose(2, 0, 1)
 
 
 def load_image_folder_splits(
     root: str | Path,
     image_size: int | Sequence[int] = 64,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
     augmentation: Augmentation | None = Augmentation(),
 ) -> DataSplits:
@@ -333,7 +241,7 @@ def load_image_folder_splits(
 def load_digits_splits(
     image_size: int | Sequence[int] = 32,
     channels: int = 3,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
     augmentation: Augmentation | None = DIGITS_AUGMENTATION,
 ) -> DataSplits:
@@ -362,7 +270,7 @@ def load_cluttered_digits_splits(
     digit_size: int = 16,
     clutter: int = 6,
     renders: int = 2,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     seed: int = 0,
     channels: int = 3,
     augmentation: Augmentation | None = DIGITS_AUGMENTATION,
@@ -416,51 +324,3 @@ def load_cluttered_digits_splits(
         },
     )
 
-
-def write_ham10000_fixture(
-    root: str | Path,
-    images_per_class: int = 6,
-    image_size: tuple[int, int] = (48, 36),
-    images_per_lesion: int = 2,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny data set in the HAM10000 layout (metadata csv + JPEGs in two part folders).
-
-    Images are random but class-dependent (each class has its own colour and stripe orientation), so a
-    model can learn them; lesions hold up to ``images_per_lesion`` images (repeated ``lesion_id``s).
-    ``image_size`` is (width, height) like the real 600x450 images.
-    """
-
-    from PIL import Image
-
-    root = Path(root)
-    for folder in HAM10000_IMAGE_DIRS:
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    width, height = image_size
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    rows = []
-    image_number = 0
-    lesion_number = 0
-    for label, dx in enumerate(HAM10000_CLASSES):
-        colour = np.array([(37 * label) % 200 + 40, (91 * label) % 200 + 40, (53 * label) % 200 + 40], np.float32)
-        angle = np.pi * label / len(HAM10000_CLASSES)
-        stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 3.0)
-        for k in range(images_per_class):
-            if k % images_per_lesion == 0:
-                lesion_number += 1
-            noise = rng.normal(0, 12, (height, width, 3))
-            pixels = colour + 50 * stripes[..., None] + noise
-            image_id = f"ISIC_{image_number:07d}"
-            folder = HAM10000_IMAGE_DIRS[image_number % 2]
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / folder / f"{image_id}.jpg", quality=95)
-            rows.append({
-                "lesion_id": f"HAM_{lesion_number:07d}", "image_id": image_id, "dx": dx, "dx_type": "histo",
-                "age": str(30 + k), "sex": "male" if k % 2 else "female", "localization": "back",
-            })
-            image_number += 1
-    with open(root / HAM10000_METADATA, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root

@@ -43,9 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qanac.diagnostics import UsageError
+from qanac.metrics import classification_metrics
 from qanac.zoo.data import DataSplits, ImageDataset, class_weights
 from qanac.zoo.export import INPUT_NAME, export_onnx
-from qanac.zoo.metrics import classification_metrics
 from qanac.zoo.profile import count_macs, count_parameters
 from qanac.zoo.qat import QATConfig, convert_qat_to_float, prepare_qat
 from qanac.zoo.registry import ModelSpec, build_model

@@ -4,60 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from qanac.calibration import HAM10000_CLASSES, grouped_stratified_split, read_ham10000, write_ham10000_fixture
 from qanac.diagnostics import UsageError
-from qanac.zoo.data import (
-    HAM10000_CLASSES,
-    class_weights,
-    grouped_stratified_split,
-    load_digits_splits,
-    load_ham10000,
-    load_image_folder_splits,
-    write_ham10000_fixture,
-)
-
-
-def _lesion_data(seed=0, lesions_per_class=(60, 30, 12, 8)):
-    rng = np.random.default_rng(seed)
-    labels, groups = [], []
-    for label, n in enumerate(lesions_per_class):
-        for lesion in range(n):
-            for _ in range(rng.integers(1, 4)):  # 1..3 images per lesion, like HAM10000
-                labels.append(label)
-                groups.append(f"L{label}_{lesion}")
-    return np.array(labels), np.array(groups)
-
-
-def test_no_lesion_in_two_splits_and_every_image_assigned():
-    labels, groups = _lesion_data()
-    train, val, test = grouped_stratified_split(labels, groups, (0.7, 0.15, 0.15), seed=3)
-    sets = [set(groups[s]) for s in (train, val, test)]
-    assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
-    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(labels)))
-
-
-def test_split_is_stratified_by_class():
-    labels, groups = _lesion_data()
-    splits = grouped_stratified_split(labels, groups, (0.6, 0.2, 0.2), seed=1)
-    for label in np.unique(labels):
-        total = np.sum(labels == label)
-        shares = [np.sum(labels[s] == label) / total for s in splits]
-        # whole lesions of at most 3 images: each share within 3 images of its target
-        for share, target in zip(shares, (0.6, 0.2, 0.2)):
-            assert abs(share - target) * total <= 3, (label, shares)
-
-
-def test_split_is_seeded():
-    labels, groups = _lesion_data()
-    first = grouped_stratified_split(labels, groups, seed=7)
-    again = grouped_stratified_split(labels, groups, seed=7)
-    other = grouped_stratified_split(labels, groups, seed=8)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
-
-
-def test_bad_fractions():
-    with pytest.raises(UsageError):
-        grouped_stratified_split([0, 1], ["a", "b"], (0.5, 0.5, 0.5))
+from qanac.zoo.data import class_weights, load_digits_splits, load_ham10000, load_image_folder_splits
 
 
 def test_ham10000_fixture_layout_and_loader(tmp_path):
@@ -76,6 +25,16 @@ def test_ham10000_fixture_layout_and_loader(tmp_path):
     again = load_ham10000(root, image_size=32, fractions=(0.5, 0.25, 0.25), seed=0)
     assert np.array_equal(again.test.images, data.test.images)
     assert lesion_of  # metadata read
+
+
+def test_ham10000_splits_are_the_compilers_lesion_split(tmp_path):
+    root = write_ham10000_fixture(tmp_path / "ham", images_per_class=12)
+    data = load_ham10000(root, image_size=16, seed=2, augmentation=None)
+    ham = read_ham10000(root, (16, 16))
+    expected = grouped_stratified_split(ham.labels, ham.lesion_ids, seed=2)
+    for split, indices in zip((data.train, data.val, data.test), expected, strict=True):
+        assert np.array_equal(split.images, ham.images[indices])
+        assert np.array_equal(split.labels, ham.labels[indices])
 
 
 def test_ham10000_missing_metadata_is_a_usage_error(tmp_path):

@@ -6,8 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from qanac.calibration import write_ham10000_fixture
 from qanac.diagnostics import UsageError
-from qanac.zoo.data import load_ham10000, write_ham10000_fixture
+from qanac.zoo.data import load_ham10000
 from qanac.zoo.qat import QATConfig, prepare_qat
 from qanac.zoo.registry import ModelSpec, build_model, resolve_spec
 from qanac.zoo.train import TrainConfig, load_run, train

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from qanac.calibration import write_ham10000_fixture
 from qanac.cli import cli
-from qanac.zoo.data import write_ham10000_fixture
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Classification metrics from label arrays, a float-vs-compiled confusion plot, and recall-drop flags.
+"""Classification metrics from label arrays, a float-vs-compiled confusion plot, and recall-drop flags,
+shared by `qanac eval` and the zoo's training.
 
 All functions take integer class indices (``y_true``, ``y_pred``) as numpy arrays. Definitions follow
 scikit-learn: precision, recall and F1 are 0 where undefined (no predictions / no samples of a class);
@@ -54,7 +55,7 @@ def classification_metrics(
         "balanced_accuracy": float(recall[support > 0].mean()) if np.any(support > 0) else 0.0,
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+            for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)
         },
         "confusion_matrix": cm.tolist(),
         "class_names": names,
@@ -97,7 +98,10 @@ def plot_confusion_matrices(
     titles: tuple[str, str] = ("float", "compiled"),
     normalize: bool = True,
 ) -> Path:
-    """Write a PNG with two confusion matrices side by side (rows: true class; normalised per row)."""
+    """Write a PNG with two confusion matrices side by side (rows: true class; normalised per row).
+
+    matplotlib is imported here, not at module level, so that computing metrics never loads it.
+    """
 
     import matplotlib
 
@@ -110,7 +114,7 @@ def plot_confusion_matrices(
             raise UsageError(f"confusion matrix of shape {matrix.shape} for {len(class_names)} classes")
     size = max(4.0, 0.6 * len(class_names) + 2.0)
     figure, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
-    for axis, matrix, title in zip(axes, matrices, titles):
+    for axis, matrix, title in zip(axes, matrices, titles, strict=True):
         counts = matrix
         if normalize:
             rows = matrix.sum(axis=1, keepdims=True)

@@ -3,7 +3,7 @@ import pytest
 from sklearn import metrics as skm
 
 from qanac.diagnostics import UsageError
-from qanac.zoo.metrics import classification_metrics, plot_confusion_matrices, recall_drops
+from qanac.metrics import classification_metrics, plot_confusion_matrices, recall_drops
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
