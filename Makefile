@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python -m qanac.demo $(DEMO_DIR)
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP)

@@ -249,7 +249,8 @@ class QANA(nn.Module):
                 cin = w
         else:
             stem = stem_width or max(8, widths[0] // 2)
-            blocks.append(nn.Sequential(*conv_bn(in_channels, stem, 3, act=nn.ReLU6()), *conv_bn(stem, stem, 1, act=nn.ReLU6())))
+            blocks.append(nn.Sequential(*conv_bn(in_channels, stem, 3, act=nn.ReLU6()),
+                                        *conv_bn(stem, stem, 1, act=nn.ReLU6())))
             cin = stem
             for w in widths:
                 blocks.append(NativeBlock(cin, w, dropout, attention, primary_kernel, downsample))

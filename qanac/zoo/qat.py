@@ -235,7 +235,7 @@ def _prepare_children(module: nn.Module, config: QATConfig, first_conv: nn.Conv2
     names = list(module._modules)
     children = [module._modules[n] for n in names]
     sequential = isinstance(module, nn.Sequential)
-    for index, (name, child) in enumerate(zip(names, children)):
+    for index, (name, child) in enumerate(zip(names, children, strict=True)):
         if child is None:
             continue
         following = children[index + 1 :] if sequential else []
