@@ -208,16 +208,8 @@ def _count_removed(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, re
 def _warn_unlowerable_constants(model: CompilationModel, result: PassResult) -> None:
     for node in model.graph.nodes:
         if node.op == "Constant" and not _is_lowerable_constant(node):
-            result.diagnostics.append(
-                Diagnostic(
-                    Level.WARNING,
-                    "FLD002",
-                    f"Constant node with attribute {sorted(node.attrs)} is not folded into an initializer",
-                    nodes=[node_label(node)],
-                    sources=[model.source_of(node.name)],
-                    pass_name="fold-constants",
-                )
-            )
+            message = f"Constant node with attribute {sorted(node.attrs)} is not folded into an initializer"
+            result.diagnostics.append(_diagnostic(model, node, Level.WARNING, "FLD002", message))
 
 
 def _fold_shape_queries(graph: gs.Graph) -> None:
@@ -256,15 +248,14 @@ def _keep_constant_outputs(graph: gs.Graph, producers: dict[str, gs.Node]) -> se
     return recreated
 
 
+def _diagnostic(model: CompilationModel, node: gs.Node, level: Level, code: str, message: str) -> Diagnostic:
+    return Diagnostic(level, code, message, nodes=[node_label(node)], sources=[model.source_of(node.name)],
+                      pass_name="fold-constants")
+
+
 def _unfolded(model: CompilationModel, node: gs.Node, why: str) -> Diagnostic:
-    return Diagnostic(
-        Level.ERROR,
-        "FLD001",
-        f"{node.op} node with constant inputs could not be folded: {why}",
-        nodes=[node_label(node)],
-        sources=[model.source_of(node.name)],
-        pass_name="fold-constants",
-    )
+    message = f"{node.op} node with constant inputs could not be folded: {why}"
+    return _diagnostic(model, node, Level.ERROR, "FLD001", message)
 
 
 def _fold_error(model: CompilationModel, exc: Exception) -> UnsupportedModelError:

@@ -1,35 +1,46 @@
 """A worked example of a third-party qanac pass (docs/writing-a-pass.md walks through it).
 
 ``merge-consecutive-relu`` rewrites ``Relu(Relu(x))`` into ``Relu(x)``: ReLU is idempotent, so the
-rewrite is exact. It shows the whole pass contract: a registered name, a docstring, the targets served,
-``exact=True``, a PassResult with counts, a check that says why a candidate was not rewritten, and
-graph edits that keep graph output names.
+rewrite is exact. It shows the whole contract of a pass made of a rule: the op types it looks at, a
+``match`` that picks candidates, a ``check`` that never edits the graph and says why a candidate is left
+(``NoMatch``), a ``rewrite`` that keeps graph output names, and the registration (name, documentation,
+targets, exactness). tests/passes/test_example_plugin.py tests it with ``qanac.testing``.
 """
 
 from __future__ import annotations
 
-from qanac.graph import CompilationModel, bypass_node, nodes_of
-from qanac.pipeline import PassContext
-from qanac.registry import PassResult, register_pass
+import onnx_graphsurgeon as gs
+
+from qanac.graph import bypass_node
+from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
 
 
-@register_pass("merge-consecutive-relu", targets=["*"], exact=True)
-def merge_consecutive_relu(model: CompilationModel, ctx: PassContext) -> PassResult:
+class MergeConsecutiveRelu(Rule):
     """Replace Relu(Relu(x)) by Relu(x) (ReLU is idempotent, so this is exact).
 
-    Fires only when the inner Relu feeds nothing but the outer one; otherwise both stay.
+    Fires on an outer Relu whose input an inner Relu writes, when the inner Relu feeds nothing but the
+    outer one; otherwise both stay, and the reason is recorded under the inner Relu's name. The outer
+    Relu goes, so graph output names never change.
     """
 
-    result = PassResult()
-    for outer in nodes_of(model.graph, ["Relu"]):
-        inner = outer.i() if outer.inputs[0].inputs else None
-        if inner is None or inner.op != "Relu":
-            continue
-        if len(inner.outputs[0].outputs) != 1:
-            result.details.setdefault("not-merged", []).append(
-                f"{inner.name}: its output has {len(inner.outputs[0].outputs)} consumers"
-            )
-            continue
-        if bypass_node(model.graph, outer):
-            result.count("merge-relu")
-    return result
+    name = "merge-relu"
+    ops = ("Relu",)
+
+    def match(self, rw: Rewriter, outer: gs.Node) -> bool:
+        x = outer.inputs[0]
+        return len(x.inputs) == 1 and x.inputs[0].op == "Relu"
+
+    def check(self, rw: Rewriter, outer: gs.Node) -> NoMatch | None:
+        inner = outer.inputs[0].inputs[0]
+        readers = len(inner.outputs[0].outputs)
+        if readers != 1:
+            return NoMatch(f"its output has {readers} consumers", inner)
+        return None
+
+    def rewrite(self, rw: Rewriter, outer: gs.Node, found: None) -> NoMatch | None:
+        if not bypass_node(rw.graph, outer):
+            return NoMatch("its input cannot take over its output's name")
+        return None
+
+
+register_rules("merge-consecutive-relu", MergeConsecutiveRelu(), targets=["*"], exact=True)
