@@ -1,17 +1,19 @@
 """Bundles: the directory a compilation produces, written atomically, and read back to run or verify.
 
-Layout::
+Layout (docs/bundle.md is the spec)::
 
     OUT/
-      manifest.json    target, device, inputs (shapes, dtypes, preprocessing), outputs, post-processing,
-                       labels, calibration, passes applied with counts, tool versions, file checksums
+      manifest.json    the typed manifest (qanac.manifest): target, device, inputs (shapes, dtypes,
+                       preprocessing), outputs, post-processing, labels, calibration, passes applied with
+                       counts, tool versions, segments in run order, partition, file checksums
       reference.onnx   the canonical float model: the reference every check compares against
       report.json      the pipeline record (per pass, per sweep), diagnostics, the backend's report
-      ...              the backend's files (model.qdq.onnx, model.fbz, quantized.onnx, ...)
+      ...              the segments' files (model.qdq.onnx, model.fbz, quantized.onnx, host.onnx, ...)
 
 A bundle is assembled in a staging directory beside ``OUT`` and renamed into place at the end, so a
 failed or interrupted compile never leaves a half-written bundle; an existing ``OUT`` is replaced only
-with ``force``.
+with ``force``. Reading a bundle (``Bundle.open``) validates the manifest and every path it names before
+anything runs.
 """
 
 from __future__ import annotations
@@ -23,22 +25,23 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from qanac.diagnostics import UsageError
+from qanac.manifest import FileEntry, Manifest, ManifestError, Record, SegmentRecord, relative_path
 
 MANIFEST = "manifest.json"
 REFERENCE = "reference.onnx"
 REPORT = "report.json"
-FORMAT_VERSION = 1
-
-TOOLS = ("qanac", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch", "quantizeml", "cnn2snn", "akida")
-
+MAX_MANIFEST_BYTES = 64 << 20  # manifest.json and report.json
+MAX_FILE_BYTES = 4 << 30  # any file a manifest names (ONNX protobufs stop at 2 GiB)
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
@@ -48,11 +51,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tool_versions() -> dict[str, str]:
+def tool_versions(extras: Iterable[str] = ()) -> dict[str, str]:
+    """The versions of Python, qanac, its dependencies, and the dependencies of its optional ``extras``
+    (pyproject.toml: a target's toolchain under the target's name, a frontend's framework under its name),
+    as installed."""
+
     versions = {"python": platform.python_version()}
-    for tool in TOOLS:
+    try:
+        versions["qanac"] = importlib.metadata.version("qanac")
+        requirements = importlib.metadata.requires("qanac") or []
+    except importlib.metadata.PackageNotFoundError:
+        return versions
+    for requirement in requirements:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
+        if name is None or (extra is not None and extra.group(1) not in extras):
+            continue
         try:
-            versions[tool] = importlib.metadata.version(tool)
+            versions[name.group()] = importlib.metadata.version(name.group())
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
@@ -95,6 +111,8 @@ def json_text(data: Any) -> str:
 
 
 def _finite(value: Any) -> Any:
+    if isinstance(value, Record):
+        return _finite(value.to_dict())
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
@@ -122,63 +140,127 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def file_entries(directory: Path, files: dict[str, str]) -> dict[str, dict[str, str]]:
-    return {role: {"path": name, "sha256": sha256_of(directory / name)} for role, name in files.items()}
+def file_entries(directory: Path, files: dict[str, str]) -> dict[str, FileEntry]:
+    return {role: FileEntry(name, sha256_of(directory / name)) for role, name in files.items()}
+
+
+def bundle_path(root: Path, relative: str, field: str, directory: bool = False) -> Path:
+    """``root / relative`` after checking, without following any link, that every component exists, none
+    is a symbolic link, and the last is a regular file (or a directory when ``directory``)."""
+
+    path = root
+    for part in relative_path(relative, field, directory).parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise UsageError(f"bundle file missing: {path} (manifest field '{field}')",
+                             hint="the bundle is incomplete; compile the model again") from None
+        if stat.S_ISLNK(mode):
+            raise ManifestError(field, f"leads through a symbolic link ({path}); a bundle holds its own files")
+    mode = os.lstat(path).st_mode
+    if directory and not stat.S_ISDIR(mode):
+        raise ManifestError(field, f"names {path}, which is not a directory")
+    if not directory and not stat.S_ISREG(mode):
+        raise ManifestError(field, f"names {path}, which is not a regular file (a directory, device, FIFO or socket)")
+    return path
+
+
+def read_bundle_file(path: Path, field: str, limit: int) -> Iterator[bytes]:
+    """The bytes of ``path`` in chunks, refusing a link, anything but a regular file, and more than ``limit``
+    bytes (checked before reading, and again while reading). Opening never blocks (O_NONBLOCK)."""
+
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ManifestError(field, f"names {path}, which cannot be opened as a regular file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestError(field, f"names {path}, which is not a regular file")
+        if info.st_size > limit:
+            raise ManifestError(field, f"names {path} of {info.st_size:,} bytes, above the limit of {limit:,}")
+        total = 0
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            total += len(chunk)
+            if total > limit:
+                raise ManifestError(field, f"names {path}, which grew above the limit of {limit:,} bytes")
+            yield chunk
 
 
 class Bundle:
-    """A compiled bundle on disk: its manifest, its reference model, and a runner for its target."""
+    """A compiled bundle on disk: its typed manifest, its files, and their integrity.
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    ``open`` accepts a bundle only when its manifest follows the schema (qanac.manifest) and every path the
+    manifest names is a regular file (or segment directory) inside the bundle, reached without symbolic
+    links, of at most ``MAX_FILE_BYTES``, with the recorded checksum. Every violation is a UsageError naming
+    the manifest field; nothing outside the bundle directory is opened.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
 
     @classmethod
     def open(cls, path: str | Path, verify_checksums: bool = True) -> "Bundle":
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise UsageError(f"{path} is not a qanac bundle (no {MANIFEST})", hint="create one with qanac compile")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{manifest_path} is not valid JSON: {exc}") from exc
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise UsageError(
-                f"{path} has bundle format {manifest.get('format_version')}; this qanac reads {FORMAT_VERSION}"
-            )
-        bundle = cls(path, manifest)
-        if verify_checksums:
-            bundle.check_files()
+            mode = os.lstat(path / MANIFEST).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise UsageError(f"{path} is not a qanac bundle (no {MANIFEST})", hint="create one with qanac compile") from None
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{path / MANIFEST} is not a regular file", hint="a bundle's manifest is a plain JSON file")
+        text = b"".join(read_bundle_file(path / MANIFEST, MANIFEST, MAX_MANIFEST_BYTES))
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
+        bundle = cls(path, Manifest.from_dict(data))
+        bundle.check_files(verify_checksums)
         return bundle
 
-    def check_files(self) -> None:
-        for role, entry in self.manifest["files"].items():
-            file = self.path / entry["path"]
-            if not file.exists():
-                raise UsageError(f"bundle file missing: {file} ({role})")
-            if sha256_of(file) != entry["sha256"]:
+    def check_files(self, verify_checksums: bool = True) -> None:
+        """Every file and segment directory the manifest names is inside the bundle (see the class doc)."""
+
+        for role, entry in self.manifest.files.items():
+            field = f"files.{role}.path"
+            file = bundle_path(self.path, entry.path, field)
+            if not verify_checksums:
+                continue
+            digest = hashlib.sha256()
+            for chunk in read_bundle_file(file, field, MAX_FILE_BYTES):
+                digest.update(chunk)
+            if digest.hexdigest() != entry.sha256:
                 raise UsageError(f"bundle file {file} ({role}) does not match its checksum: it was modified")
+        for index, segment in enumerate(self.manifest.segments):
+            bundle_path(self.path, segment.dir, f"segments[{index}].dir", directory=True)
 
     def file(self, role: str) -> Path:
-        return self.path / self.manifest["files"][role]["path"]
+        return self.path / self.manifest.files[role].path
+
+    def segment_dir(self, segment: SegmentRecord) -> Path:
+        return self.path / segment.dir
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def input_names(self) -> list[str]:
-        return [i["name"] for i in self.manifest["inputs"]]
+        return self.manifest.input_names
 
     @property
     def output_names(self) -> list[str]:
-        return [o["name"] for o in self.manifest["outputs"]]
+        return self.manifest.output_names
 
     @property
     def labels(self) -> list[str] | None:
-        return self.manifest.get("labels")
+        return self.manifest.labels
 
     def report(self) -> dict[str, Any]:
         path = self.path / REPORT
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not os.path.lexists(path):
+            return {}
+        bundle_path(self.path, REPORT, REPORT)
+        return json.loads(b"".join(read_bundle_file(path, REPORT, MAX_MANIFEST_BYTES)))

@@ -4,6 +4,10 @@ Metrics per output: top-1 agreement (for outputs with a class axis), max and mea
 SQNR in dB (10 log10 of signal power over error power). Thresholds are explicit and printed with the
 smallest value that would have passed, so a failure says how far off it was.
 
+``compare_outputs`` is the only place qanac computes how two models' outputs differ: ``qanac verify``,
+the pipeline's per-pass check (``max_abs_difference``, ``max_exact_violation``), the Akida agreement check
+and the onnxruntime fused-kernel check all go through it.
+
 Default thresholds for ``qanac verify`` (docs/cli.md):
     top-1 agreement   >= 0.95 (quantized models; fewer than 1 in 20 predictions may flip)
     SQNR              >= 15 dB
@@ -67,6 +71,9 @@ def top1_agreement(reference: np.ndarray, actual: np.ndarray) -> float | None:
 
 
 def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[np.ndarray]) -> list[OutputComparison]:
+    """The one output comparison of qanac: per output, ``actual`` (reshaped to the reference's shape) against
+    ``reference`` in float64. An output whose size differs from its reference raises ValueError."""
+
     results = []
     for name, ref, act in zip(names, reference, actual):
         if ref.size != act.size:
@@ -84,6 +91,16 @@ def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[
             )
         )
     return results
+
+
+def max_abs_difference(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """The largest absolute difference over all outputs (``compare_outputs``); inf when a size differs."""
+
+    try:
+        results = compare_outputs([str(i) for i in range(len(reference))], reference, actual)
+    except ValueError:
+        return float("inf")
+    return max((r.max_abs_error for r in results), default=0.0)
 
 
 def failures(results: list[OutputComparison], thresholds: Thresholds) -> list[str]:
@@ -111,14 +128,13 @@ def exact_tolerance(reference: np.ndarray) -> float:
 
 
 def max_exact_violation(reference: list[np.ndarray], actual: list[np.ndarray]) -> tuple[float, float] | None:
-    """The worst (error, tolerance) pair if any output breaks the exact tolerance, else None."""
+    """The worst (error, tolerance) pair if any output breaks the exact tolerance, else None; an output whose
+    shape changed breaks it with an infinite error."""
 
     worst = None
     for ref, act in zip(reference, actual):
-        if ref.shape != act.shape:
-            return (float("inf"), exact_tolerance(ref))
-        err = float(np.max(np.abs(ref.astype(np.float64) - act.astype(np.float64)))) if ref.size else 0.0
         tol = exact_tolerance(ref)
+        err = max_abs_difference([ref], [act]) if ref.shape == act.shape else float("inf")
         if err > tol and (worst is None or err / tol > worst[0] / worst[1]):
             worst = (err, tol)
     return worst

@@ -1,9 +1,18 @@
-"""The compile driver: frontend -> pipeline -> lint -> backend -> bundle, in one direction.
+"""The compile driver: one function per stage, each handing a typed result to the next.
 
-``compile_model`` is what ``qanac compile`` calls. It checks everything it can before doing expensive
-work (target, output directory, calibration data against the model's inputs), then runs the target's
-pipeline, lints the result against the target's rules, lets the backend emit its files into a staging
-directory, and renames the finished bundle into place.
+    CompileRequest
+      -> import_source        ImportedSource   the target and plugins loaded, the model, its calibration data
+      -> run_target_pipeline  PreparedModel    the target's passes applied
+      -> lint_prepared        LintedModel      the legalized and reference ONNX; nodes the target rejects go
+                                               to the host (or the compile stops, exit 3)
+      -> emit_segments        EmittedPlan      plan the segments and emit each; a device segment the backend
+                                               refuses moves to the host and planning repeats
+      -> assemble_bundle      AssembledBundle  the typed manifest and report.json, every file checksummed
+      -> CompileResult
+
+``compile_model`` is that sequence, checking the output path before any work and writing into a staging
+directory that becomes the bundle only when every stage succeeded (qanac.bundle). ``prepare_model`` is the
+first two stages, what `qanac lint` runs.
 """
 
 from __future__ import annotations
@@ -12,29 +21,38 @@ import dataclasses
 import shutil
 import time
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import onnx
 
 from qanac import bundle as bundle_io
+from qanac.backend import Backend, EmitResult
 from qanac.calibration import CalibrationData, Preprocessing, load_data
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
-from qanac.frontends import ImportedModel, import_model
 from qanac.execution import tensor_values
+from qanac.frontends import ImportedModel, import_model
 from qanac.graph import CompilationModel, input_specs, save_onnx
-from qanac.model_summary import summarize
-from qanac.partition import (
-    DEFAULT_MIN_DEVICE_SHARE,
-    DEVICE,
+from qanac.manifest import (
+    FORMAT_VERSION,
     HOST,
-    PartitionPlan,
-    Segment,
-    extract_segment,
-    plan_segments,
+    HOST_MODEL,
+    REFERENCE_ROLE,
+    CalibrationRecord,
+    InputRecord,
+    Manifest,
+    OutputRecord,
+    PartitionRecord,
+    PassApplied,
+    PostProcessingStep,
+    SegmentRecord,
+    SourceRecord,
 )
+from qanac.model_summary import ModelSummary, summarize
+from qanac.partition import DEFAULT_MIN_DEVICE_SHARE, DEVICE, PartitionPlan, Segment, extract_segment, plan_segments
 from qanac.pipeline import PassContext, PassRecord, PipelineOptions, PipelineReport, run_pipeline
 from qanac.registry import load_passes
+from qanac.report import format_segments
 from qanac.targets import Target, get_target
 
 HOST_FILE = "host.onnx"
@@ -65,19 +83,83 @@ class CompileRequest:
 @dataclasses.dataclass
 class CompileResult:
     output: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # manifest.json as written (pipeline.json's content for --stop-after)
     report: dict[str, Any]
     pipeline: PipelineReport
     seconds: dict[str, float]
     stopped_after: str | None = None
+    bundle_manifest: Manifest | None = None  # the typed manifest (None for --stop-after)
 
 
-def load_calibration(request: CompileRequest, model: onnx.ModelProto) -> tuple[CalibrationData, list[Diagnostic]]:
-    if request.calibration is None:
+def compile_model(
+    request: CompileRequest, on_pass: Callable[[PassRecord], None] | None = None
+) -> CompileResult:
+    started = time.perf_counter()
+    bundle_io.check_output_dir(request.output, request.force)
+    source = import_source(request)
+    require_calibration(request, source)
+    prepared = run_target_pipeline(request, source, on_pass)
+    if prepared.pipeline.stopped_after is not None:
+        return write_partial(request, prepared, started)
+    linted = lint_prepared(request, prepared)
+    backend = prepared.target.load_backend()
+    with bundle_io.staged_directory(request.output, request.force) as stage:
+        emit_started = time.perf_counter()
+        emitted = emit_segments(linted.model, linted.host_nodes, prepared.calibration, backend, request, stage)
+        seconds = {**prepared.seconds, "backend": time.perf_counter() - emit_started,
+                   "total": time.perf_counter() - started}
+        assembled = assemble_bundle(request, prepared, linted, emitted, backend, seconds, stage)
+        assembled.write(stage)
+    return CompileResult(request.output, assembled.manifest.to_dict(), assembled.report, prepared.pipeline, seconds,
+                         bundle_manifest=assembled.manifest)
+
+
+def prepare_model(
+    request: CompileRequest,
+    calibration: CalibrationData | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> PreparedModel:
+    """Import the source and run the target's pipeline on it (calibration: given, or read as the request
+    names it, or none)."""
+
+    return run_target_pipeline(request, import_source(request, calibration), on_pass)
+
+
+# -- stage 1: import ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImportedSource:
+    """The target (its passes and the request's plugins loaded), the imported model and its calibration data."""
+
+    target: Target
+    imported: ImportedModel
+    calibration: CalibrationData | None
+    diagnostics: list[Diagnostic]  # about the calibration data (CAL001)
+
+
+def import_source(request: CompileRequest, calibration: CalibrationData | None = None) -> ImportedSource:
+    """Look up the target, load plugins, import the model; read the calibration data the request names
+    unless ``calibration`` is given."""
+
+    target = get_target(request.target)
+    load_passes(request.plugins)
+    imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
+    diagnostics: list[Diagnostic] = []
+    if calibration is None and request.calibration is not None:
+        calibration, diagnostics = load_calibration(request, imported.model)
+    return ImportedSource(target, imported, calibration, diagnostics)
+
+
+def require_calibration(request: CompileRequest, source: ImportedSource) -> None:
+    if source.calibration is None:
         raise UsageError(
             f"target '{request.target}' quantizes the model and needs calibration data",
             hint="pass --calib X.npy|X.npz|IMAGE_DIR (real samples), or --calib random to accept unknown accuracy",
         )
+
+
+def load_calibration(request: CompileRequest, model: onnx.ModelProto) -> tuple[CalibrationData, list[Diagnostic]]:
     diagnostics = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -89,286 +171,96 @@ def load_calibration(request: CompileRequest, model: onnx.ModelProto) -> tuple[C
     return data, diagnostics
 
 
+def _frontend_kwargs(request: CompileRequest) -> dict[str, Any]:
+    return {"weights": request.weights} if request.weights else {}
+
+
+# -- stage 2: pipeline ----------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class PreparedModel:
     """A model imported and run through a target's pipeline: what lint checks and backends emit."""
 
+    target: Target
     imported: ImportedModel
+    calibration: CalibrationData | None
     model: CompilationModel
-    context: PassContext
+    context: PassContext  # its diagnostics: the calibration's, then the passes'
     pipeline: PipelineReport
-    seconds: dict[str, float]
+    seconds: dict[str, float]  # import, pipeline
 
 
-def prepare_model(
-    request: CompileRequest,
-    calibration: CalibrationData | None,
-    diagnostics: list[Diagnostic] | None = None,
-    on_pass: Callable[[PassRecord], None] | None = None,
-    imported: ImportedModel | None = None,
+def run_target_pipeline(
+    request: CompileRequest, source: ImportedSource, on_pass: Callable[[PassRecord], None] | None = None
 ) -> PreparedModel:
-    """Import the source (unless given) and run the target's pipeline on it."""
-
-    target = get_target(request.target)
-    load_passes(request.plugins)
-    pass_names = request.pipeline or list(target.pipeline)
-    if imported is None:
-        imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
-    model = CompilationModel.from_onnx(imported.model)
+    model = CompilationModel.from_onnx(source.imported.model)
     ctx = PassContext(
-        target=target.name,
-        calibration=calibration,
+        target=source.target.name,
+        calibration=source.calibration,
         approximations=request.approximations,
         options=request.pass_options,
-        diagnostics=list(diagnostics or []),
+        diagnostics=list(source.diagnostics),
     )
     started = time.perf_counter()
-    report = run_pipeline(model, pass_names, ctx, request.pipeline_options, on_pass=on_pass)
-    seconds = {"import": imported.seconds, "pipeline": time.perf_counter() - started}
-    return PreparedModel(imported, model, ctx, report, seconds)
+    report = run_pipeline(model, request.pipeline or list(source.target.pipeline), ctx, request.pipeline_options,
+                          on_pass=on_pass)
+    seconds = {"import": source.imported.seconds, "pipeline": time.perf_counter() - started}
+    return PreparedModel(source.target, source.imported, source.calibration, model, ctx, report, seconds)
 
 
-def compile_model(
-    request: CompileRequest, on_pass: Callable[[PassRecord], None] | None = None
-) -> CompileResult:
-    started = time.perf_counter()
-    target = get_target(request.target)
-    bundle_io.check_output_dir(request.output, request.force)
-    load_passes(request.plugins)
-    imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
-    calibration, diagnostics = load_calibration(request, imported.model)
-    prepared = prepare_model(request, calibration, diagnostics, on_pass, imported)
-    model, ctx, report, seconds = prepared.model, prepared.context, prepared.pipeline, prepared.seconds
+def write_partial(request: CompileRequest, prepared: PreparedModel, started: float) -> CompileResult:
+    """--stop-after: the model after that pass, without a backend (not a runnable bundle)."""
 
-    if report.stopped_after is not None:
-        return _write_partial(request, model, report, seconds, started)
+    report = prepared.pipeline
+    seconds = {**prepared.seconds, "total": time.perf_counter() - started}
+    data = {
+        "stopped_after": report.stopped_after,
+        "pipeline": report.pipeline_string(),
+        "passes_applied": report.applied(),
+        "post_processing": prepared.model.post_processing,
+    }
+    with bundle_io.staged_directory(request.output, request.force) as stage:
+        save_onnx(prepared.model.to_onnx(), stage / "model.onnx")
+        bundle_io.write_json(stage / "pipeline.json", data)
+    return CompileResult(request.output, data, data, report, seconds, stopped_after=report.stopped_after)
 
-    final = model.to_onnx()
-    reference = report.float_reference or final
-    lint_diagnostics = lint_for_target(target, model, request.backend_options.get("device"), report)
-    errors = [d for d in lint_diagnostics if d.level == Level.ERROR]
-    # errors are either fatal below or handled by partitioning (each reported there as PART001)
-    ctx.diagnostics.extend(d for d in lint_diagnostics if d.level != Level.ERROR)
+
+# -- stage 3: lint --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LintedModel:
+    """The legalized model as ONNX with what lint found: nodes the target rejects (they run on the host)."""
+
+    model: onnx.ModelProto  # the legalized model: what is partitioned and emitted
+    reference: onnx.ModelProto  # the float truth verification compares to (before any approximation)
+    host_nodes: dict[str, str]  # node -> the finding that keeps it off the device
+    diagnostics: list[Diagnostic]  # warnings and notes (errors are in host_nodes, or were raised)
+
+
+def lint_prepared(request: CompileRequest, prepared: PreparedModel) -> LintedModel:
+    """Lint the prepared model; errors without a node, or any error with partitioning off, stop the compile."""
+
+    final = prepared.model.to_onnx()
+    findings = lint_for_target(prepared.target, prepared.model, request.backend_options.get("device"),
+                               prepared.pipeline)
+    errors = [d for d in findings if d.level == Level.ERROR]
     model_errors = [d for d in errors if not d.nodes]
     if model_errors or (errors and not request.partition):
+        target = prepared.target.name
         raise UnsupportedModelError(
-            f"{len(errors)} problem(s) keep this model from target '{target.name}' after legalization",
+            f"{len(errors)} problem(s) keep this model from target '{target}' after legalization",
             diagnostics=errors,
-            hint=(f"run `qanac lint {request.source} --target {target.name}` for every finding and its fix"
+            hint=(f"run `qanac lint {request.source} --target {target}` for every finding and its fix"
                   + ("" if model_errors else "; without --no-partition those nodes run on the host")),
         )
-    host_nodes = {d.nodes[0]: f"{d.code} {d.rule.split(':')[0]}" for d in errors}
-
-    backend = target.load_backend()
-    t_backend = time.perf_counter()
-    with bundle_io.staged_directory(request.output, request.force) as stage:
-        save_onnx(reference, stage / bundle_io.REFERENCE)
-        emitted = emit_segments(final, host_nodes, calibration, backend, request, stage)
-        seconds["backend"] = time.perf_counter() - t_backend
-        seconds["total"] = time.perf_counter() - started
-        ctx.diagnostics.extend(emitted.diagnostics)
-        manifest = build_manifest(request, target, imported, model, reference, calibration, report)
-        manifest.update(emitted.device_manifest)
-        manifest["segments"] = emitted.segments
-        manifest["partition"] = emitted.partition
-        manifest["files"] = bundle_io.file_entries(stage, {"reference": bundle_io.REFERENCE, **emitted.files})
-        full_report = {
-            "target": target.name,
-            "seconds": seconds,
-            "pipeline": [dataclasses.asdict(r) for r in report.records],
-            "pipeline_string": report.pipeline_string(),
-            "sweeps": report.iterations,
-            "diagnostics": [d.to_dict() for d in ctx.diagnostics],
-            "model": summarize(reference).to_dict(),
-            "partition": emitted.partition,
-            "segments": emitted.segment_reports,
-            **({"backend": emitted.segment_reports[0]["backend"]} if len(emitted.segments) == 1 else {}),
-            "backend_summary": emitted.summary,
-        }
-        bundle_io.write_json(stage / bundle_io.MANIFEST, manifest)
-        bundle_io.write_json(stage / bundle_io.REPORT, full_report)
-    return CompileResult(request.output, manifest, full_report, report, seconds)
-
-
-@dataclasses.dataclass
-class EmittedSegments:
-    segments: list[dict[str, Any]]  # manifest entries, in run order
-    segment_reports: list[dict[str, Any]]
-    files: dict[str, str]  # role -> path relative to the bundle, for checksums
-    partition: dict[str, Any]
-    device_manifest: dict[str, Any]  # the first device segment's backend fields (device, ...)
-    diagnostics: list[Diagnostic]
-    summary: str
-
-
-def emit_segments(
-    final: onnx.ModelProto,
-    host_nodes: dict[str, str],
-    calibration: CalibrationData,
-    backend: Any,
-    request: CompileRequest,
-    stage: Path,
-) -> EmittedSegments:
-    """Plan the segments, emit each (device: the backend; host: float ONNX), and move a device segment the
-    backend refuses to the host, re-planning, until every device segment compiles (qanac/partition.py)."""
-
-    host_nodes = dict(host_nodes)
-    refusals: list[Diagnostic] = []
-    # device segments already compiled in an earlier attempt (same nodes, same float inputs): reused
-    cache = _SegmentCache(stage / ".compiled-segments")
-    try:
-        return _emit_until_accepted(final, host_nodes, refusals, calibration, backend, request, stage, cache)
-    finally:
-        shutil.rmtree(cache.root, ignore_errors=True)
-
-
-@dataclasses.dataclass
-class _SegmentCache:
-    """Emitted device segments by their node names, with a copy of their files."""
-
-    root: Path
-    entries: dict[tuple[str, ...], tuple[Path, Any]] = dataclasses.field(default_factory=dict)
-
-    def restore(self, segment: Segment, folder: Path) -> Any | None:
-        hit = self.entries.get(tuple(segment.nodes))
-        if hit is None:
-            return None
-        shutil.copytree(hit[0], folder, dirs_exist_ok=True)
-        return hit[1]
-
-    def store(self, segment: Segment, folder: Path, emitted: Any) -> None:
-        kept = self.root / str(len(self.entries))
-        shutil.copytree(folder, kept)
-        self.entries[tuple(segment.nodes)] = (kept, emitted)
-
-
-def _emit_until_accepted(
-    final: onnx.ModelProto,
-    host_nodes: dict[str, str],
-    refusals: list[Diagnostic],
-    calibration: CalibrationData,
-    backend: Any,
-    request: CompileRequest,
-    stage: Path,
-    cache: _SegmentCache,
-) -> EmittedSegments:
-    for attempt in range(len(final.graph.node) + 1):
-        plan = plan_segments(final, host_nodes, request.min_device_share)
-        if not any(s.kind == DEVICE for s in plan.segments):
-            raise UnsupportedModelError(
-                f"no part of the model can run on target '{request.target}'",
-                diagnostics=refusals + [d for d in plan.diagnostics if d.code == "PART001"][:20],
-                hint=f"run `qanac lint {request.source} --target {request.target}`",
-            )
-        scratch = stage / f".attempt{attempt}"
-        scratch.mkdir()
-        try:
-            result = _emit_plan(plan, final, calibration, backend, request, scratch, cache)
-        except UnsupportedModelError as exc:
-            shutil.rmtree(scratch)
-            failed = exc.segment if isinstance(exc, _SegmentRefused) else None
-            if failed is None or not request.partition:
-                raise exc.cause if isinstance(exc, _SegmentRefused) else exc
-            # move the first node the backend named (the root of its failure: what follows it may well
-            # compile once it runs on the host); a refusal naming none moves the whole segment
-            named = [n for d in exc.diagnostics for n in d.nodes if n in failed.nodes]
-            moved = named[:1] or failed.nodes
-            reason = f"the {request.target} backend refused it: {exc.message}"
-            host_nodes.update({name: reason for name in moved})
-            refusals.append(Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved "
-                                       f"to the host: {exc.message}", nodes=moved[:5], rule="partition"))
-            continue
-        for child in scratch.iterdir():
-            shutil.move(str(child), str(stage / child.name))
-        scratch.rmdir()
-        result.diagnostics[:0] = plan.diagnostics + refusals
-        return result
-    raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
-
-
-class _SegmentRefused(UnsupportedModelError):
-    def __init__(self, segment: Segment, cause: UnsupportedModelError):
-        super().__init__(cause.message, diagnostics=cause.diagnostics, hint=cause.hint)
-        self.segment = segment
-        self.cause = cause
-
-
-def _emit_plan(
-    plan: PartitionPlan,
-    final: onnx.ModelProto,
-    calibration: CalibrationData,
-    backend: Any,
-    request: CompileRequest,
-    out: Path,
-    cache: _SegmentCache,
-) -> EmittedSegments:
-    single = len(plan.segments) == 1
-    device_inputs = [s.inputs[0] for s in plan.segments if s.kind == DEVICE]
-    samples = None if single else tensor_values(final, calibration.arrays, device_inputs)
-    entries, reports, files, diagnostics, texts, device_summaries = [], [], {}, [], [], []
-    device_manifest: dict[str, Any] = {}
-    hardware_macs = 0.0
-    for index, segment in enumerate(plan.segments):
-        name = f"seg{index}"
-        folder = "." if single else name
-        (out / folder).mkdir(exist_ok=True)
-        entry = {"name": name, "kind": segment.kind, "dir": folder, "inputs": segment.inputs,
-                 "outputs": segment.outputs, "macs": segment.macs, "nodes": len(segment.nodes)}
-        if segment.kind == HOST:
-            save_onnx(extract_segment(final, segment), out / folder / HOST_FILE)
-            entry.update(target="host", files={"model": HOST_FILE})
-            reports.append({"name": name, "kind": HOST, "macs": segment.macs, "first_node": segment.nodes[0],
-                            "last_node": segment.nodes[-1]})
-            texts.append(f"  {name} host (ONNX Runtime): {len(segment.nodes)} nodes, {segment.macs:,} MACs, "
-                         f"'{segment.nodes[0]}' .. '{segment.nodes[-1]}'")
-        else:
-            model = final if single else extract_segment(final, segment)
-            data = calibration if single else dataclasses.replace(
-                calibration, arrays={segment.inputs[0]: samples[segment.inputs[0]]}, raw=None,
-                source=f"{calibration.source} (float activations at '{segment.inputs[0]}')",
-            )
-            emitted = cache.restore(segment, out / folder)
-            if emitted is None:
-                try:
-                    emitted = backend.emit(model, data, request.backend_options, out / folder)
-                except UnsupportedModelError as exc:
-                    raise _SegmentRefused(segment, exc) from exc
-                cache.store(segment, out / folder, emitted)
-            entry.update(target=request.target, files=dict(emitted.files), variants=list(backend.variants),
-                         **emitted.manifest)
-            device_manifest = device_manifest or dict(emitted.manifest)
-            diagnostics.extend(emitted.diagnostics)
-            share = emitted.report.get("mapping", {}).get("hardware_mac_share", 1.0)
-            hardware_macs += segment.macs * share
-            reports.append({"name": name, "kind": DEVICE, "macs": segment.macs, "backend": emitted.report})
-            device_summaries.append(emitted.summary)
-            texts.append(f"  {name} {request.target}: {len(segment.nodes)} nodes, {segment.macs:,} MACs\n"
-                         + "\n".join("    " + line for line in emitted.summary.splitlines()))
-        for role, file in entry["files"].items():
-            files[role if single else f"{name}/{role}"] = file if single else f"{folder}/{file}"
-        entries.append(entry)
-    partition = {
-        "segments": len(plan.segments),
-        "device_segments": sum(1 for s in plan.segments if s.kind == DEVICE),
-        "transfers": plan.transfers,
-        "total_macs": plan.total_macs,
-        "device_macs": plan.device_macs,
-        "device_mac_share": hardware_macs / plan.total_macs if plan.total_macs else 1.0,
-    }
-    if single:
-        summary = device_summaries[0]
-    else:
-        summary = "\n".join([
-            f"partition: {partition['segments']} segments ({partition['device_segments']} on {request.target}), "
-            f"{partition['transfers']} host<->device transfers, {partition['device_mac_share']:.1%} of MACs on "
-            f"the device hardware",
-            *texts,
-        ])
-    return EmittedSegments(entries, reports, files, partition, device_manifest, diagnostics, summary)
-
-
-def _frontend_kwargs(request: CompileRequest) -> dict[str, Any]:
-    return {"weights": request.weights} if request.weights else {}
+    return LintedModel(
+        model=final,
+        reference=prepared.pipeline.float_reference or final,
+        host_nodes={d.nodes[0]: f"{d.code} {d.rule.split(':')[0]}" for d in errors},
+        diagnostics=[d for d in findings if d.level != Level.ERROR],
+    )
 
 
 def lint_for_target(target: Target, model: CompilationModel, device: str | None = None,
@@ -383,56 +275,282 @@ def lint_for_target(target: Target, model: CompilationModel, device: str | None 
     return lint_model(model, target, device, pipeline.skipped() if pipeline is not None else None)
 
 
-def build_manifest(
-    request: CompileRequest,
-    target: Target,
-    imported: ImportedModel,
-    model: CompilationModel,
-    reference: onnx.ModelProto,
+# -- stages 4 and 5: plan and emit ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EmittedSegment:
+    """One planned segment with its files written: a host segment's float ONNX, or the backend's output."""
+
+    name: str
+    dir: str  # relative to the bundle; "." when the bundle is this one segment
+    segment: Segment
+    files: dict[str, str]  # role -> file name inside ``dir``
+    emitted: EmitResult | None = None  # device segments: what the backend returned
+
+
+@dataclasses.dataclass
+class EmittedPlan:
+    """The plan the backend accepted and every segment's files, in run order."""
+
+    plan: PartitionPlan
+    segments: list[EmittedSegment]
+    diagnostics: list[Diagnostic]  # planning and refusals (PART00x), then each device segment's findings
+
+
+def emit_segments(
+    model: onnx.ModelProto,
+    host_nodes: dict[str, str],
     calibration: CalibrationData,
-    report: PipelineReport,
+    backend: Backend,
+    request: CompileRequest,
+    stage: Path,
+) -> EmittedPlan:
+    """Plan the segments, emit each (device: the backend; host: float ONNX), and move a device segment the
+    backend refuses to the host, re-planning, until every device segment compiles (qanac/partition.py).
+    A device segment compiled in an earlier attempt (same nodes, same float inputs) is reused."""
+
+    host_nodes = dict(host_nodes)
+    refusals: list[Diagnostic] = []
+    cache = _SegmentCache(stage / ".compiled-segments")
+    try:
+        for attempt in range(len(model.graph.node) + 1):
+            plan = plan_segments(model, host_nodes, request.min_device_share)
+            if not any(s.kind == DEVICE for s in plan.segments):
+                raise UnsupportedModelError(
+                    f"no part of the model can run on target '{request.target}'",
+                    diagnostics=refusals + [d for d in plan.diagnostics if d.code == "PART001"][:20],
+                    hint=f"run `qanac lint {request.source} --target {request.target}`",
+                )
+            scratch = stage / f".attempt{attempt}"
+            scratch.mkdir()
+            try:
+                segments = _emit_plan(plan, model, calibration, backend, request.backend_options, scratch, cache)
+            except _SegmentRefused as refused:
+                shutil.rmtree(scratch)
+                if not request.partition:
+                    raise refused.cause from None
+                refusals.append(_move_to_host(refused, host_nodes, request.target))
+                continue
+            for child in scratch.iterdir():
+                shutil.move(str(child), str(stage / child.name))
+            scratch.rmdir()
+            found = [d for s in segments if s.emitted is not None for d in s.emitted.diagnostics]
+            return EmittedPlan(plan, segments, plan.diagnostics + refusals + found)
+        raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
+    finally:
+        shutil.rmtree(cache.root, ignore_errors=True)
+
+
+class _SegmentRefused(Exception):
+    def __init__(self, segment: Segment, cause: UnsupportedModelError):
+        super().__init__(cause.message)
+        self.segment = segment
+        self.cause = cause
+
+
+def _move_to_host(refused: _SegmentRefused, host_nodes: dict[str, str], target: str) -> Diagnostic:
+    """Move the first node the backend named (the root of its failure: what follows it may well compile
+    once it runs on the host) to the host; a refusal naming none moves the whole segment."""
+
+    cause, nodes = refused.cause, refused.segment.nodes
+    named = [n for d in cause.diagnostics for n in d.nodes if n in nodes]
+    moved = named[:1] or nodes
+    host_nodes.update({name: f"the {target} backend refused it: {cause.message}" for name in moved})
+    return Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved to the host: "
+                      f"{cause.message}", nodes=moved[:5], rule="partition")
+
+
+@dataclasses.dataclass
+class _SegmentCache:
+    """Emitted device segments by their node names, with a copy of their files."""
+
+    root: Path
+    entries: dict[tuple[str, ...], tuple[Path, EmitResult]] = dataclasses.field(default_factory=dict)
+
+    def restore(self, segment: Segment, folder: Path) -> EmitResult | None:
+        hit = self.entries.get(tuple(segment.nodes))
+        if hit is None:
+            return None
+        shutil.copytree(hit[0], folder, dirs_exist_ok=True)
+        return hit[1]
+
+    def store(self, segment: Segment, folder: Path, emitted: EmitResult) -> None:
+        kept = self.root / str(len(self.entries))
+        shutil.copytree(folder, kept)
+        self.entries[tuple(segment.nodes)] = (kept, emitted)
+
+
+def _emit_plan(
+    plan: PartitionPlan,
+    model: onnx.ModelProto,
+    calibration: CalibrationData,
+    backend: Backend,
+    options: dict[str, Any],
+    out: Path,
+    cache: _SegmentCache,
+) -> list[EmittedSegment]:
+    """Write every segment of ``plan`` into ``out``; a device segment the backend refuses raises
+    _SegmentRefused. A device segment that is not the whole model calibrates on the float activations at
+    its input."""
+
+    single = len(plan.segments) == 1
+    boundary = None if single else tensor_values(
+        model, calibration.arrays, [s.inputs[0] for s in plan.segments if s.kind == DEVICE])
+    emitted = []
+    for index, segment in enumerate(plan.segments):
+        name = f"seg{index}"
+        folder = "." if single else name
+        (out / folder).mkdir(exist_ok=True)
+        if segment.kind == HOST:
+            save_onnx(extract_segment(model, segment), out / folder / HOST_FILE)
+            emitted.append(EmittedSegment(name, folder, segment, {HOST_MODEL: HOST_FILE}))
+            continue
+        result = cache.restore(segment, out / folder)
+        if result is None:
+            part, data = (model, calibration) if single else (
+                extract_segment(model, segment), _calibration_at(calibration, segment.inputs[0], boundary))
+            try:
+                result = backend.emit(part, data, options, out / folder)
+            except UnsupportedModelError as exc:
+                raise _SegmentRefused(segment, exc) from exc
+            cache.store(segment, out / folder, result)
+        emitted.append(EmittedSegment(name, folder, segment, dict(result.files), result))
+    return emitted
+
+
+def _calibration_at(calibration: CalibrationData, tensor: str, values: dict[str, Any]) -> CalibrationData:
+    return dataclasses.replace(calibration, arrays={tensor: values[tensor]}, raw=None,
+                               source=f"{calibration.source} (float activations at '{tensor}')")
+
+
+# -- stage 6: assemble ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AssembledBundle:
+    """What the bundle directory holds besides the segments' files: the manifest and the report."""
+
+    manifest: Manifest
+    report: dict[str, Any]
+
+    def write(self, stage: Path) -> None:
+        bundle_io.write_json(stage / bundle_io.MANIFEST, self.manifest.to_dict())
+        bundle_io.write_json(stage / bundle_io.REPORT, self.report)
+
+
+def assemble_bundle(
+    request: CompileRequest,
+    prepared: PreparedModel,
+    linted: LintedModel,
+    emitted: EmittedPlan,
+    backend: Backend,
+    seconds: dict[str, float],
+    stage: Path,
+) -> AssembledBundle:
+    """Write the reference model and build the manifest (every file checksummed) and report.json."""
+
+    save_onnx(linted.reference, stage / bundle_io.REFERENCE)
+    summary = summarize(linted.reference)
+    segments = [segment_record(s, request.target, backend.variants) for s in emitted.segments]
+    partition = partition_record(emitted)
+    files = {REFERENCE_ROLE: bundle_io.REFERENCE}
+    for record in segments:
+        for role, name in record.files.items():
+            files[role if record.dir == "." else f"{record.name}/{role}"] = (PurePosixPath(record.dir) / name).as_posix()
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        target=prepared.target.name,
+        device=next((s.device for s in segments if s.kind == DEVICE), None),
+        source=source_record(request, prepared.imported),
+        inputs=[InputRecord(**i, layout="NCHW", preprocessing=request.preprocessing) for i in summary.inputs],
+        outputs=[OutputRecord(**o) for o in summary.outputs],
+        post_processing=[PostProcessingStep(**step) for step in prepared.model.post_processing],
+        labels=request.labels,
+        calibration=calibration_record(prepared.calibration),
+        pipeline=prepared.pipeline.pipeline_string(),
+        passes_applied=[PassApplied(name=p.pop("pass"), **p) for p in prepared.pipeline.applied()],
+        approximations=sorted(request.approximations),
+        tool_versions=bundle_io.tool_versions((prepared.target.name, prepared.imported.framework)),
+        segments=segments,
+        partition=partition,
+        files=bundle_io.file_entries(stage, files),
+    )
+    report = compile_report(prepared, linted, emitted, partition, summary, seconds)
+    return AssembledBundle(manifest, report)
+
+
+def segment_record(emitted: EmittedSegment, target: str, variants: tuple[str, ...]) -> SegmentRecord:
+    segment, result = emitted.segment, emitted.emitted
+    record = SegmentRecord(name=emitted.name, kind=segment.kind, dir=emitted.dir, target=HOST,
+                           inputs=list(segment.inputs), outputs=list(segment.outputs), macs=segment.macs,
+                           nodes=len(segment.nodes), files=dict(emitted.files))
+    if result is not None:
+        record = dataclasses.replace(record, target=target, device=result.device, variants=list(variants),
+                                     backend=dict(result.record))
+    return record
+
+
+def partition_record(emitted: EmittedPlan) -> PartitionRecord:
+    plan = emitted.plan
+    hardware_macs = sum(s.segment.macs * s.emitted.hardware_mac_share for s in emitted.segments if s.emitted)
+    return PartitionRecord(
+        segments=len(plan.segments),
+        device_segments=sum(1 for s in plan.segments if s.kind == DEVICE),
+        transfers=plan.transfers,
+        total_macs=plan.total_macs,
+        device_macs=plan.device_macs,
+        device_mac_share=hardware_macs / plan.total_macs if plan.total_macs else 1.0,
+    )
+
+
+def source_record(request: CompileRequest, imported: ImportedModel) -> SourceRecord:
+    path = Path(request.source)
+    return SourceRecord(path=str(request.source), framework=imported.framework, notes=list(imported.notes),
+                        original_layout=dict(imported.original_layout),
+                        sha256=bundle_io.sha256_of(path) if path.is_file() else None)
+
+
+def calibration_record(calibration: CalibrationData) -> CalibrationRecord:
+    return CalibrationRecord(
+        source=calibration.source,
+        num_samples=calibration.num_samples,
+        random=calibration.random,
+        preprocessing=calibration.preprocessing,
+        warning="calibrated on random data: accuracy of the compiled model is unknown" if calibration.random else None,
+    )
+
+
+def compile_report(
+    prepared: PreparedModel,
+    linted: LintedModel,
+    emitted: EmittedPlan,
+    partition: PartitionRecord,
+    summary: ModelSummary,
+    seconds: dict[str, float],
 ) -> dict[str, Any]:
-    summary = summarize(reference)
-    calib = calibration.describe()
-    if calibration.random:
-        calib["warning"] = "calibrated on random data: accuracy of the compiled model is unknown"
+    """report.json: timings, the pipeline record, every diagnostic, the model, and each segment's report."""
+
+    segment_reports = []
+    for s in emitted.segments:
+        entry: dict[str, Any] = {"name": s.name, "kind": s.segment.kind, "macs": s.segment.macs}
+        if s.emitted is None:
+            entry.update(first_node=s.segment.nodes[0], last_node=s.segment.nodes[-1])
+        else:
+            entry["backend"] = s.emitted.report
+        segment_reports.append(entry)
+    report = prepared.pipeline
     return {
-        "format_version": bundle_io.FORMAT_VERSION,
-        "target": target.name,
-        "source": {
-            "path": str(request.source),
-            "framework": imported.framework,
-            "notes": imported.notes,
-            "original_layout": imported.original_layout,
-            **({"sha256": bundle_io.sha256_of(Path(request.source))} if Path(request.source).is_file() else {}),
-        },
-        "inputs": [
-            {**i, "layout": "NCHW", "preprocessing": request.preprocessing.to_dict()} for i in summary.inputs
-        ],
-        "outputs": summary.outputs,
-        "post_processing": model.post_processing,
-        "labels": request.labels,
-        "calibration": calib,
-        "pipeline": report.pipeline_string(),
-        "passes_applied": report.applied(),
-        "approximations": sorted(request.approximations),
-        "tool_versions": bundle_io.tool_versions(),
+        "target": prepared.target.name,
+        "seconds": seconds,
+        "pipeline": [dataclasses.asdict(r) for r in report.records],
+        "pipeline_string": report.pipeline_string(),
+        "sweeps": report.iterations,
+        "diagnostics": [d.to_dict() for d in [*prepared.context.diagnostics, *linted.diagnostics,
+                                               *emitted.diagnostics]],
+        "model": summary.to_dict(),
+        "partition": partition.to_dict(),
+        "segments": segment_reports,
+        **({"backend": segment_reports[0]["backend"]} if len(segment_reports) == 1 else {}),
+        "backend_summary": format_segments(prepared.target.name, emitted, partition),
     }
-
-
-def _write_partial(
-    request: CompileRequest, model: CompilationModel, report: PipelineReport, seconds: dict[str, float], started: float
-) -> CompileResult:
-    """--stop-after: the model after that pass, without a backend (not a runnable bundle)."""
-
-    seconds["total"] = time.perf_counter() - started
-    data = {
-        "stopped_after": report.stopped_after,
-        "pipeline": report.pipeline_string(),
-        "passes_applied": report.applied(),
-        "post_processing": model.post_processing,
-    }
-    with bundle_io.staged_directory(request.output, request.force) as stage:
-        save_onnx(model.to_onnx(), stage / "model.onnx")
-        bundle_io.write_json(stage / "pipeline.json", data)
-    return CompileResult(request.output, data, data, report, seconds, stopped_after=report.stopped_after)

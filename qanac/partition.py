@@ -30,10 +30,9 @@ import onnx.utils
 
 from qanac.diagnostics import Diagnostic, Level
 from qanac.graph import initializer_names
+from qanac.manifest import DEVICE, HOST
 from qanac.model_summary import macs_by_node
 
-DEVICE = "device"
-HOST = "host"
 DEFAULT_MIN_DEVICE_SHARE = 0.01
 FULL_SEARCH_NODES = 120  # longer runs: only their prefixes and suffixes are tried as single-tensor parts
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from qanac.calibration import CalibrationData
-from qanac.compare import max_exact_violation
+from qanac.compare import max_abs_difference, max_exact_violation
 from qanac.diagnostics import Diagnostic, InternalError, QanacError, UsageError, VerificationError
 from qanac.execution import apply_post_processing, run_onnx
 from qanac.graph import CompilationModel, output_names, refresh_tensor_names, save_onnx
@@ -289,10 +289,7 @@ class _OutputChecker:
             ) from exc
         if self.reference is None:
             self.reference = self._outputs(self.initial, self.initial_post)
-        change = max(
-            (float(np.max(np.abs(p.astype(np.float64) - c.reshape(p.shape)))) if p.size == c.size else float("inf"))
-            for p, c in zip(previous, current)
-        )
+        change = max_abs_difference(previous, current)
         if info.exact:
             violation = max_exact_violation(previous, current)
             if violation is not None:
@@ -303,10 +300,7 @@ class _OutputChecker:
                     hint=f"this is a bug in the pass; reproducer written to {where}",
                 )
             return change
-        deviation = max(
-            float(np.max(np.abs(r.astype(np.float64) - c.reshape(r.shape))))
-            for r, c in zip(self.reference, current)
-        )
+        deviation = max_abs_difference(self.reference, current)
         limit = self.options.max_deviation
         if limit is not None and deviation > limit:
             raise VerificationError(

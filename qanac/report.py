@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qanac.compiler import CompileResult
+from qanac.manifest import PartitionRecord
 from qanac.registry import PassInfo
 from qanac.targets import all_targets
+
+if TYPE_CHECKING:
+    from qanac.compiler import CompileResult, EmittedPlan
 
 
 def format_pass_table(totals: dict[str, dict[str, Any]], with_time: bool) -> list[str]:
@@ -29,19 +32,19 @@ def format_compile_result(result: CompileResult, time_passes: bool = False) -> s
         lines = [f"stopped after pass '{result.stopped_after}'; model written to {result.output / 'model.onnx'}"]
         lines += format_pass_table(totals, time_passes)
         return "\n".join(lines)
-    manifest, report = result.manifest, result.report
+    manifest, report = result.bundle_manifest, result.report
     model = report["model"]
     lines = [
         f"bundle      {result.output}",
-        f"target      {manifest['target']}" + (f" (device {manifest['device']})" if manifest.get("device") else ""),
+        f"target      {manifest.target}" + (f" (device {manifest.device})" if manifest.device else ""),
         f"model       {model['parameters']:,} parameters, {model['macs']:,} MACs/sample, "
         f"{sum(model['ops'].values())} nodes",
-        f"calibration {manifest['calibration']['num_samples']} samples from {manifest['calibration']['source']}",
+        f"calibration {manifest.calibration.num_samples} samples from {manifest.calibration.source}",
     ]
-    if manifest["calibration"].get("warning"):
-        lines.append(f"WARNING     {manifest['calibration']['warning']}")
-    if manifest.get("post_processing"):
-        steps = ", ".join(f"{s['op']} on {s['output']}" for s in manifest["post_processing"])
+    if manifest.calibration.warning:
+        lines.append(f"WARNING     {manifest.calibration.warning}")
+    if manifest.post_processing:
+        steps = ", ".join(f"{s.op} on {s.output}" for s in manifest.post_processing)
         lines.append(f"host post-processing: {steps}")
     lines.append(f"pipeline    {len(result.pipeline.pipeline)} passes, {result.pipeline.iterations} sweep(s):")
     lines += format_pass_table(totals, time_passes)
@@ -53,6 +56,29 @@ def format_compile_result(result: CompileResult, time_passes: bool = False) -> s
     lines.append(
         "time        " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
     )
+    return "\n".join(lines)
+
+
+def format_segments(target: str, emitted: EmittedPlan, partition: PartitionRecord) -> str:
+    """What the backend made of the model: its summary for a one-segment bundle; otherwise the partition,
+    then each segment (a host segment's nodes and MACs, a device segment's backend summary)."""
+
+    only = emitted.segments[0].emitted if len(emitted.segments) == 1 else None
+    if only is not None:
+        return only.summary
+    lines = [
+        f"partition: {partition.segments} segments ({partition.device_segments} on {target}), "
+        f"{partition.transfers} host<->device transfers, {partition.device_mac_share:.1%} of MACs on "
+        f"the device hardware"
+    ]
+    for s in emitted.segments:
+        nodes, macs = s.segment.nodes, s.segment.macs
+        if s.emitted is None:
+            lines.append(f"  {s.name} host (ONNX Runtime): {len(nodes)} nodes, {macs:,} MACs, "
+                         f"'{nodes[0]}' .. '{nodes[-1]}'")
+        else:
+            lines.append(f"  {s.name} {target}: {len(nodes)} nodes, {macs:,} MACs\n"
+                         + "\n".join("    " + line for line in s.emitted.summary.splitlines()))
     return "\n".join(lines)
 
 

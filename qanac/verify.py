@@ -20,19 +20,20 @@ from qanac.compare import OutputComparison, Thresholds, compare_outputs, failure
 from qanac.diagnostics import UsageError
 from qanac.execution import apply_post_processing, make_session, run_session
 from qanac.bundle_runner import BundleRunner, available_variants
+from qanac.manifest import REFERENCE_ROLE
 
 Progress = Callable[[int], None]
 
 
 def bundle_inputs(bundle: Bundle) -> list[InputSpec]:
     return [
-        InputSpec(i["name"], tuple(d if isinstance(d, int) and d > 0 else 1 for d in i["shape"]), i["dtype"])
-        for i in bundle.manifest["inputs"]
+        InputSpec(i.name, tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape), i.dtype)
+        for i in bundle.manifest.inputs
     ]
 
 
 def bundle_preprocessing(bundle: Bundle) -> Preprocessing:
-    return Preprocessing.from_dict(bundle.manifest["inputs"][0].get("preprocessing", {}))
+    return bundle.manifest.inputs[0].preprocessing
 
 
 def load_bundle_data(bundle: Bundle, source: str | Path) -> CalibrationData:
@@ -42,22 +43,26 @@ def load_bundle_data(bundle: Bundle, source: str | Path) -> CalibrationData:
 def compiled_runners(bundle: Bundle, options: dict[str, Any]) -> dict[str, BundleRunner]:
     """The whole bundle as ``compiled`` (the deployable models), plus each extra variant (``quantized``)."""
 
-    return {variant: BundleRunner(bundle.path, bundle.manifest, options, variant)
-            for variant in available_variants(bundle.manifest)}
+    return {variant: BundleRunner(bundle, options, variant) for variant in available_variants(bundle.manifest)}
 
 
 def run_bundle(
     bundle: Bundle, data: CalibrationData, options: dict[str, Any] | None = None, progress: Progress | None = None
 ) -> list[np.ndarray]:
-    runner = BundleRunner(bundle.path, bundle.manifest, options or {})
-    outputs = runner.run(data.arrays, progress=progress)
-    return apply_post_processing(outputs, bundle.output_names, bundle.manifest.get("post_processing", []))
+    outputs = BundleRunner(bundle, options or {}).run(data.arrays, progress=progress)
+    return post_process(bundle, outputs)
 
 
 def run_reference(bundle: Bundle, data: CalibrationData, progress: Progress | None = None) -> list[np.ndarray]:
-    session = make_session(str(bundle.file("reference")))
-    outputs = run_session(session, data.arrays, progress=progress)
-    return apply_post_processing(outputs, bundle.output_names, bundle.manifest.get("post_processing", []))
+    session = make_session(str(bundle.file(REFERENCE_ROLE)))
+    return post_process(bundle, run_session(session, data.arrays, progress=progress))
+
+
+def post_process(bundle: Bundle, outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """The host-side steps the manifest records, applied to the outputs of any of the bundle's models."""
+
+    steps = [step.to_dict() for step in bundle.manifest.post_processing]
+    return apply_post_processing(outputs, bundle.output_names, steps)
 
 
 @dataclasses.dataclass
@@ -109,12 +114,11 @@ def verify_bundle(
     the others (e.g. ``quantized``) are there to tell quantization error from device error."""
 
     names = bundle.output_names
-    post = bundle.manifest.get("post_processing", [])
     reference = run_reference(bundle, data, progress)
     comparisons: dict[str, list[OutputComparison]] = {}
     outputs_by_model: dict[str, list[np.ndarray]] = {"float": reference}
     for model_name, runner in compiled_runners(bundle, options or {}).items():
-        outputs = apply_post_processing(runner.run(data.arrays, progress=progress), names, post)
+        outputs = post_process(bundle, runner.run(data.arrays, progress=progress))
         try:
             comparisons[model_name] = compare_outputs(names, reference, outputs)
         except ValueError as exc:

@@ -5,7 +5,10 @@ any silent truncation), maps the result on the chosen virtual device (``mapping.
 the Akida model against quantizeml's quantized ONNX on calibration samples (``agreement``), and writes
 
     model.fbz        the Akida model (role ``compiled``)
-    quantized.onnx   quantizeml's quantized ONNX (role ``quantized``)
+    quantized.onnx   quantizeml's quantized ONNX (role ``quantized``, the variant of the same name)
+
+What the runners need to read those files back (tensor names, output shapes, the device) is the segment's
+backend record in the manifest, ``AkidaSegmentRecord``.
 
 Options:
     device           a name from ``devices.device_names()``; default SixNodesIPv2 (IP v2, 24 NPs: the
@@ -20,6 +23,7 @@ Options:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,9 @@ import onnx
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
+from qanac.diagnostics import UsageError
 from qanac.graph import source_names_of
+from qanac.manifest import COMPILED, Record, SegmentRecord
 
 from .agreement import compare_akida_to_quantized
 from .convert import compile_onnx
@@ -40,11 +46,27 @@ from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunn
 COMPILED_FILE = "model.fbz"
 QUANTIZED_FILE = "quantized.onnx"
 DEFAULT_AGREEMENT_SAMPLES = 32
+QUANTIZED = "quantized"
+
+
+@dataclasses.dataclass
+class AkidaSegmentRecord(Record):
+    """The Akida backend's own fields of a device segment's manifest record (``SegmentRecord.backend``)."""
+
+    ip_version: str
+    input_name: str  # the float model's input and output tensor names
+    output_name: str
+    input_dtype: str  # what the Akida input layer takes: uint8 or int8
+    num_samples: int  # calibration samples quantizeml used
+    output_shape: list[int]  # float output shape without the batch (the runners return this layout)
+    akida_output_shape: list[int]
+    device: dict[str, Any]  # the device the model was mapped on (``devices.describe_device``)
+    identity_input: bool = False  # an identity input layer was inserted (``input_layer``)
 
 
 class AkidaBackend:
     name = "akida"
-    variants: tuple[str, ...] = ("quantized",)
+    variants: tuple[str, ...] = (QUANTIZED,)
 
     def emit(
         self, model: onnx.ModelProto, calibration: CalibrationData, options: dict[str, Any], out_dir: Path
@@ -92,31 +114,35 @@ class AkidaBackend:
         seconds["total"] = time.perf_counter() - started
         report["seconds"] = seconds
 
+        record = AkidaSegmentRecord(ip_version=MODEL_IP_VERSION, **conversion.describe(), device=mapping["device"],
+                                    identity_input=identity_input)
         return EmitResult(
-            files={"compiled": COMPILED_FILE, "quantized": QUANTIZED_FILE},
+            files={COMPILED: COMPILED_FILE, QUANTIZED: QUANTIZED_FILE},
+            device=device_name,
+            record=record.to_dict(),
+            hardware_mac_share=mapping["hardware_mac_share"],
             report=report,
-            manifest={
-                "device": device_name,
-                "ip_version": MODEL_IP_VERSION,
-                "akida": {**conversion.describe(), "device": mapping["device"]},
-                **({"identity_input": True} if identity_input else {}),
-            },
             diagnostics=diagnostics,
             summary=format_mapping_report(mapping),
         )
 
-    def load_runner(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> AkidaSoftwareRunner:
+    def load_runner(self, segment_dir: Path, segment: SegmentRecord, options: dict[str, Any]) -> AkidaSoftwareRunner:
         """The Akida model on akida's software backend, or on a board when ``options['hardware']`` is set."""
 
-        info = segment["akida"]
-        path = Path(segment_dir) / segment["files"]["compiled"]
-        args = (str(path), info["input_name"], info["output_name"], tuple(info["output_shape"]))
+        record = segment.backend_record(AkidaSegmentRecord)
+        path = Path(segment_dir) / segment.file(COMPILED)
+        args = (str(path), record.input_name, record.output_name, tuple(record.output_shape))
         if options.get("hardware"):
             return AkidaHardwareRunner(*args, device_index=int(options.get("device_index", 0)))
         return AkidaSoftwareRunner(*args)
 
-    def extra_runners(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        """quantizeml's quantized ONNX under the name ``quantized``, for float vs quantized vs Akida."""
+    def load_variant(
+        self, variant: str, segment_dir: Path, segment: SegmentRecord, options: dict[str, Any]
+    ) -> QuantizedOnnxRunner:
+        """quantizeml's quantized ONNX (``quantized``), for float vs quantized vs Akida."""
 
-        path = Path(segment_dir) / segment["files"]["quantized"]
-        return {"quantized": QuantizedOnnxRunner(path, output_names=[segment["akida"]["output_name"]])}
+        if variant != QUANTIZED:
+            raise UsageError(f"the Akida backend writes no '{variant}' model", hint=f"it writes '{QUANTIZED}'")
+        record = segment.backend_record(AkidaSegmentRecord)
+        path = Path(segment_dir) / segment.file(QUANTIZED)
+        return QuantizedOnnxRunner(path, output_names=[record.output_name])

@@ -32,8 +32,10 @@ from onnxruntime.quantization import (
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
+from qanac.compare import compare_outputs
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
-from qanac.execution import OnnxRuntimeRunner, make_session, run_session
+from qanac.execution import OnnxRuntimeRunner, run_session
+from qanac.manifest import COMPILED, SegmentRecord
 
 QDQ_FILE = "model.qdq.onnx"
 KERNEL_CHECK_SAMPLES = 64
@@ -134,15 +136,21 @@ class OnnxRuntimeBackend:
             f"{report['quantization']['activations']} activations; fused int8 kernels agree with the QDQ "
             f"arithmetic on {kernels['top1_agreement']:.1%} of {kernels['samples']} calibration samples"
         )
-        return EmitResult(files={"compiled": QDQ_FILE}, report=report, manifest={"device": "cpu"},
-                          diagnostics=diagnostics, summary=summary)
+        return EmitResult(files={COMPILED: QDQ_FILE}, device="cpu", report=report, diagnostics=diagnostics,
+                          summary=summary)
 
-    def load_runner(self, segment_dir: Path, segment: dict[str, Any], options: dict[str, Any]) -> "OnnxRuntimeRunner":
-        return OnnxRuntimeRunner(segment_dir / segment["files"]["compiled"])
+    def load_runner(self, segment_dir: Path, segment: SegmentRecord, options: dict[str, Any]) -> OnnxRuntimeRunner:
+        return OnnxRuntimeRunner(segment_dir / segment.file(COMPILED))
+
+    def load_variant(
+        self, variant: str, segment_dir: Path, segment: SegmentRecord, options: dict[str, Any]
+    ) -> OnnxRuntimeRunner:
+        raise UsageError(f"the onnxruntime backend writes no '{variant}' model", hint="it writes only 'compiled'")
 
 
 def check_fused_kernels(path: Path, calibration: CalibrationData) -> dict[str, Any]:
-    """Run the QDQ model with ORT's fused int8 kernels and with its plain QDQ arithmetic; compare."""
+    """Run the QDQ model with ORT's fused int8 kernels and with its plain QDQ arithmetic (the reference);
+    compare them (``qanac.compare.compare_outputs``) on the first output."""
 
     from onnxruntime import GraphOptimizationLevel, InferenceSession, SessionOptions
 
@@ -154,10 +162,10 @@ def check_fused_kernels(path: Path, calibration: CalibrationData) -> dict[str, A
         options.log_severity_level = 3
         session = InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         outputs.append(run_session(session, samples)[0])
-    fused, plain = (o.reshape(len(o), -1) for o in outputs)
-    agreement = float(np.mean(np.argmax(fused, axis=1) == np.argmax(plain, axis=1))) if fused.shape[1] > 1 else 1.0
+    fused, plain = outputs
+    comparison = compare_outputs(["output"], [plain], [fused])[0]
     return {
         "samples": int(len(fused)),
-        "top1_agreement": agreement,
-        "max_abs_difference": float(np.max(np.abs(fused - plain))),
+        "top1_agreement": 1.0 if comparison.top1_agreement is None else comparison.top1_agreement,
+        "max_abs_difference": comparison.max_abs_error,
     }

@@ -9,17 +9,23 @@ import numpy as np
 import pytest
 
 from tests.akida import akida_models
-from qanac.backend import Backend
-from qanac.backends.akida.backend import AkidaBackend
+from qanac.backend import Backend, EmitResult
+from qanac.compiler import EmittedSegment, segment_record
+from qanac.manifest import SegmentRecord
+from qanac.partition import DEVICE, Segment
+from qanac.backends.akida.backend import AkidaBackend, AkidaSegmentRecord
 from qanac.diagnostics import UnsupportedModelError, UsageError
 
 pytestmark = pytest.mark.slow
 
 
-def bundle_manifest(result) -> dict:
-    """The segment entry the bundle writer makes of an EmitResult (files by role, plus the backend's fields)."""
+def bundle_manifest(result: EmitResult) -> SegmentRecord:
+    """The segment record the bundle writer makes of an EmitResult, as the runner reads it back from JSON."""
 
-    return {**result.manifest, "files": dict(result.files)}
+    segment = Segment(DEVICE, ["conv"], ["image"], ["logits"], 1)
+    emitted = EmittedSegment("seg0", ".", segment, dict(result.files), result)
+    record = segment_record(emitted, "akida", AkidaBackend.variants)
+    return SegmentRecord.from_dict(json.loads(json.dumps(record.to_dict())))
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +44,12 @@ def test_emit_writes_files_and_report(emitted):
     out, result = emitted
     assert result.files == {"compiled": "model.fbz", "quantized": "quantized.onnx"}
     assert (out / "model.fbz").stat().st_size > 0 and (out / "quantized.onnx").stat().st_size > 0
-    assert result.manifest["device"] == "SixNodesIPv2"
-    assert result.manifest["ip_version"] == "v2"
-    assert result.manifest["akida"]["num_samples"] == 16
-    assert result.manifest["akida"]["output_shape"] == [10]
-    json.dumps(result.manifest)
+    assert result.device == "SixNodesIPv2"
+    assert result.record["ip_version"] == "v2"
+    assert result.record["num_samples"] == 16
+    assert result.record["output_shape"] == [10]
+    json.dumps(result.record)
+    assert AkidaSegmentRecord.from_dict(result.record).device["name"] == "SixNodesIPv2"
     report = result.report
     assert report["mapping"]["fully_on_hardware"] is True
     assert report["agreement"]["flagged"] is False
@@ -55,7 +62,7 @@ def test_software_runner_matches_quantized_onnx(emitted, tiny_model):
     manifest = bundle_manifest(result)
     backend = AkidaBackend()
     akida_runner = backend.load_runner(out, manifest, {})
-    quantized_runner = backend.extra_runners(out, manifest, {})["quantized"]
+    quantized_runner = backend.load_variant("quantized", out, manifest, {})
     assert akida_runner.output_names == quantized_runner.output_names == ["logits"]
 
     data = akida_models.image_calibration(tiny_model, count=24, seed=7).arrays
@@ -107,3 +114,16 @@ def test_unsupported_model_writes_nothing(tmp_path):
     with pytest.raises(UnsupportedModelError, match="se_squeeze"):
         AkidaBackend().emit(model, akida_models.image_calibration(model, count=8), {}, tmp_path)
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_runner_validates_its_own_backend_record(emitted):
+    out, result = emitted
+    segment = bundle_manifest(result)
+    segment.backend.pop("output_name")
+    with pytest.raises(UsageError, match=r"field 'segments\[seg0\].backend.output_name' is missing"):
+        AkidaBackend().load_runner(out, segment, {})
+    segment.backend.update(output_name=3)
+    with pytest.raises(UsageError, match=r"'segments\[seg0\].backend.output_name' must be a string"):
+        AkidaBackend().load_variant("quantized", out, segment, {})
+    with pytest.raises(UsageError, match="writes no 'float16' model"):
+        AkidaBackend().load_variant("float16", out, bundle_manifest(result), {})

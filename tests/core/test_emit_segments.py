@@ -63,7 +63,7 @@ def test_refused_node_moves_alone_and_compiled_segments_are_reused(tmp_path):
 
     emitted = emit_segments(model, {"relu1": "lint error"}, data, backend, request, stage)
 
-    kinds = [(s["kind"], s["nodes"]) for s in emitted.segments]
+    kinds = [(s.segment.kind, len(s.segment.nodes)) for s in emitted.segments]
     assert kinds == [("device", 3), ("host", 1), ("device", 2), ("host", 1), ("device", 3)]
     part004 = [d for d in emitted.diagnostics if d.code == "PART004"]
     assert len(part004) == 1 and part004[0].nodes == ["conv3"]
