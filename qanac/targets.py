@@ -16,6 +16,7 @@ target (the model zoo) arrive through the entry point group ``qanac.commands``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 from typing import Any
@@ -168,6 +169,11 @@ def get_target(name: str) -> Target:
         raise UsageError(f"unknown target '{name}'", hint="targets: " + ", ".join(targets)) from None
 
 
+@functools.cache
+def _entry_point_commands() -> tuple[tuple[str, str], ...]:
+    return tuple((entry.name, entry.value) for entry in importlib.metadata.entry_points(group=COMMAND_GROUP))
+
+
 def registered_commands() -> dict[str, str]:
     """Commands beyond the built-in ones, by name: ``module:attribute`` of a click command, from the
     targets' ``commands`` and the entry point group ``qanac.commands``. Nothing is imported here."""
@@ -176,8 +182,7 @@ def registered_commands() -> dict[str, str]:
     sources: dict[str, str] = {}
     offered = [(name, reference, f"target {target.name}")
                for target in all_targets().values() for name, reference in target.commands.items()]
-    offered += [(entry.name, entry.value, f"entry point group {COMMAND_GROUP}")
-                for entry in importlib.metadata.entry_points(group=COMMAND_GROUP)]
+    offered += [(name, reference, f"entry point group {COMMAND_GROUP}") for name, reference in _entry_point_commands()]
     for name, reference, source in offered:
         if name in commands and commands[name] != reference:
             raise UsageError(f"command name clash: '{name}' comes from {sources[name]} and from {source}")

@@ -36,7 +36,7 @@ FORBIDDEN = ("qanac.backends", "qanac.zoo", *TARGET_PASS_PACKAGES, *VENDOR_STACK
 
 
 def core_modules() -> list[Path]:
-    return sorted(CORE.glob("*.py"))
+    return sorted(p for p in CORE.rglob("*.py") if "zoo" not in p.relative_to(CORE).parts)
 
 
 def _forbidden(module: str) -> bool:
@@ -72,7 +72,7 @@ def import_offenders() -> dict[tuple[str, str], list[str]]:
         for line, module in imported_modules(ast.parse(path.read_text(), str(path))):
             if _forbidden(module):
                 package = module.split(".")[0] if not module.startswith("qanac.") else ".".join(module.split(".")[:2])
-                offenders.setdefault((f"qanac/{path.name}", package), []).append(f"{line}: {module}")
+                offenders.setdefault((str(path.relative_to(REPO)), package), []).append(f"{line}: {module}")
     return offenders
 
 
@@ -101,7 +101,8 @@ def target_names_in_core() -> dict[tuple[str, str], list[str]]:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 for name in names:
                     if name in node.value.lower():
-                        offenders.setdefault((f"qanac/{path.name}", name), []).append(f"{node.lineno}: {node.value!r}")
+                        place = f"{node.lineno}: {node.value!r}"
+                        offenders.setdefault((str(path.relative_to(REPO)), name), []).append(place)
     return offenders
 
 
