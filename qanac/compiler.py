@@ -94,6 +94,8 @@ class CompileResult:
 def compile_model(
     request: CompileRequest, on_pass: Callable[[PassRecord], None] | None = None
 ) -> CompileResult:
+    """`qanac compile`: the stages in order, the output path checked first, the bundle written atomically."""
+
     started = time.perf_counter()
     bundle_io.check_output_dir(request.output, request.force)
     source = import_source(request)

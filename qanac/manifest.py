@@ -207,7 +207,7 @@ class Manifest(Record):
 
     def check(self) -> None:
         """The rules that span fields: relative paths, a segment's files checksummed, every segment input
-        available when it runs, every output produced, post-processing of known outputs."""
+        available when it runs, every output produced, post-processing of known outputs and axes."""
 
         roles = {entry.path: role for role, entry in self.files.items()}
         for role, entry in self.files.items():
@@ -248,6 +248,9 @@ class Manifest(Record):
         for index, step in enumerate(self.post_processing):
             if step.output not in self.output_names:
                 raise ManifestError(f"post_processing[{index}].output", f"names '{step.output}', not an output")
+            rank = len(self.outputs[self.output_names.index(step.output)].shape)
+            if not -rank <= step.axis < rank:
+                raise ManifestError(f"post_processing[{index}].axis", f"is {step.axis}, outside the output's {rank} axes")
 
     @property
     def input_names(self) -> list[str]:

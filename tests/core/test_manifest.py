@@ -120,6 +120,7 @@ def test_manifest_round_trips_through_json_with_its_types(compiled):
     (lambda d: d["inputs"][0]["preprocessing"].update(mean="0"), "inputs[0].preprocessing.mean", "must be an array"),
     (lambda d: d["post_processing"][0].update(op="Exp"), "post_processing[0].op", "allowed"),
     (lambda d: d["post_processing"][0].update(output="nope"), "post_processing[0].output", "not an output"),
+    (lambda d: d["post_processing"][0].update(axis=2), "post_processing[0].axis", "outside the output's 2 axes"),
     (drop("files", "reference"), "files.reference", "is missing"),
     (drop("files", "compiled"), "segments[0].files.compiled", "which 'files' does not checksum"),
     (lambda d: d["segments"][0].update(inputs=["t"]), "segments[0].inputs", "neither a model input"),
