@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m qanac.demo $(DEMO_DIR)
+	$(BIN)/python -m qanac.zoo.demo $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .

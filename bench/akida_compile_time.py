@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from qanac.compiler import CompileRequest, compile_model
-from qanac.demo import prepare
+from qanac.zoo.demo import prepare
 
 
 def direct(model: onnx.ModelProto, samples: np.ndarray):

@@ -18,7 +18,7 @@ import numpy as np
 from qanac.bundle import Bundle
 from qanac.compare import Thresholds
 from qanac.compiler import CompileRequest, compile_model
-from qanac.demo import prepare
+from qanac.zoo.demo import prepare
 from qanac.execution import make_session
 from qanac.verify import load_bundle_data, verify_bundle
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 from qanac.cli import cli
-from qanac.demo import digits_uint8
+from qanac.zoo.demo import digits_uint8
 from tests.akida import akida_models
 from tests.akida.lint_cases import export
 

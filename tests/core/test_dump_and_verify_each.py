@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from qanac.cli import cli
-from qanac.demo import build_example_cnn
+from qanac.zoo.demo import build_example_cnn
 
 
 def ops(path) -> collections.Counter:

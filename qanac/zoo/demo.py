@@ -5,7 +5,7 @@ a linear head and a trailing Softmax) trained for a few seconds on scikit-learn'
 digits (real 8x8 images, upsampled to 24x24). Every layer of it maps onto Akida hardware: the global
 pooling sees a 6x6 map after a stride-1 convolution. Nothing is downloaded.
 
-    python -m qanac.demo OUT_DIR [--target akida|onnxruntime]
+    python -m qanac.zoo.demo OUT_DIR [--target akida|onnxruntime]
 """
 
 from __future__ import annotations
