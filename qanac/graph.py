@@ -63,6 +63,9 @@ class CompilationModel:
     post_processing: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     ir_version: int | None = None
     producer: str = ""
+    # the ModelProto the graph was imported from, while the graph is known to be unchanged since: set by
+    # from_onnx, dropped by replace_graph and by the pipeline after a pass changed the graph
+    source: onnx.ModelProto | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto) -> "CompilationModel":
@@ -80,6 +83,7 @@ class CompilationModel:
             post_processing=post,
             ir_version=model.ir_version,
             producer=model.producer_name,
+            source=model,
         )
 
     def to_onnx(self, *, check: bool = False) -> onnx.ModelProto:
@@ -102,6 +106,7 @@ class CompilationModel:
 
     def replace_graph(self, graph: gs.Graph) -> None:
         self.graph = graph
+        self.source = None
 
     def source_of(self, node_name: str) -> str:
         """The original framework's name for a node (or for the node it was derived from)."""
@@ -119,6 +124,7 @@ class CompilationModel:
             post_processing=copy.deepcopy(self.post_processing),
             ir_version=self.ir_version,
             producer=self.producer,
+            source=self.source,
         )
 
 
@@ -210,12 +216,17 @@ def nodes_of(graph: gs.Graph, ops: Iterable[str]) -> list[gs.Node]:
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every node that reads ``old`` read ``new`` instead (graph outputs are not touched)."""
+    """Make every node that reads ``old`` read ``new`` instead (graph outputs are not touched).
+
+    Edges move by identity (see ``_remove_identical``), never by node comparison.
+    """
 
     for consumer in list(old.outputs):
         for i, tensor in enumerate(consumer.inputs):
             if tensor is old:
-                consumer.inputs[i] = new
+                _remove_identical(old.outputs, consumer)
+                list.__setitem__(consumer.inputs, i, new)
+                list.append(new.outputs, consumer)
 
 
 def _remove_identical(items: list, obj: object) -> None:
@@ -226,17 +237,26 @@ def _remove_identical(items: list, obj: object) -> None:
     what makes a long run of removals quadratic.
     """
 
-    for i, item in enumerate(items):
-        if item is obj:
-            list.__delitem__(items, i)
+    if not items:
+        return
+    if items[0] is obj:
+        index = 0
+    elif items[-1] is obj:
+        index = len(items) - 1
+    else:
+        try:
+            index = list(map(id, items)).index(id(obj))
+        except ValueError:
             return
+    list.__delitem__(items, index)
 
 
 def disconnect(node: gs.Node) -> None:
     """Detach ``node`` from every tensor it reads or writes; the node keeps no inputs or outputs.
 
-    The same as ``node.inputs.clear(); node.outputs.clear()``, with removal by identity, so its cost is
-    the number of edges touched, however many other nodes share the node's tensors.
+    The same as ``node.inputs.clear(); node.outputs.clear()`` with removal by identity: no node is
+    compared, and removing the nodes that share a tensor in (or against) their order on it costs constant
+    time per edge, however many nodes share it.
     """
 
     for tensor in node.inputs:

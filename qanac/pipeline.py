@@ -10,12 +10,24 @@ Instruments (all optional, see ``PipelineOptions``):
     time_passes   wall time per pass, summed over sweeps
     verify_each   ONNX Runtime outputs on calibration samples before and after each changing pass; an
                   exact pass whose change exceeds float rounding raises InternalError naming the pass
-    disabled      pass names to skip; stop_after: the last pass to run
+    disabled      pass names to skip; stop_after: the last pass to run (refused when it would not run:
+                  disabled, or an approximation that is not enabled)
 A pass that raises leaves a reproducer (the model just before it, and the pipeline string) in
 ``dump_dir/reproducer`` (or a fresh temporary directory when no dump dir was given).
 
 Approximate passes run only when named in ``PassContext.approximations``; their deviation from the
 float outputs is always measured on the calibration data and checked against ``max_deviation``.
+
+Serialisation: the graph is exported to a ModelProto only where a ModelProto is consumed: before each
+pass under ``verify_each`` and before each approximate pass (the first of these is
+``PipelineReport.float_reference``), after each changing pass under ``dump_dir`` or when its outputs are
+measured, and on a crash. A plain run exports nothing, so its cost is the passes' own. The crash
+reproducer therefore is rebuilt after the fact: the pipeline's input (``CompilationModel.source``, the
+ModelProto it was imported from) is imported again and put through the pass runs recorded so far, and
+the result is kept if the failing pass then fails the same way. When the input is not known or the
+replay does not fail the same way, the reproducer holds the model as the failing pass left it and
+says so. With ``verify_each`` (or for an approximate pass) the model before the pass is at hand and is
+written directly.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from qanac.calibration import CalibrationData
 from qanac.compare import max_abs_difference, max_exact_violation
 from qanac.diagnostics import Diagnostic, InternalError, QanacError, UsageError, VerificationError
 from qanac.execution import apply_post_processing, run_onnx
-from qanac.graph import CompilationModel, output_names, refresh_tensor_names, save_onnx
+from qanac.graph import POST_PROCESSING_KEY, CompilationModel, output_names, refresh_tensor_names, save_onnx
 from qanac.registry import PassInfo, PassResult, get_pass
 
 VERIFY_SAMPLES = 8
@@ -132,14 +144,10 @@ def parse_pipeline(text: str) -> list[str]:
     return names
 
 
-def run_pipeline(
-    model: CompilationModel,
-    pass_names: list[str],
-    ctx: PassContext,
-    options: PipelineOptions | None = None,
-    on_pass: Callable[[PassRecord], None] | None = None,
-) -> PipelineReport:
-    options = options or PipelineOptions()
+def _check_names(pass_names: list[str], ctx: PassContext, options: PipelineOptions) -> None:
+    """Refuse disabled or stop-after names that are unknown or not in the pipeline, and a stop-after
+    pass that would not run (disabled, or an approximation that is not enabled)."""
+
     for name in [*options.disabled, *([options.stop_after] if options.stop_after else [])]:
         get_pass(name)
         if name not in pass_names:
@@ -147,11 +155,36 @@ def run_pipeline(
                 f"pass '{name}' is not in the {ctx.target} pipeline",
                 hint="pipeline: " + ",".join(pass_names),
             )
+    stop = options.stop_after
+    if stop is None:
+        return
+    if stop in options.disabled:
+        raise UsageError(f"--stop-after names pass '{stop}', which --disable-pass turns off",
+                         hint=f"drop --disable-pass {stop}, or stop after another pass")
+    if not get_pass(stop).exact and stop not in ctx.approximations:
+        raise UsageError(
+            f"--stop-after names approximate pass '{stop}', which runs only when enabled",
+            hint=f"add --approx {stop}, or stop after another pass",
+        )
+
+
+def run_pipeline(
+    model: CompilationModel,
+    pass_names: list[str],
+    ctx: PassContext,
+    options: PipelineOptions | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> PipelineReport:
+    """Run ``pass_names`` on ``model`` in place (see the module docstring); returns what each run did."""
+
+    options = options or PipelineOptions()
+    _check_names(pass_names, ctx, options)
     passes = [get_pass(n) for n in pass_names if n not in options.disabled]
     passes = [p for p in passes if p.exact or p.name in ctx.approximations]
     report = PipelineReport(pipeline=[p.name for p in passes], records=[], iterations=0)
 
-    checker = _OutputChecker(model, ctx, options)
+    source = model.source  # the pipeline's input as imported (None if unknown): a crash replays from it
+    checker = _OutputChecker(ctx, options)
     step = 0
     if options.dump_dir is not None:
         options.dump_dir.mkdir(parents=True, exist_ok=True)
@@ -161,11 +194,11 @@ def run_pipeline(
         report.iterations = iteration
         changed_this_sweep: list[str] = []
         for info in passes:
-            before = model.to_onnx()
+            before = model.to_onnx() if options.verify_each or not info.exact else None
             if not info.exact and report.float_reference is None:
                 report.float_reference = before
             started = time.perf_counter()
-            result = _run_one(info, model, ctx, before, report, options)
+            result = _run_one(info, model, ctx, before, source, report, options)
             seconds = time.perf_counter() - started
             record = PassRecord(
                 name=info.name,
@@ -178,6 +211,7 @@ def run_pipeline(
             )
             ctx.diagnostics.extend(result.diagnostics)
             if result.changed:
+                model.source = None
                 changed_this_sweep.append(info.name)
                 step += 1
                 record.max_abs_change = checker.check(info, model, before, report)
@@ -200,25 +234,11 @@ def run_pipeline(
     )
 
 
-def _run_one(
-    info: PassInfo,
-    model: CompilationModel,
-    ctx: PassContext,
-    before: onnx.ModelProto,
-    report: PipelineReport,
-    options: PipelineOptions,
-) -> PassResult:
+def _apply(info: PassInfo, model: CompilationModel, ctx: PassContext) -> PassResult:
+    """One run of one pass, then the cleanup and topological sort that every changing pass gets."""
+
     refresh_tensor_names(model.graph)
-    try:
-        result = info.fn(model, ctx)
-    except QanacError:
-        raise
-    except Exception as exc:
-        where = write_reproducer(before, info.name, report.pipeline, ctx.target, options.dump_dir)
-        raise InternalError(
-            f"pass '{info.name}' ({info.origin}) failed: {type(exc).__name__}: {exc}",
-            hint=f"reproducer written to {where}",
-        ) from exc
+    result = info.fn(model, ctx)
     if not isinstance(result, PassResult):
         raise InternalError(f"pass '{info.name}' ({info.origin}) returned {type(result).__name__}, not PassResult")
     if result.changed:
@@ -226,43 +246,119 @@ def _run_one(
     return result
 
 
+def _run_one(
+    info: PassInfo,
+    model: CompilationModel,
+    ctx: PassContext,
+    before: onnx.ModelProto | None,
+    source: onnx.ModelProto | None,
+    report: PipelineReport,
+    options: PipelineOptions,
+) -> PassResult:
+    try:
+        return _apply(info, model, ctx)
+    except QanacError:
+        raise
+    except Exception as exc:
+        if before is None and source is not None:
+            before = _replay_until(source, [r.name for r in report.records], info, exc, ctx)
+        if before is not None:
+            where = write_reproducer(before, info.name, report.pipeline, ctx, options.dump_dir)
+        else:
+            where = write_reproducer(_export_or_none(model), info.name, report.pipeline, ctx, options.dump_dir,
+                                     before=False)
+        raise InternalError(
+            f"pass '{info.name}' ({info.origin}) failed: {type(exc).__name__}: {exc}",
+            hint=f"reproducer written to {where}",
+        ) from exc
+
+
+def _replay_until(
+    source: onnx.ModelProto, runs: list[str], failing: PassInfo, error: Exception, ctx: PassContext
+) -> onnx.ModelProto | None:
+    """The model just before ``failing``: ``source`` re-imported and put through ``runs`` again.
+
+    Returned only when ``failing`` then raises the same exception type again (the replay reproduced
+    the failure); None otherwise.
+    """
+
+    replay_ctx = dataclasses.replace(ctx, diagnostics=[])
+    try:
+        model = CompilationModel.from_onnx(source)
+        for name in runs:
+            _apply(get_pass(name), model, replay_ctx)
+        before = model.to_onnx()
+    except Exception:
+        return None
+    try:
+        _apply(failing, model, replay_ctx)
+    except Exception as again:
+        return before if type(again) is type(error) else None
+    return None
+
+
+def _export_or_none(model: CompilationModel) -> onnx.ModelProto | None:
+    try:
+        return model.to_onnx()
+    except Exception:
+        return None
+
+
 def write_reproducer(
-    model: onnx.ModelProto, pass_name: str, pipeline: list[str], target: str, dump_dir: Path | None
+    model: onnx.ModelProto | None,
+    pass_name: str,
+    pipeline: list[str],
+    ctx: PassContext,
+    dump_dir: Path | None,
+    before: bool = True,
 ) -> Path:
-    """Save the model just before a failing pass and the pipeline that reproduces the failure."""
+    """Save the model just before a failing pass (``before``) or as the failing pass left it, and the
+    pipeline that reproduces the failure; a model that cannot be exported leaves the pipeline only."""
 
     where = (dump_dir / "reproducer") if dump_dir is not None else Path(tempfile.mkdtemp(prefix="qanac-reproducer-"))
     where.mkdir(parents=True, exist_ok=True)
-    save_onnx(model, where / f"before_{pass_name}.onnx")
+    file = where / (f"before_{pass_name}.onnx" if before else f"at_failure_{pass_name}.onnx")
+    if model is not None:
+        save_onnx(model, file)
     start = pipeline.index(pass_name) if pass_name in pipeline else 0
+    rest = pipeline[start:]
+    approx = "".join(f" --approx {name}" for name in rest if name in ctx.approximations)
+    state = (
+        "the model just before the failing pass" if before else
+        "the model as the failing pass left it (replaying the pipeline from its input did not reproduce the failure)"
+    )
     (where / "pipeline.txt").write_text(
         f"failing pass: {pass_name}\n"
         f"full pipeline: {','.join(pipeline)}\n"
-        f"reproduce: qanac compile {where / f'before_{pass_name}.onnx'} --target {target} "
-        f"--pipeline {','.join(pipeline[start:])} --stop-after {pass_name} -o /tmp/qanac-repro --force\n"
+        f"model: {file.name if model is not None else '(could not be exported)'}: {state}\n"
+        f"reproduce: qanac compile {file} --target {ctx.target} "
+        f"--pipeline {','.join(rest)}{approx} --stop-after {pass_name} -o /tmp/qanac-repro --force\n"
     )
     return where
 
 
 class _OutputChecker:
-    """Measures how much a pass changed the model's outputs (with post-processing applied)."""
+    """Measures how much a pass changed the model's outputs (with post-processing applied).
 
-    def __init__(self, model: CompilationModel, ctx: PassContext, options: PipelineOptions):
+    An approximate pass's deviation is measured against ``PipelineReport.float_reference`` (the model
+    just before the first approximate pass), so the exact passes' float rounding before it is not
+    counted; a verified exact pass is compared with the model just before it.
+    """
+
+    def __init__(self, ctx: PassContext, options: PipelineOptions):
         self.ctx = ctx
         self.options = options
         self.samples = None
         if ctx.calibration is not None:
             self.samples = ctx.calibration.take(VERIFY_SAMPLES).arrays
-        self.initial = model.to_onnx() if self.samples is not None else None
-        self.initial_post = list(model.post_processing)
         self.reference: list[np.ndarray] | None = None
 
-    def _outputs(self, proto: onnx.ModelProto, post: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _outputs(self, proto: onnx.ModelProto) -> list[np.ndarray]:
         assert self.samples is not None
-        return apply_post_processing(run_onnx(proto, self.samples), output_names(proto), post)
+        return apply_post_processing(run_onnx(proto, self.samples), output_names(proto), post_processing_of(proto))
 
     def check(
-        self, info: PassInfo, model: CompilationModel, before: onnx.ModelProto, report: PipelineReport
+        self, info: PassInfo, model: CompilationModel, before: onnx.ModelProto | None, report: PipelineReport
     ) -> float | None:
         wanted = self.options.verify_each or not info.exact
         if not wanted or self.samples is None:
@@ -272,34 +368,31 @@ class _OutputChecker:
                     hint="pass --calib with real samples",
                 )
             return None
-        before_post = json.loads(
-            next((p.value for p in before.metadata_props if p.key == "qanac.post_processing"), "[]")
-        )
-        after_proto = model.to_onnx()
+        assert before is not None  # the pipeline exports it whenever a check is wanted
         try:
-            previous = self._outputs(before, before_post)
-            current = self._outputs(after_proto, model.post_processing)
+            previous = self._outputs(before) if info.exact else None
+            current = self._outputs(model.to_onnx())
         except QanacError:
             raise
         except Exception as exc:
-            where = write_reproducer(before, info.name, report.pipeline, self.ctx.target, self.options.dump_dir)
+            where = write_reproducer(before, info.name, report.pipeline, self.ctx, self.options.dump_dir)
             raise InternalError(
                 f"pass '{info.name}' produced a model ONNX Runtime cannot run: {type(exc).__name__}: {exc}",
                 hint=f"reproducer written to {where}",
             ) from exc
-        if self.reference is None:
-            self.reference = self._outputs(self.initial, self.initial_post)
-        change = max_abs_difference(previous, current)
-        if info.exact:
+        if previous is not None:
             violation = max_exact_violation(previous, current)
             if violation is not None:
-                where = write_reproducer(before, info.name, report.pipeline, self.ctx.target, self.options.dump_dir)
+                where = write_reproducer(before, info.name, report.pipeline, self.ctx, self.options.dump_dir)
                 raise InternalError(
                     f"exact pass '{info.name}' changed the outputs: max abs error {violation[0]:.3g} > "
                     f"tolerance {violation[1]:.3g}",
                     hint=f"this is a bug in the pass; reproducer written to {where}",
                 )
-            return change
+            return max_abs_difference(previous, current)
+        if self.reference is None:
+            assert report.float_reference is not None  # set before the first approximate pass ran
+            self.reference = self._outputs(report.float_reference)
         deviation = max_abs_difference(self.reference, current)
         limit = self.options.max_deviation
         if limit is not None and deviation > limit:
@@ -309,3 +402,9 @@ class _OutputChecker:
                 hint=f"raise --max-deviation to at least {deviation:.4g}, or do not enable '{info.name}'",
             )
         return deviation
+
+
+def post_processing_of(proto: onnx.ModelProto) -> list[dict[str, Any]]:
+    """The post-processing steps a model exported by ``CompilationModel.to_onnx`` carries."""
+
+    return json.loads(next((p.value for p in proto.metadata_props if p.key == POST_PROCESSING_KEY), "[]"))
