@@ -1,9 +1,11 @@
 """The pass registry: what a pass is, how it is registered, and where third-party passes come from.
 
-A pass is a function ``fn(model: CompilationModel, ctx: PassContext) -> PassResult`` registered with
-``@register_pass``. It declares the targets it serves and whether it is ``exact`` (outputs preserved up
-to float rounding, checked by ``--verify-each``) or approximate (runs only on the user's opt-in and is
-always reported with its measured deviation).
+A pass is a function ``fn(model: CompilationModel, ctx: PassContext) -> PassResult``: most are made of
+rewrite rules and registered with ``qanac.rewrite.register_rules`` (its ``fn`` runs the rules); a pass that
+transforms the whole graph at once is a function registered with ``@register_pass``. Either way it
+declares the targets it serves and whether it is ``exact`` (outputs preserved up to float rounding, checked
+by ``--verify-each``) or approximate (runs only on the user's opt-in and is always reported with its
+measured deviation).
 
 Sources of passes, in load order:
     built-in     the modules of ``qanac.passes``, then each registered target's pass package
@@ -35,8 +37,9 @@ ALL_TARGETS = frozenset({"*"})
 class PassResult:
     """What a pass did: ``changed`` and counts per rewrite (``{"fold-bn-into-conv": 3}``).
 
-    ``deviation`` is set by approximate passes (max abs change of outputs on calibration data, measured
-    by the pipeline); ``diagnostics`` carry anything worth telling the user.
+    ``details`` go into the report; ``details["skipped"]`` maps each node the pass left to the reason
+    ({node name: reason}; rule passes fill it from their ``NoMatch``es), which lint reads through
+    ``PipelineReport.skipped()``. ``diagnostics`` carry anything worth telling the user.
     """
 
     changed: bool = False

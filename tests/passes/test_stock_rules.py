@@ -1,6 +1,7 @@
-"""qanac's rules against onnxscript's stock rules for the same canonical rewrite (docs/writing-a-pass.md
-says where qanac keeps its own and why): fuse-pad-into-conv against FuseConvPad, fold-batchnorm-into-conv
-against FuseBatchNormIntoConv. Where both fire they agree; the cases where they differ are pinned here."""
+"""qanac's rules against onnxscript's and onnx_ir's stock rules for the same canonical rewrite
+(docs/writing-a-pass.md says where qanac keeps its own and why): fuse-pad-into-conv against FuseConvPad,
+fold-batchnorm-into-conv against FuseBatchNormIntoConv, remove-dropout-identity against the no-op rules and
+IdentityEliminationPass. Where both fire they agree; the cases where they differ are pinned here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.passes.test_padding import pad_then_conv
 ir = pytest.importorskip("onnx_ir")
 fuse_pad_into_conv = pytest.importorskip("onnxscript.rewriter.fuse_pad_into_conv")
 fuse_batchnorm = pytest.importorskip("onnxscript.rewriter.fuse_batchnorm")
+no_op = pytest.importorskip("onnxscript.rewriter.no_op")
 
 
 def stock(rules, model: onnx.ModelProto) -> tuple[int, onnx.ModelProto]:
@@ -94,3 +96,22 @@ def test_weights_shared_with_another_conv_are_overwritten_by_the_stock_rule_and_
     assert count == 1 and max_error(model, fused) > 0.1
     compiled, result = apply_pass(model, "fold-batchnorm-into-conv")
     assert result.counts == {"fold-batchnorm-into-conv": 1} and max_error(model, compiled.to_onnx()) < 1e-4
+
+
+def test_an_inference_dropout_is_left_by_the_stock_rules_and_removed_by_qanac():
+    """The stock dropout rules (onnxscript 0.4) match ``ratio`` and ``training_mode`` as attributes; from
+    opset 12 on they are inputs, and a Dropout without them is in inference mode too."""
+
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N,8] x) => (float[N,8] y) { a = Relu(x)  d = Dropout(a)  i = Identity(d)  y = Neg(i) }
+        """
+    )
+    count, cleaned = stock(no_op.rules, model)
+    converted = ir.serde.deserialize_model(cleaned)
+    ir.passes.common.IdentityEliminationPass()(converted)
+    assert count == 0
+    assert [n.op_type for n in ir.serde.serialize_model(converted).graph.node] == ["Relu", "Dropout", "Neg"]
+    compiled, result = apply_pass(model, "remove-dropout-identity")
+    assert result.counts == {"remove-dropout": 1, "remove-identity": 1} and ops(compiled) == ["Relu", "Neg"]
