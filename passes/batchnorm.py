@@ -84,7 +84,21 @@ def _folded_weights(layer: gs.Node, weights: np.ndarray, s: np.ndarray) -> np.nd
     return alpha * (w * s.reshape(-1, 1) if trans_b else w * s.reshape(1, -1))
 
 
-class FoldBatchNormIntoConv(Rule):
+class _InferenceBatchNormRule(Rule):
+    """A rule on inference-mode BatchNormalizations: a BN in training mode or with parameters that are not
+    constants is left with the reason before ``check_inference`` sees it."""
+
+    ops = ("BatchNormalization",)
+
+    def check(self, rw: Rewriter, bn: gs.Node) -> NoMatch | tuple:
+        params = _inference_parameters(bn)
+        return params if isinstance(params, NoMatch) else self.check_inference(rw, bn, params)
+
+    def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
+        raise NotImplementedError
+
+
+class FoldBatchNormIntoConv(_InferenceBatchNormRule):
     """Fold an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it.
 
     Applies when the layer's output feeds only the BatchNormalization, its weights (and bias) and the
@@ -97,12 +111,8 @@ class FoldBatchNormIntoConv(Rule):
     """
 
     name = FOLD_RULE
-    ops = ("BatchNormalization",)
 
-    def check(self, rw: Rewriter, bn: gs.Node) -> NoMatch | tuple:
-        params = _inference_parameters(bn)
-        if isinstance(params, NoMatch):
-            return params
+    def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
         layer = _fold_target(rw.graph, bn)
         if isinstance(layer, NoMatch):
             return layer
@@ -138,7 +148,7 @@ class FoldBatchNormIntoConv(Rule):
         rw.count(f"fold-batchnorm-into-{layer.op.lower()}")
 
 
-class BatchNormToAffine(Rule):
+class BatchNormToAffine(_InferenceBatchNormRule):
     """Turn an inference-mode BatchNormalization that cannot be folded into a layer into Mul and Add.
 
     ``y = x * s + shift`` with per-channel constants of shape [C, 1, ..., 1] (rank of x minus one, so
@@ -149,12 +159,8 @@ class BatchNormToAffine(Rule):
     """
 
     name = AFFINE_RULE
-    ops = ("BatchNormalization",)
 
-    def check(self, rw: Rewriter, bn: gs.Node) -> NoMatch | tuple:
-        params = _inference_parameters(bn)
-        if isinstance(params, NoMatch):
-            return params
+    def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
         if not isinstance(_fold_target(rw.graph, bn), NoMatch):
             return NoMatch(f"left to {FOLD_RULE}")
         x, y = bn.inputs[0], bn.outputs[0]

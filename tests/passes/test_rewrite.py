@@ -211,15 +211,13 @@ def test_prepare_runs_once_before_any_rewrite_with_this_rules_candidates_only():
 
 
 @pytest.fixture
-def clean_registry():
-    before = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
+def add_to_sub_pass():
+    yield register_rules("test-add-to-sub", AddConstantToSub())
+    registry.unregister_pass("test-add-to-sub")
 
 
-def test_rules_register_as_a_pass_the_pipeline_runs(clean_registry):
-    info = register_rules("test-add-to-sub", AddConstantToSub())
+def test_rules_register_as_a_pass_the_pipeline_runs(add_to_sub_pass):
+    info = add_to_sub_pass
     assert info.summary == "Write x + c (c constant) as x - (-c): a new Sub node and a new constant."
     assert "test_rewrite" in info.origin and info.exact and info.serves("onnxruntime")
     assert [type(rule) for rule in info.fn.rules] == [AddConstantToSub]
@@ -231,7 +229,7 @@ def test_rules_register_as_a_pass_the_pipeline_runs(clean_registry):
     assert ops(compiled) == ["Sub", "Add", "Sub"]
 
 
-def test_a_pass_of_several_rules_needs_its_own_documentation(clean_registry):
+def test_a_pass_of_several_rules_needs_its_own_documentation():
     with pytest.raises(PassRegistrationError, match="no docstring"):
         register_rules("test-undocumented", AddConstantToSub(), AppendRelu())
     with pytest.raises(PassRegistrationError, match="no rules"):
