@@ -152,17 +152,17 @@ class Rewriter:
 
         self.result.details.setdefault(key, {})[node_label(node)] = value
 
-    def skip(self, no_match: NoMatch, candidate: gs.Node) -> None:
+    def _skip(self, no_match: NoMatch, candidate: gs.Node) -> None:
         skipped = self.result.details.setdefault(SKIPPED, {})
         for node in no_match.nodes or (candidate,):
             skipped.setdefault(node_label(node), no_match.reason)
 
-    def apply(self, rule: Rule, node: gs.Node, found: Any) -> None:
+    def _apply(self, rule: Rule, node: gs.Node, found: Any) -> None:
         nodes, known = self.graph.nodes, len(self.graph.nodes)
         counted = self._counted
         outcome = rule.rewrite(self, node, found)
         if isinstance(outcome, NoMatch):
-            self.skip(outcome, node)
+            self._skip(outcome, node)
             return
         if self._counted == counted:
             self.count(rule.name)
@@ -190,9 +190,9 @@ def apply_rules(model: CompilationModel, ctx: PassContext, pass_name: str, rules
                 continue
             found = rule.check(rw, node)
             if isinstance(found, NoMatch):
-                rw.skip(found, node)
+                rw._skip(found, node)
             else:
-                rw.apply(rule, node, found)
+                rw._apply(rule, node, found)
     rw.prepared = None
     return rw.result
 
