@@ -112,6 +112,37 @@ def test_run_reproduces_akida_predict_exactly(digits_bundle, tmp_path):
     np.testing.assert_array_equal(np.load(out), direct.reshape(len(test_images), -1))
 
 
+def test_a_bundle_in_the_previous_format_runs_and_verifies_the_same(digits_bundle, tmp_path):
+    """Format 1 (before the typed manifest) kept the Akida fields in the segment, most under "akida", and
+    copied them to the top level; such a bundle still runs and offers its quantized model."""
+
+    import shutil
+
+    root, bundle, _ = digits_bundle
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    segment = manifest["segments"][0]
+    backend = segment.pop("backend")
+    identity = {"identity_input": True} if backend.pop("identity_input") else {}
+    fields = {"device": segment.pop("device"), "ip_version": backend.pop("ip_version"), "akida": backend, **identity}
+    segment.update(fields)
+    manifest.update(fields, format_version=1)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    test = np.load(root / "test.npz")
+    np.savez(tmp_path / "few.npz", image=test["image"][:32], labels=test["labels"][:32])
+    outputs = []
+    for path in (bundle, old):
+        result = invoke("run", path, "--input", tmp_path / "few.npz", "-o", tmp_path / f"{path.name}.npy")
+        assert result.exit_code == 0, result.output
+        outputs.append(np.load(tmp_path / f"{path.name}.npy"))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    result = invoke("verify", old, "--data", tmp_path / "few.npz", "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.output)["comparisons"]) == {"compiled", "quantized"}
+
+
 @pytest.mark.parametrize("case, node", [
     ("squeeze_excite", "/6/Mul"),
     ("sigmoid", "/5/Sigmoid"),
