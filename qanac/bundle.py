@@ -208,9 +208,11 @@ class Bundle:
         try:
             mode = os.lstat(path / MANIFEST).st_mode
         except (FileNotFoundError, NotADirectoryError):
-            raise UsageError(f"{path} is not a qanac bundle (no {MANIFEST})", hint="create one with qanac compile") from None
+            raise UsageError(f"{path} is not a qanac bundle (no {MANIFEST})",
+                             hint="create one with qanac compile") from None
         if not stat.S_ISREG(mode):
-            raise UsageError(f"{path / MANIFEST} is not a regular file", hint="a bundle's manifest is a plain JSON file")
+            raise UsageError(f"{path / MANIFEST} is not a regular file",
+                             hint="a bundle's manifest is a plain JSON file")
         text = b"".join(read_bundle_file(path / MANIFEST, MANIFEST, MAX_MANIFEST_BYTES))
         try:
             data = json.loads(text)

@@ -63,7 +63,7 @@ class BundleRunner:
             if missing:
                 raise UsageError(f"no data for input(s) {missing} of segment {segment.name}")
             outputs = runner.run({n: tensors[n] for n in segment.inputs})
-            tensors.update(zip(segment.outputs, outputs))
+            tensors.update(zip(segment.outputs, outputs, strict=False))
         if progress is not None:
             progress(len(next(iter(inputs.values()))))
         return [tensors[name] for name in self.output_names]

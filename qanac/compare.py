@@ -75,7 +75,7 @@ def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[
     ``reference`` in float64. An output whose size differs from its reference raises ValueError."""
 
     results = []
-    for name, ref, act in zip(names, reference, actual):
+    for name, ref, act in zip(names, reference, actual, strict=False):
         if ref.size != act.size:
             raise ValueError(f"output '{name}': reference has shape {ref.shape}, compiled has {act.shape}")
         act = act.reshape(ref.shape)
@@ -132,7 +132,7 @@ def max_exact_violation(reference: list[np.ndarray], actual: list[np.ndarray]) -
     shape changed breaks it with an infinite error."""
 
     worst = None
-    for ref, act in zip(reference, actual):
+    for ref, act in zip(reference, actual, strict=False):
         tol = exact_tolerance(ref)
         err = max_abs_difference([ref], [act]) if ref.shape == act.shape else float("inf")
         if err > tol and (worst is None or err / tol > worst[0] / worst[1]):

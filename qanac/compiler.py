@@ -459,7 +459,8 @@ def assemble_bundle(
     files = {REFERENCE_ROLE: bundle_io.REFERENCE}
     for record in segments:
         for role, name in record.files.items():
-            files[role if record.dir == "." else f"{record.name}/{role}"] = (PurePosixPath(record.dir) / name).as_posix()
+            key = role if record.dir == "." else f"{record.name}/{role}"
+            files[key] = (PurePosixPath(record.dir) / name).as_posix()
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         target=prepared.target.name,

@@ -209,9 +209,7 @@ class Manifest(Record):
         """The rules that span fields: relative paths, a segment's files checksummed, every segment input
         available when it runs, every output produced, post-processing of known outputs and axes."""
 
-        roles = {entry.path: role for role, entry in self.files.items()}
-        for role, entry in self.files.items():
-            relative_path(entry.path, f"files.{role}.path")
+        checksummed = {relative_path(e.path, f"files.{role}.path").as_posix() for role, e in self.files.items()}
         if REFERENCE_ROLE not in self.files:
             raise ManifestError(f"files.{REFERENCE_ROLE}", "is missing")
         if not self.inputs:
@@ -233,7 +231,7 @@ class Manifest(Record):
                 raise ManifestError(f"{where}.files.{role}", "is missing")
             for role, name in segment.files.items():
                 path = (folder / relative_path(name, f"{where}.files.{role}")).as_posix()
-                if path not in roles:
+                if path not in checksummed:
                     raise ManifestError(f"{where}.files.{role}", f"names {path}, which 'files' does not checksum")
         available = set(self.input_names)
         for index, segment in enumerate(self.segments):
@@ -250,7 +248,8 @@ class Manifest(Record):
                 raise ManifestError(f"post_processing[{index}].output", f"names '{step.output}', not an output")
             rank = len(self.outputs[self.output_names.index(step.output)].shape)
             if not -rank <= step.axis < rank:
-                raise ManifestError(f"post_processing[{index}].axis", f"is {step.axis}, outside the output's {rank} axes")
+                raise ManifestError(f"post_processing[{index}].axis",
+                                    f"is {step.axis}, outside the output's {rank} axes")
 
     @property
     def input_names(self) -> list[str]:

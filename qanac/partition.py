@@ -61,7 +61,7 @@ class PartitionPlan:
     def transfers(self) -> int:
         """Host <-> device hand-overs while running the bundle once."""
 
-        return sum(1 for a, b in zip(self.segments, self.segments[1:]) if a.kind != b.kind)
+        return sum(1 for a, b in zip(self.segments, self.segments[1:], strict=False) if a.kind != b.kind)
 
     @property
     def device_macs(self) -> int:

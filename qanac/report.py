@@ -109,7 +109,7 @@ def format_rules_reference(target_name: str, rules) -> str:
     """A target's lint rules in Markdown (regenerate with `qanac rules TARGET --markdown`)."""
 
     lines = [
-        f"| code | level | rule | what the toolchain does | way out |",
+        "| code | level | rule | what the toolchain does | way out |",
         "|---|---|---|---|---|",
     ]
     for rule in rules:

@@ -15,11 +15,11 @@ from typing import Any, Callable
 import numpy as np
 
 from qanac.bundle import Bundle
+from qanac.bundle_runner import BundleRunner, available_variants
 from qanac.calibration import CalibrationData, InputSpec, Preprocessing, load_data
 from qanac.compare import OutputComparison, Thresholds, compare_outputs, failures
 from qanac.diagnostics import UsageError
 from qanac.execution import apply_post_processing, make_session, run_session
-from qanac.bundle_runner import BundleRunner, available_variants
 from qanac.manifest import REFERENCE_ROLE
 
 Progress = Callable[[int], None]

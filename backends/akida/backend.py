@@ -38,8 +38,8 @@ from qanac.manifest import COMPILED, Record, SegmentRecord
 
 from .agreement import compare_akida_to_quantized
 from .convert import compile_onnx
-from .input_layer import with_identity_input_layer
 from .devices import DEFAULT_DEVICE, MODEL_IP_VERSION, check_ip_version
+from .input_layer import with_identity_input_layer
 from .mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
 from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunner
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.akida import akida_models
 from qanac.backend import Backend, EmitResult
+from qanac.backends.akida.backend import AkidaBackend, AkidaSegmentRecord
 from qanac.compiler import EmittedSegment, segment_record
+from qanac.diagnostics import UnsupportedModelError, UsageError
 from qanac.manifest import SegmentRecord
 from qanac.partition import DEVICE, Segment
-from qanac.backends.akida.backend import AkidaBackend, AkidaSegmentRecord
-from qanac.diagnostics import UnsupportedModelError, UsageError
+from tests.akida import akida_models
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,8 @@ class ResidualDigitsNet(nn.Module):
         super().__init__()
 
         def cbr(cin, cout, k=3, s=1, g=1):
-            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
+            return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU6())
 
         self.stem = nn.Sequential(cbr(1, 16), cbr(16, 16, s=2))
         self.block = nn.Sequential(cbr(16, 16, g=16), cbr(16, 16, k=1))
@@ -264,7 +265,8 @@ def test_image_folder_calibration_and_run_on_image_files(digits_bundle, tmp_path
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.output)["manifest"]
     assert manifest["calibration"]["num_samples"] == 40
-    assert manifest["inputs"][0]["preprocessing"]["mean"] == [0.1] and manifest["inputs"][0]["preprocessing"]["std"] == [0.9]
+    preprocessing = manifest["inputs"][0]["preprocessing"]
+    assert preprocessing["mean"] == [0.1] and preprocessing["std"] == [0.9]
     files = [folder / str(labels[i]) / f"{i}.png" for i in range(3)]
     result = invoke("run", bundle, *[a for f in files for a in ("--input", f)], "--json")
     assert result.exit_code == 0, result.output
