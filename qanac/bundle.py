@@ -259,10 +259,3 @@ class Bundle:
     @property
     def labels(self) -> list[str] | None:
         return self.manifest.labels
-
-    def report(self) -> dict[str, Any]:
-        path = self.path / REPORT
-        if not os.path.lexists(path):
-            return {}
-        bundle_path(self.path, REPORT, REPORT)
-        return json.loads(b"".join(read_bundle_file(path, REPORT, MAX_MANIFEST_BYTES)))
