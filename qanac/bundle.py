@@ -40,7 +40,7 @@ from qanac.manifest import FileEntry, Manifest, ManifestError, Record, SegmentRe
 MANIFEST = "manifest.json"
 REFERENCE = "reference.onnx"
 REPORT = "report.json"
-MAX_MANIFEST_BYTES = 64 << 20  # manifest.json and report.json
+MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 4 << 30  # any file a manifest names (ONNX protobufs stop at 2 GiB)
 
 def sha256_of(path: Path) -> str:
