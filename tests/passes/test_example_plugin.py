@@ -15,12 +15,17 @@ PASS = "merge-consecutive-relu"
 
 @pytest.fixture(autouse=True)
 def example_plugin():
+    """The plugin freshly loaded from its file; the registry as it was afterwards."""
+
+    passes, plugins = dict(registry._REGISTRY), set(registry._loaded_plugins)
     registry.unregister_pass(PASS)
     registry._loaded_plugins.discard(str(PLUGIN))
     registry.load_plugin_file(PLUGIN)
     yield
-    registry.unregister_pass(PASS)
-    registry._loaded_plugins.discard(str(PLUGIN))
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(passes)
+    registry._loaded_plugins.clear()
+    registry._loaded_plugins.update(plugins)
 
 
 def test_double_relu_merges_and_outputs_stay():
