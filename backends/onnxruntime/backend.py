@@ -21,14 +21,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quant_pre_process,
-    quantize_static,
-)
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
@@ -40,21 +32,25 @@ from qanac.manifest import COMPILED, SegmentRecord
 QDQ_FILE = "model.qdq.onnx"
 KERNEL_CHECK_SAMPLES = 64
 MIN_KERNEL_AGREEMENT = 0.99
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
+# --calibrate-method names -> onnxruntime.quantization.CalibrationMethod members (imported only to emit:
+# running a bundle needs neither onnxruntime.quantization nor the torch it imports)
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
-class _Reader(CalibrationDataReader):
-    """Feeds calibration samples one batch at a time (batch 1 for models with a fixed batch of 1)."""
+class _Reader:
+    """Feeds calibration samples one batch at a time (batch 1 for models with a fixed batch of 1).
+
+    A ``CalibrationDataReader`` by onnxruntime's own subclass hook (it has ``get_next``), iterable too.
+    """
 
     def __init__(self, calibration: CalibrationData, batch_size: int):
         self._batches = iter(list(calibration.batches(batch_size)))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
+
+    def __iter__(self):
+        return self._batches
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -74,6 +70,14 @@ class OnnxRuntimeBackend:
             raise UsageError(
                 f"unknown calibration method '{method_name}'", hint="use " + ", ".join(CALIBRATION_METHODS)
             )
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
+
         with tempfile.TemporaryDirectory(prefix="qanac-ort-") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             try:
@@ -94,7 +98,7 @@ class OnnxRuntimeBackend:
                     reduce_range=bool(options.get("reduce_range", True)),
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
-                    calibrate_method=CALIBRATION_METHODS[method_name],
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method_name]),
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
                 )
             except Exception as exc:
