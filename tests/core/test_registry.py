@@ -18,10 +18,12 @@ EXAMPLE_PLUGIN_DIR = REPO / "examples" / "plugin"
 
 @pytest.fixture
 def clean_registry():
-    before = dict(registry._REGISTRY)
+    before, plugins = dict(registry._REGISTRY), set(registry._loaded_plugins)
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(before)
+    registry._loaded_plugins.clear()
+    registry._loaded_plugins.update(plugins)
 
 
 def test_decorator_registers_with_metadata(clean_registry):
