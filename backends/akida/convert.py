@@ -55,85 +55,17 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
+from qanac.backends.akida import patterns
+from qanac.backends.akida.patterns import BRAINCHIP_DOMAIN
 from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
 from qanac.execution import run_onnx
 from qanac.native_output import import_tensorflow_quietly
 
-BRAINCHIP_DOMAIN = "com.brainchip"
 DEFAULT_NUM_SAMPLES = 1024  # quantizeml's own default
 CALIBRATION_BATCH = 32
-
-# Nodes an Akida model may start with before its first real layer (quantizeml folds or absorbs them).
-_INPUT_PRELUDE_OPS = {"Cast", "Transpose", "Sub", "Div", "Mul", "Add", "Flatten", "Reshape", "Identity"}
-
-# Op types with no Akida layer in any position, with the reason and the way out. Read against
-# quantizeml/onnx_support/quantization/register_patterns.py (PATTERNS_MAP) and its sanitizer, which has
-# already turned x*Sigmoid(x) into SiLU, whole-map AveragePool into GlobalAveragePool, Min/Max into Clip.
-_NO_AKIDA_LAYER: dict[str, tuple[str, str]] = {
-    "Sigmoid": (
-        "a bare Sigmoid has no Akida layer (Sigmoid is accepted only inside x * Sigmoid(x), i.e. SiLU, "
-        "directly after a Conv)",
-        "replace the gate by a bounded ReLU/Clip(0, 1)-style activation, or run it on the host",
-    ),
-    "HardSigmoid": (
-        "a bare HardSigmoid has no Akida layer (accepted only inside x * HardSigmoid(x), i.e. HardSwish, "
-        "directly after a Conv)",
-        "replace it by Clip(0, max) or run it on the host",
-    ),
-    "Tanh": ("Tanh has no Akida layer", "replace it by a ReLU/Clip activation"),
-    "Softmax": (
-        "Softmax has no Akida layer",
-        "strip the trailing Softmax (argmax is unchanged) and apply it on the host",
-    ),
-    "LogSoftmax": ("LogSoftmax has no Akida layer", "strip it and apply it on the host"),
-    "AveragePool": (
-        "only global average pooling exists on Akida (a window over the whole map, fused after a Conv); "
-        "a windowed AveragePool has no Akida layer",
-        "replace it by a stride-2 Conv or a MaxPool fused after the preceding Conv, or make it global",
-    ),
-}
-
-# Op types that exist on Akida only fused into a pattern; left over, they are in the wrong place.
-_PATTERN_ONLY: dict[str, tuple[str, str]] = {
-    "GlobalAveragePool": (
-        "global average pooling exists on Akida only fused into the Conv [+ activation] that feeds it, "
-        "and that Conv's output must have no other consumer",
-        "put the GlobalAveragePool directly after a Conv/ReLU whose output feeds nothing else",
-    ),
-    "MaxPool": (
-        "max pooling exists on Akida only fused after a Conv (Conv, MaxPool, activation)",
-        "place the MaxPool directly after a Conv whose output feeds nothing else",
-    ),
-    "PRelu": (
-        "PReLU is supported only with one slope shared by all channels, directly after a Conv",
-        "use a single shared slope, LeakyRelu, or ReLU",
-    ),
-    "Clip": (
-        "Clip is supported only as a ReLU-like activation (min = 0) directly after a Conv or Gemm",
-        "use Clip(0, max) or ReLU",
-    ),
-    "Relu": (
-        "an activation exists on Akida only fused into the Conv/Gemm that feeds it",
-        "place the activation directly after a Conv or Gemm",
-    ),
-    "LeakyRelu": (
-        "LeakyRelu exists on Akida only fused (as a LUT activation) after a Conv",
-        "place it directly after a Conv",
-    ),
-    "Resize": (
-        "only nearest-neighbour x2 upsampling has an Akida layer (DepthwiseConv2DTranspose)",
-        "use Resize(mode='nearest', scale 2)",
-    ),
-    "Reshape": ("a Reshape has no Akida equivalent at this position", "remove it or place it before a Gemm"),
-    "Flatten": ("a Flatten has an Akida equivalent only before a Gemm", "follow the Flatten by a Gemm"),
-    "Transpose": ("a Transpose inside the graph has no Akida equivalent", "remove the layout change"),
-    "BatchNormalization": (
-        "a BatchNormalization that could not be folded into a neighbouring Conv/Gemm has no Akida layer",
-        "place it right after a Conv or Gemm so it folds, or write input normalisation as Sub/Div",
-    ),
-}
 
 _CONVERSION_HINTS: tuple[tuple[str, str], ...] = (
     (
@@ -280,23 +212,10 @@ def calibration_samples(
 
 
 def first_layer(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The first node after the input that is not normalisation or layout (Cast, Transpose, Sub, Div, ...)."""
+    """The model's first Akida layer (``patterns.input_layer``), or None when the input feeds several nodes."""
 
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    initializers = {i.name for i in model.graph.initializer}
-    tensor = next(i.name for i in model.graph.input if i.name not in initializers)
-    for _ in range(len(model.graph.node)):
-        nodes = consumers.get(tensor, [])
-        if len(nodes) != 1:
-            return nodes[0] if nodes else None
-        node = nodes[0]
-        if node.op_type not in _INPUT_PRELUDE_OPS:
-            return node
-        tensor = node.output[0]
-    return None
+    node = patterns.input_layer(gs.import_onnx(model))
+    return None if node is None else _node_by_name(model, node.name)
 
 
 def is_depthwise(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
@@ -373,13 +292,15 @@ def check_fully_quantized(quantized: onnx.ModelProto, failed_blocks: dict[str, s
     reasons: dict[str, tuple[str, str]] = {}
     for node in leftover:
         activations = [i for i in node.input if i and i not in constants]
-        reason, hint = _node_reason(node, constants)
+        refusal = _refusal(node, constants)
+        reason, hint = (refusal.reason, refusal.hint) if refusal is not None else ("", "")
         if node.name in failed_blocks:
             reason = f"{reason}; quantizeml: {failed_blocks[node.name]}" if reason else failed_blocks[node.name]
         reasons[node.name] = (reason, hint)
         if all(i in quantized_outputs or i in graph_inputs for i in activations):
             roots.append(node)
-        elif _intrinsic_reason(node, constants) is not None or node.name in failed_blocks:
+        elif (refusal is not None and patterns.is_intrinsic(refusal, node.op_type, node.domain)) \
+                or node.name in failed_blocks:
             intrinsic.append(node)
         else:
             downstream.append(node)
@@ -581,45 +502,10 @@ def _conversion_error(exc: Exception, quantized: onnx.ModelProto, float_model: o
     )
 
 
-def _intrinsic_reason(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[str, str] | None:
-    """Why ``node`` has no Akida layer wherever it stands, or None when it is fine in the right pattern."""
+def _refusal(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> patterns.Refusal | None:
+    """qanac's table's reason why quantizeml left ``node`` unquantized (None: only its inputs are to blame)."""
 
-    if node.op_type in _NO_AKIDA_LAYER:
-        return _NO_AKIDA_LAYER[node.op_type]
-    if node.op_type == "Mul" and _is_mul_of_two_tensors(node, constants):
-        return (
-            "a Mul of two activation tensors (an attention gate such as squeeze-excitation or ECA) has no "
-            "Akida layer; only a Mul by a constant folds into a neighbouring Conv/Gemm",
-            "remove the attention branch, or run it on the host",
-        )
-    if node.op_type == "Conv":
-        if any(d != 1 for d in _attribute(node, "dilations", [1, 1])):
-            return ("dilated convolutions have no Akida layer", "use dilation 1 (a larger kernel or a stride)")
-        if _attribute(node, "group", 1) != 1:
-            return (
-                "grouped convolutions other than depthwise (group == in == out channels) have no Akida layer",
-                "use group 1 or a depthwise Conv",
-            )
-    if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in constants:
-        if float(np.asarray(constants[node.input[1]]).min()) != 0.0:
-            return _PATTERN_ONLY["Clip"]
-    if node.op_type == "PRelu" and len(node.input) > 1 and node.input[1] in constants:
-        if np.unique(constants[node.input[1]]).size > 1:
-            return _PATTERN_ONLY["PRelu"]
-    return None
-
-
-def _node_reason(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[str, str]:
-    intrinsic = _intrinsic_reason(node, constants)
-    if intrinsic is not None:
-        return intrinsic
-    if node.op_type == "Mul":
-        return ("a Mul by a constant that could not be folded into a neighbouring Conv/Gemm", "")
-    return _PATTERN_ONLY.get(node.op_type, ("", ""))
-
-
-def _is_mul_of_two_tensors(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
-    return node.op_type == "Mul" and sum(1 for i in node.input if i and i not in constants) >= 2
+    return patterns.refusal(patterns.NodeFacts.of_proto(node, constants))
 
 
 def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """The padding forms cnn2snn accepts for an Akida convolution, shared by the lint rules and the
 legalization passes.
 
-Padding forms (cnn2snn/quantizeml/onnx_conversion/padding.py, cnn2snn 2.19.3). Per spatial axis of size
+Padding forms (cnn2snn/quantizeml/onnx_conversion/padding.py, cnn2snn 2.19.3; the SameUpper kernels and
+stride are in qanac's table, ``patterns.QANAC``). Per spatial axis of size
 ``n``, a kernel ``k`` and a stride ``s`` give ``total = max(k - s, 0)`` when ``n % s == 0``, else
 ``max(k - n % s, 0)``; a convolution's ``pads`` must then be, on both axes in the same form:
 
@@ -20,10 +21,7 @@ it only when no other form fits (``accepted_forms`` lists it last).
 
 from __future__ import annotations
 
-# SameUpper kernels (cnn2snn padding.py, _check_same_upper_padding_constraints); stride 2 only.
-SAME_UPPER_KERNELS = {3}
-SAME_UPPER_INPUT_KERNELS = {3, 5, 7}
-SAME_UPPER_STRIDE = 2
+from qanac.backends.akida.patterns import QANAC
 
 
 def axis_pads(size: int, kernel: int, stride: int, form: str) -> tuple[int, int]:
@@ -46,8 +44,8 @@ def accepted_forms(kernel: tuple[int, int], stride: tuple[int, int], is_input_la
     """The padding forms cnn2snn accepts for a convolution with this kernel and stride, ``valid`` last (it
     maps to software)."""
 
-    upper_kernels = SAME_UPPER_INPUT_KERNELS if is_input_layer else SAME_UPPER_KERNELS
-    if stride == (SAME_UPPER_STRIDE,) * 2 and kernel[0] == kernel[1] and kernel[0] in upper_kernels:
+    upper_kernels = QANAC.same_upper_input_kernels if is_input_layer else QANAC.same_upper_kernels
+    if stride == (QANAC.same_upper_stride,) * 2 and kernel[0] == kernel[1] and kernel[0] in upper_kernels:
         return ("same", "same_upper", "symmetric", "valid")
     return ("same", "valid")
 

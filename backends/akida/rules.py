@@ -1,47 +1,44 @@
-"""What Akida IP v2 accepts through MetaTF's ONNX path: one table for lint and legalization.
+"""The Akida lint rules: which node breaks what, judged on the model as quantizeml will see it.
 
-Measured with quantizeml 1.2.5 / cnn2snn 2.19.3 / akida 2.19.3 (tests/akida/test_lint_reality.py compiles
-an example of every rule and checks the prediction). Two kinds of rule:
+Every rule reads ``patterns.py``: the installed quantizeml's own table (which op chains it fuses into one
+layer, which ops it knows, the first layer) and qanac's table beside it (measured mapping limits, why a node
+has no Akida layer). The rules judge the model after quantizeml's sanitizer (``AKIDA_RULES.view``), the
+graph ``quantize()`` matches its patterns on: tf2onnx's Relu -> Min -> Max is the Clip quantizeml sees,
+PyTorch's Conv -> Relu -> MaxPool its Conv -> MaxPool -> Relu, x * Sigmoid(x) its LUT activation. A node no
+pattern covers is refused with the code qanac's table gives its op; the other rules are what quantizeml's
+layer builders, cnn2snn and akida's map() refuse, as measured (quantizeml 1.2.5 / cnn2snn 2.19.3 / akida
+2.19.3; tests/akida/test_lint_reality.py compiles an example of every rule and checks the prediction).
 
 - ERROR: quantizeml leaves the node unquantized and cnn2snn silently cuts the model before it, or one of
   them raises. qanac's Akida backend refuses such a model (exit 3) rather than emit a truncated one.
 - WARNING: the model converts, but the layer is mapped to a Software sequence (it runs on the host CPU,
   not on the neural processors).
 
-Accepted layer shapes (quantizeml's PATTERNS_MAP): [input Sub/Div/Mul/Add with constants] Conv [MaxPool]
-[Relu | Clip(min=0) | LUT activation] [GlobalAveragePool]; the same for depthwise Conv; [Flatten] Gemm
-[Relu | Clip]; Add; Concat; ConvTranspose; Resize (nearest, x2). LUT activations: Gelu, LeakyRelu, PRelu,
-HardSwish, Swish (x * Sigmoid(x)), x * HardSigmoid(x).
+The legalization passes ask the same questions of the graph they rewrite (``fused_chain``,
+``maxpool_last_in_sequence``, ``input_layer``).
 """
 
 from __future__ import annotations
 
+import onnx
 import onnx_graphsurgeon as gs
 
+from qanac.backends.akida import patterns
 from qanac.backends.akida.padding import accepted_forms, form_pads, pads_form
+from qanac.backends.akida.patterns import QANAC, NodeFacts, Refusal
+from qanac.backends.akida.patterns import fused_chain as fused_chain  # the passes read it here
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.graph import constant_value
-from qanac.lint import PASSIVE_OPS, LintContext, Rule
+from qanac.lint import LintContext, Rule, RuleSet
 
-# Device limits (akida 2.19.3, IP v2).
-MAX_GAP_PIXELS = 144  # "When using Global Average Pooling, input dimensions width * height cannot exceed 144."
-STRIDE2_KERNELS = {1, 3}  # "Stride 2 is only supported with kernel size 1 or 3." (convs after the input layer)
-# Largest input-channel count measured to fit one CNP, per square kernel size (SixNodesIPv2, 8-bit weights):
-# 3x3x640 maps and 3x3x704 does not; 5x5x192 / 5x5x224; 7x7x64 / 7x7x96. Not a plain product of the
-# kernel size, so the table is what was measured; a count between the fitting and failing one is warned
-# about conservatively. Kernel sizes not measured are not checked.
-MAX_CNP_INPUT_CHANNELS = {3: 640, 5: 192, 7: 64}
-DEPTHWISE_KERNELS = {3, 5, 7}  # "Kernel size must be 3, 5 or 7." (depthwise layers in hardware)
-MAX_DENSE_INPUTS = 2048  # "Input dimensions are too large to fit in a FNP. The maximum value is 2048."
-MAX_INPUT_CONV_FILTERS = 512  # "The filters number should be set between 1 and 512." (input layer)
-
-ACTIVATIONS = {"Relu", "Clip", "Gelu", "LeakyRelu", "PRelu", "HardSwish"}
-ACCEPTED_OPS = {
-    "Conv", "ConvTranspose", "MaxPool", "GlobalAveragePool", "Gemm", "MatMul", "Add", "Concat", "Resize",
-    "Sigmoid", "HardSigmoid", "Mul", "Sub", "Div", "AveragePool", "ReduceMean", "Min", "Max",
-    "BatchNormalization", "Softmax", "LogSoftmax", "Tanh",
-} | ACTIVATIONS | PASSIVE_OPS
-AFFINE_OPS = {"Sub", "Div", "Mul", "Add"}
+# qanac's table under the names the legalization passes read.
+MAX_GAP_PIXELS = QANAC.max_gap_pixels
+STRIDE2_KERNELS = QANAC.stride2_kernels
+MAX_CNP_INPUT_CHANNELS = QANAC.max_cnp_input_channels
+DEPTHWISE_KERNELS = QANAC.depthwise_kernels
+MAX_DENSE_INPUTS = QANAC.max_dense_inputs
+MAX_INPUT_CONV_FILTERS = QANAC.max_input_conv_filters
+ACTIVATIONS = QANAC.activations
 
 
 def _attr(node: gs.Node, name: str, default):
@@ -59,107 +56,85 @@ def is_depthwise(node: gs.Node) -> bool:
     return shape is not None and group > 1 and shape[1] == 1 and shape[0] == group
 
 
-def _single_consumer(node: gs.Node) -> gs.Node | None:
-    users = [c for out in node.outputs for c in out.outputs]
-    return users[0] if len(users) == 1 else None
-
-
-def fused_chain(conv: gs.Node) -> list[gs.Node]:
-    """The nodes quantizeml fuses into a conv layer: [MaxPool] [activation] [GlobalAveragePool]."""
-
-    chain = []
-    node = _single_consumer(conv)
-    for allowed in (("MaxPool",), tuple(ACTIVATIONS), ("GlobalAveragePool",)):
-        if node is not None and node.op in allowed:
-            chain.append(node)
-            node = _single_consumer(node)
-    return chain
-
-
-def _is_constant_affine(node: gs.Node, ctx: LintContext) -> bool:
-    return node.op in AFFINE_OPS and any(ctx.is_constant(t) for t in node.inputs)
-
-
 def input_layer(ctx: LintContext) -> gs.Node | None:
-    """The first computing node, past passive ops and the constant input normalisation quantizeml folds."""
+    """The model's first Akida layer (``patterns.input_layer``), once per lint run."""
 
-    if len(ctx.graph.inputs) != 1:
-        return None
-    tensor = ctx.graph.inputs[0]
-    while len(tensor.outputs) == 1:
-        node = tensor.outputs[0]
-        if node.op in PASSIVE_OPS or _is_constant_affine(node, ctx):
-            tensor = node.outputs[0]
-            continue
-        return node
-    return None
+    return ctx.memo("akida.input_layer", lambda: patterns.input_layer(ctx.graph))
 
 
-def _is_swish_gate(node: gs.Node, ctx: LintContext) -> bool:
-    """x * Sigmoid(x) or x * HardSigmoid(x): quantizeml turns it into a LUT activation."""
+def block_of(node: gs.Node, ctx: LintContext) -> tuple[gs.Node, ...] | None:
+    """The quantizeml block (one Akida layer) ``node`` belongs to, or None when no pattern covers it."""
 
-    if node.op != "Mul" or len(node.inputs) != 2:
-        return False
-    for gate, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-        producer = ctx.producer(gate)
-        if producer is not None and producer.op in ("Sigmoid", "HardSigmoid") and producer.inputs[0] is other:
-            return True
-    return False
+    return ctx.memo("akida.cover", lambda: patterns.cover(ctx.graph, ctx.order)).get(node.name)
+
+
+def _refused(node: gs.Node, ctx: LintContext, code: str) -> Refusal | None:
+    """qanac's table's refusal of ``node`` when it is for rule ``code``."""
+
+    def compute() -> Refusal | None:
+        facts = NodeFacts.of(node, node is input_layer(ctx))
+        return patterns.refusal(facts, matched=block_of(node, ctx) is not None)
+
+    entry = ctx.memo(f"akida.refusal:{id(node)}", compute)
+    return entry if entry is not None and entry.code == code else None
+
+
+def _unfused_context(node: gs.Node, ctx: LintContext) -> str:
+    """Why quantizeml did not fuse ``node`` into the layer before it."""
+
+    source = node.inputs[0]
+    producer = ctx.producer(source)
+    if producer is None:
+        return "it reads the model input"
+    block = block_of(producer, ctx)
+    if block is None:
+        return f"it reads {ctx.label(producer)}, which no Akida layer covers either"
+    if len(source.outputs) > 1:
+        return f"it reads {ctx.label(producer)}, whose output is also read elsewhere"
+    tokens = [patterns.vendor().token(n.op, n.domain) for n in block] + [node.op]
+    return f"quantizeml has no pattern {' -> '.join(tokens)}"
 
 
 # --- node checks: each returns a message when the node breaks the rule -----------------------------------
 
 
 def unsupported_op(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op in ACCEPTED_OPS and node.domain in (None, "", "ai.onnx"):
-        return None
-    return f"op {node.op} has no Akida equivalent"
+    entry = _refused(node, ctx, "AKD101")
+    return None if entry is None else entry.reason
 
 
 def sigmoid_or_tanh(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op == "Tanh":
-        return "Tanh has no Akida equivalent"
-    if node.op in ("Sigmoid", "HardSigmoid"):
-        users = ctx.consumers(node)
-        if users and all(_is_swish_gate(u, ctx) for u in users):
-            return None
-        return f"a bare {node.op} (only x * {node.op}(x), a swish, is supported)"
-    return None
+    entry = _refused(node, ctx, "AKD102")
+    return None if entry is None else entry.reason
 
 
 def tensor_multiply(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op not in ("Mul", "Div") or len(ctx.tensor_inputs(node)) < 2 or _is_swish_gate(node, ctx):
-        return None
-    return f"{node.op} of two computed tensors (an attention gate such as SE or ECA)"
+    entry = _refused(node, ctx, "AKD103")
+    return None if entry is None else entry.reason
 
 
 def clip_min_nonzero(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op != "Clip":
+    if _refused(node, ctx, "AKD104") is None:
         return None
     low = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-    if low is None or float(low) != 0.0:
-        shown = "none" if low is None else f"{float(low):g}"
-        return f"Clip with min {shown}; Akida only has bounded ReLUs (min 0)"
-    return None
+    shown = "none" if low is None else f"{float(low):g}"
+    return f"Clip with min {shown}; Akida only has bounded ReLUs (min 0)"
 
 
 def grouped_conv(node: gs.Node, ctx: LintContext) -> str | None:
-    group = int(_attr(node, "group", 1))
-    if node.op == "Conv" and group > 1 and not is_depthwise(node):
-        return f"grouped convolution with {group} groups (only depthwise, groups == channels, is supported)"
-    return None
+    if _refused(node, ctx, "AKD105") is None:
+        return None
+    return f"grouped convolution with {int(_attr(node, 'group', 1))} groups (only depthwise, groups == channels, is supported)"
 
 
 def dilated_conv(node: gs.Node, ctx: LintContext) -> str | None:
-    dilations = list(_attr(node, "dilations", [1, 1]))
-    if node.op == "Conv" and any(d != 1 for d in dilations):
-        return f"dilation {dilations}"
-    return None
+    if _refused(node, ctx, "AKD106") is None:
+        return None
+    return f"dilation {list(_attr(node, 'dilations', [1, 1]))}"
 
 
 def conv_stride_kernel(node: gs.Node, ctx: LintContext) -> str | None:
-    # depthwise convs take stride 2 with 5x5 kernels too (measured: quantizeml splits them, all on hardware)
-    if node.op != "Conv" or node is input_layer(ctx) or is_depthwise(node):
+    if node.op != "Conv" or node is input_layer(ctx):
         return None
     strides = list(_attr(node, "strides", [1, 1]))
     shape = _weights_shape(node)
@@ -194,8 +169,6 @@ def _padding_case(node: gs.Node, ctx: LintContext):
     if conv_stride_kernel(node, ctx) is not None:
         return None
     strides = tuple(int(s) for s in _attr(node, "strides", [1, 1]))
-    if is_depthwise(node) and strides != (1, 1) and any(k not in STRIDE2_KERNELS for k in kernel):
-        return None  # quantizeml rewrites these itself (measured: 5x5 stride 2, pads 2 maps to hardware)
     pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
     first = node is input_layer(ctx)
     return pads_form(size, kernel, strides, pads, first), kernel, strides, pads, size, first
@@ -229,73 +202,45 @@ def maxpool_pads(node: gs.Node, ctx: LintContext) -> str | None:
 
 
 def maxpool_not_after_conv(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op != "MaxPool":
-        return None
-    source = node.inputs[0]
-    producer = ctx.producer(source)
-    if producer is not None and producer.op in ACTIVATIONS and len(source.outputs) == 1:
-        source = producer.inputs[0]
-        producer = ctx.producer(source)
-    if producer is not None and producer.op == "Conv" and len(source.outputs) == 1:
-        return None
-    what = "the model input" if producer is None else f"{producer.op} '{producer.name}'"
-    if producer is not None and producer.op == "Conv":
-        what += ", whose output is also read elsewhere"
-    return f"max pooling of {what} (it must follow a convolution, with at most its activation between)"
+    entry = _refused(node, ctx, "AKD116")
+    return None if entry is None else f"{entry.reason}; {_unfused_context(node, ctx)}"
 
 
 def input_batchnorm(node: gs.Node, ctx: LintContext) -> str | None:
     # A first dense or depthwise layer is fine: qanac's Akida backend then quantizes the input as int8.
-    if node is input_layer(ctx) and node.op == "BatchNormalization":
-        return "the model starts with BatchNormalization"
-    return None
+    entry = _refused(node, ctx, "AKD110")
+    return None if entry is None else entry.reason
+
+
+def _fuses_gap(node: gs.Node, ctx: LintContext) -> bool:
+    block = block_of(node, ctx)
+    return block is not None and block[0] is node and any(n.op == "GlobalAveragePool" for n in block)
 
 
 def input_conv_with_gap(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op == "Conv" and node is input_layer(ctx):
-        if any(n.op == "GlobalAveragePool" for n in fused_chain(node)):
-            return "the input convolution is directly followed by global average pooling"
+    if node.op == "Conv" and node is input_layer(ctx) and _fuses_gap(node, ctx):
+        return "the input convolution is directly followed by global average pooling"
     return None
 
 
 def average_pool(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op != "AveragePool":
+    if _refused(node, ctx, "AKD112") is None:
         return None
     size = ctx.spatial(node.inputs[0])
-    kernel = tuple(_attr(node, "kernel_shape", []))
-    if size is not None and kernel == size and not any(_attr(node, "pads", [0, 0, 0, 0])):
-        return None  # covers the whole map: quantizeml turns it into GlobalAveragePool
-    return f"AveragePool {list(kernel)} over a {size[0] if size else '?'}x{size[1] if size else '?'} map (only global pooling is supported)"
+    kernel = list(_attr(node, "kernel_shape", []))
+    shown = f"{size[0]}x{size[1]}" if size else "?x?"
+    return f"AveragePool {kernel} over a {shown} map (only global pooling is supported)"
 
 
 def unfused_gap(node: gs.Node, ctx: LintContext) -> str | None:
-    """GAP fuses into the conv before it (through its activation) only if nothing else reads that output;
-    after Add or Concat quantizeml inserts an identity conv to fuse it into."""
-
-    if node.op != "GlobalAveragePool":
-        return None
-    tensor = node.inputs[0]
-    producer = ctx.producer(tensor)
-    shared = len(tensor.outputs) > 1
-    while producer is not None and producer.op in ACTIVATIONS:
-        tensor = producer.inputs[0]
-        shared = shared or len(tensor.outputs) > 1
-        producer = ctx.producer(tensor)
-    if producer is None:
-        return "global average pooling of the model input"
-    if producer.op in ("Add", "Concat"):
-        return None
-    if producer.op == "Conv" and not shared:
-        return None
-    if producer.op == "Conv":
-        return f"global average pooling of '{producer.name}', whose output is also used elsewhere (it cannot be fused)"
-    return f"global average pooling after {producer.op} '{producer.name}' (it must follow a convolution)"
+    entry = _refused(node, ctx, "AKD113")
+    return None if entry is None else f"{entry.reason}; {_unfused_context(node, ctx)}"
 
 
 def softmax_inside(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op in ("Softmax", "LogSoftmax"):
-        return f"{node.op} inside the graph (a trailing one is moved to the host by strip-trailing-softmax)"
-    return None
+    if _refused(node, ctx, "AKD114") is None:
+        return None
+    return f"{node.op} inside the graph (a trailing one is moved to the host by strip-trailing-softmax)"
 
 
 def gap_too_large(node: gs.Node, ctx: LintContext) -> str | None:
@@ -310,7 +255,7 @@ def gap_too_large(node: gs.Node, ctx: LintContext) -> str | None:
 def gap_after_strided_conv(node: gs.Node, ctx: LintContext) -> str | None:
     if node.op != "Conv" or not any(s > 1 for s in _attr(node, "strides", [1, 1])):
         return None
-    if any(n.op == "GlobalAveragePool" for n in fused_chain(node)):
+    if _fuses_gap(node, ctx):
         return "a strided convolution fused with global average pooling"
     return None
 
@@ -355,22 +300,31 @@ def dense_too_wide(node: gs.Node, ctx: LintContext) -> str | None:
 
 
 def maxpool_last_in_sequence(node: gs.Node, ctx: LintContext) -> str | None:
+    """A Conv whose layer fuses max pooling and feeds anything but convolutions (or the model output)."""
+
     if node.op != "Conv":
         return None
-    chain = fused_chain(node)
-    if not chain or chain[0].op != "MaxPool":
+    block = block_of(node, ctx)
+    if block is None or block[0] is not node or not any(n.op == "MaxPool" for n in block):
         return None
-    last = chain[-1]
-    following = ctx.consumers(last)
-    while len(following) == 1 and following[0].op in PASSIVE_OPS:
-        following = ctx.consumers(following[0])
+    following = ctx.consumers(block[-1])
     if following and all(f.op in ("Conv", "ConvTranspose") for f in following):
         return None
-    names = ", ".join(f"{f.op} '{f.name}'" for f in following) or "the model output"
+    names = ", ".join(ctx.label(f) for f in following) or "the model output"
     return f"a convolution with max pooling followed by {names} (it must feed a convolution)"
 
 
-AKIDA_RULES: list[Rule] = [
+def vendor_view(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The model after quantizeml's sanitizer, or None when the sanitizer refuses it (a non-float input,
+    say): lint then judges the model as it is, and the backend reports quantizeml's own error."""
+
+    try:
+        return patterns.sanitized(model)
+    except Exception:  # the sanitizer's refusals have no common type
+        return None
+
+
+AKIDA_RULES = RuleSet(view=vendor_view, rules=(
     Rule("AKD101", "unsupported op", Level.ERROR, unsupported_op,
          "quantize() leaves it unquantized and convert() silently truncates the model before it",
          "replace the op in the model, or keep it on the host"),
@@ -458,7 +412,7 @@ AKIDA_RULES: list[Rule] = [
     Rule("AKD205", "too many filters in the input layer", Level.WARNING, input_conv_filters,
          "map() puts the layer in a Software sequence: 'The filters number should be set between 1 and 512.'",
          "use at most 512 filters in the first convolution"),
-]
+))
 
 
 def device_findings(device: str) -> list[Diagnostic]:

@@ -85,9 +85,11 @@ CASES = {
     "batchnorm_first_unfolded": (lambda: S(nn.BatchNorm2d(3), *stem(), *cbr(16, 32), *head(32)), {"AKD110"}),
     "input_conv_gap": (lambda: S(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), *head(16)), {"AKD111", "AKD115", "AKD202"}),
     "average_pool": (lambda: S(*stem(), *cbr(16, 32), nn.AvgPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD112"}),
-    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113"}),
+    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113", "AKD204"}),
     "maxpool_after_concat": (lambda: S(*stem(), Join("concat"), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD116"}),
     "maxpool_after_add": (lambda: S(*stem(), Join("add"), nn.MaxPool2d(2, 2), *cbr(16, 32), *head(32)), {"AKD116"}),
+    "maxpool_without_activation": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)),
+                                   {"AKD116"}),  # (Conv, MaxPool) is no quantizeml pattern
     "maxpool_after_activation": (lambda: S(*stem(), *cbr(16, 32), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)), set()),
     "conv_pads_2": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 2), nn.ReLU(), *head(32)), {"AKD115"}),
     "zero_pad_before_conv": (lambda: S(*stem(), nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(16, 32, 3, 2, 0), nn.ReLU(),
@@ -122,6 +124,9 @@ FIXED_BY_PASS = {
     "maxpool_before_dense": "identity-conv-after-maxpool",
 }
 DISABLED_PASSES = {case: frozenset({name}) for case, name in FIXED_BY_PASS.items()}
+# The identity conv identity-conv-after-maxpool puts after a max-pooled layer also gives the global pooling a
+# Conv to fuse into: off too, to reach the rule.
+DISABLED_PASSES["gap_after_maxpool"] |= {"identity-conv-after-maxpool"}
 CASES.update({f"{case}+{name}": (CASES[case][0], set()) for case, name in FIXED_BY_PASS.items()})
 
 
