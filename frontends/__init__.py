@@ -66,14 +66,19 @@ def parse_input_shapes(text: str | None) -> dict[str, tuple[int, ...]] | tuple[i
         return None
     try:
         if ":" not in text:
-            return tuple(int(v) for v in text.split(","))
-        shapes = {}
-        for part in text.split(";"):
-            name, _, dims = part.rpartition(":")
-            shapes[name.strip()] = tuple(int(v) for v in dims.split(","))
-        return shapes
+            shapes: dict[str, tuple[int, ...]] | tuple[int, ...] = tuple(int(v) for v in text.split(","))
+        else:
+            shapes = {}
+            for part in text.split(";"):
+                name, _, dims = part.rpartition(":")
+                shapes[name.strip()] = tuple(int(v) for v in dims.split(","))
     except ValueError:
         raise UsageError(f"cannot parse --input-shape '{text}'", hint="use 1,3,64,64 or name:1,3,64,64") from None
+    for dims in shapes.values() if isinstance(shapes, dict) else [shapes]:
+        if any(d <= 0 for d in dims):
+            raise UsageError(f"--input-shape '{text}' has a dim that is not positive",
+                             hint="every dim is a size of at least 1, e.g. 1,3,64,64")
+    return shapes
 
 
 def import_model(source: str, input_shape: str | None = None, weights: str | None = None) -> ImportedModel:
@@ -164,14 +169,16 @@ def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto, post
     pipeline recorded applied; an exact pipeline must not change outputs beyond float rounding
     (InternalError otherwise: a bug in a pass)."""
 
+    from qanac.calibration import check_size
     from qanac.compare import max_exact_violation
     from qanac.execution import apply_post_processing, run_onnx
     from qanac.graph import input_specs, output_names
 
     rng = np.random.default_rng(0)
-    feeds = {
-        spec.name: rng.standard_normal((2, *spec.shape[1:])).astype(spec.dtype) for spec in input_specs(imported)
-    }
+    specs = input_specs(imported)
+    for spec in specs:
+        check_size(spec, 2)
+    feeds = {spec.name: rng.standard_normal((2, *spec.shape[1:])).astype(spec.dtype) for spec in specs}
     before = run_onnx(imported, feeds)
     after = apply_post_processing(run_onnx(canonical, feeds), output_names(canonical), post_processing)
     violation = max_exact_violation(before, [a.reshape(b.shape) if a.size == b.size else a for b, a in zip(before, after)])

@@ -5,14 +5,20 @@ Calibration decides quantization quality, so random data exists only behind an e
 (``--calib random``) and is recorded loudly in the manifest.
 
 Accepted sources:
-    X.npy            one array, NCHW (float or uint8), for a single-input model
-    X.npz            arrays named after the model inputs (or a single array), optional ``labels``
+    X.npy            one array, NCHW, for a single-input model
+    X.npz            one array per model input, named after it (a single-input model also takes a single
+                     array of any name), optional ``labels``; any other array is refused
     DIR/             a folder of images (png/jpg/bmp), optionally in one sub-folder per class;
                      resized to the model's input size
-    random           uniform random data in the preprocessing range (explicit opt-in only)
+    random           uniform random data in each input's range (explicit opt-in only)
 
-Preprocessing: a raw uint8 image ``r`` in NCHW becomes ``(r * scale - mean[c]) / std[c]``. The default
-(scale 1/255, mean 0, std 1) maps images to [0, 1]. Arrays that are already float are used as they are.
+Preprocessing: a raw uint8 image ``r`` in NCHW fed to a float input becomes ``(r * scale - mean[c]) / std[c]``.
+The default (scale 1/255, mean 0, std 1) maps images to [0, 1]. Float arrays are used as they are. Every
+input gets its own dtype (float16/32/64, integers, bool): integer inputs take integer data unchanged.
+
+Every path into the model goes through :func:`prepare_array`, so calibration, `verify`, `run` and `eval` refuse
+the same data the same way (exit 2): not real numbers, a wrong shape, no samples, NaN or infinity, integers out
+of range, and more than ``MAX_DATA_BYTES`` for one input (checked from headers and shapes, before reading).
 
 Labelled data in the HAM10000 layout (``HAM10000_metadata.csv`` with ``lesion_id``, ``image_id`` and ``dx``
 columns, ``<image_id>.jpg`` in ``HAM10000_images_part_1/``, ``HAM10000_images_part_2/`` or beside the
@@ -26,20 +32,23 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import warnings
+import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from qanac.diagnostics import UsageError
+from qanac.diagnostics import UnsupportedModelError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 HAM10000_METADATA = "HAM10000_metadata.csv"
 HAM10000_IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, validation, test
+MAX_DATA_BYTES = 4 << 30  # one input's data for the samples requested, in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +60,28 @@ class Preprocessing:
     std: tuple[float, ...] = (1.0,)
     layout: str = "NCHW"
 
+    def check(self, channels: int | None = None) -> None:
+        """Refuse settings that cannot map images: a non-finite scale, mean or std, a zero std, or (given the
+        input's ``channels``) a per-channel mean or std with neither 1 nor ``channels`` values."""
+
+        values = {"scale": (self.scale,), "mean": self.mean, "std": self.std}
+        for name, numbers in values.items():
+            if not numbers or not all(math.isfinite(v) for v in numbers):
+                raise UsageError(f"preprocessing {name} {list(numbers)} is not a list of finite numbers",
+                                 hint=f"give --{name} finite values")
+        if any(v == 0 for v in self.std):
+            raise UsageError(f"preprocessing std {list(self.std)} has a zero: (raw * scale - mean) / std divides by it",
+                             hint="give --std non-zero values (the default is 1)")
+        for name in ("mean", "std"):
+            count = len(values[name])
+            if channels is not None and count not in (1, channels):
+                raise UsageError(f"preprocessing {name} has {count} values for an input of {channels} channels",
+                                 hint=f"give --{name} one value, or one per channel ({channels})")
+
     def apply(self, raw: np.ndarray) -> np.ndarray:
+        channels = raw.shape[1] if raw.ndim == 4 else 1
+        self.check(channels)  # an input that is not NCHW has one channel: one mean and one std
         x = raw.astype(np.float32) * np.float32(self.scale)
-        channels = x.shape[1] if x.ndim == 4 else 1
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
         if x.ndim == 4:
@@ -76,10 +104,10 @@ class Preprocessing:
 
 @dataclasses.dataclass
 class CalibrationData:
-    """Model-ready float32 arrays by input name, plus where they came from.
+    """Model-ready arrays by input name, each in its input's dtype, finite, plus where they came from.
 
-    ``raw`` keeps the uint8 images when the source was images (backends that quantize the input,
-    such as Akida, want them); ``labels`` are present when the source carried them.
+    ``raw`` keeps the uint8 images that were preprocessed into float inputs (backends that quantize the
+    input, such as Akida, want them); ``labels`` are present when the source carried them.
     """
 
     arrays: dict[str, np.ndarray]
@@ -127,41 +155,51 @@ def load_data(
     preprocessing: Preprocessing | None = None,
     num_random: int = 32,
     seed: int = 0,
+    limit: int | None = None,
 ) -> CalibrationData:
-    """Load data for ``inputs`` from ``source`` and check it against their shapes."""
+    """Load data for ``inputs`` from ``source``: the first ``limit`` samples (all when None), checked and
+    converted by :func:`prepare_array`, every size checked (:func:`check_size`) before anything is allocated.
+
+    An ``.npz`` holds one array per input, named after it, plus optional ``labels`` (one class index per
+    sample); a single-input model also takes an ``.npz`` holding one array of any name. Any other array is
+    refused."""
 
     preprocessing = preprocessing or Preprocessing()
+    preprocessing.check()
     if str(source) == "random":
-        return _random_data(inputs, preprocessing, num_random, seed)
+        return _random_data(inputs, preprocessing, num_random if limit is None else min(limit, num_random), seed)
     path = Path(source)
     if not path.exists():
         raise UsageError(f"data not found: {path}", hint="give a .npy/.npz file, an image folder, or 'random'")
     labels = None
     if path.is_dir():
         if len(inputs) != 1:
-            raise UsageError("an image folder can feed only a single-input model")
-        raw, labels = load_image_folder(path, inputs[0].shape)
+            raise UsageError(f"an image folder can feed only a single-input model; this one has {len(inputs)}",
+                             hint="give an .npz with one array per input, named after it")
+        raw, labels = load_image_folder(path, inputs[0], limit)
         arrays = {inputs[0].name: raw}
     elif path.suffix == ".npy":
         if len(inputs) != 1:
-            raise UsageError(f"{path} holds one array but the model has {len(inputs)} inputs; use .npz")
-        arrays = {inputs[0].name: _read_npy(path)}
+            raise UsageError(f"{path} holds one array but the model has {len(inputs)} inputs",
+                             hint="give an .npz with one array per input, named after it")
+        arrays = {inputs[0].name: _read_npy(path, inputs[0], limit)}
     elif path.suffix == ".npz":
-        arrays, labels = _read_npz(path, inputs)
+        arrays, labels = _read_npz(path, inputs, limit)
+        labels = _check_labels(labels, len(arrays[inputs[0].name]), path)
     else:
         raise UsageError(f"unsupported data file {path}", hint="use .npy, .npz or a folder of images")
 
     model_ready: dict[str, np.ndarray] = {}
     raw_images: dict[str, np.ndarray] = {}
     for spec in inputs:
-        array = arrays[spec.name]
-        if array.dtype == np.uint8:
-            raw_images[spec.name] = array
-            array = preprocessing.apply(array)
-        else:
-            array = array.astype(np.float32)
-        check_shape(spec, array, path)
-        model_ready[spec.name] = array
+        model_ready[spec.name], raw = prepare_array(spec, arrays[spec.name], str(path), preprocessing)
+        if raw is not None:
+            raw_images[spec.name] = raw
+    counts = {len(a) for a in model_ready.values()}
+    if len(counts) > 1:
+        sizes = ", ".join(f"'{k}' {len(v)}" for k, v in model_ready.items())
+        raise UsageError(f"the arrays of {path} hold different numbers of samples ({sizes})",
+                         hint="give every input the same number of samples")
     return CalibrationData(
         arrays=model_ready,
         source=str(path),
@@ -171,62 +209,258 @@ def load_data(
     )
 
 
-def _random_data(inputs, preprocessing, n, seed) -> CalibrationData:
+def input_dtype(spec: InputSpec) -> np.dtype:
+    """The NumPy dtype of input ``spec``: real numbers or booleans (anything else cannot be fed)."""
+
+    try:
+        dtype = np.dtype(spec.dtype)
+    except TypeError:
+        raise UsageError(f"input '{spec.name}' has an unknown dtype '{spec.dtype}'") from None
+    if dtype.kind not in "biuf":
+        raise UnsupportedModelError(f"input '{spec.name}' takes {dtype}; qanac feeds inputs of real numbers or "
+                                    "booleans only", hint="give the model a float or integer input")
+    return dtype
+
+
+def check_size(spec: InputSpec, samples: int, itemsize: int = 0) -> None:
+    """Refuse, before anything is allocated, data for ``samples`` samples of ``spec`` above
+    ``MAX_DATA_BYTES`` (counted in the larger of the input's element size, float32 for float inputs, and
+    ``itemsize``: the data's own)."""
+
+    dtype = input_dtype(spec)
+    element = max(dtype.itemsize, 4 if dtype.kind == "f" else 1, itemsize)
+    needed = samples * math.prod(spec.shape[1:]) * element
+    if needed > MAX_DATA_BYTES:
+        raise UsageError(
+            f"input '{spec.name}' of shape {tuple(spec.shape)} needs {needed / 2**30:,.1f} GiB of data for "
+            f"{samples} samples, above the limit of {MAX_DATA_BYTES / 2**30:g} GiB",
+            hint="use fewer samples (compile: --num-calib N) or a smaller --input-shape",
+        )
+
+
+def prepare_array(
+    spec: InputSpec, array: np.ndarray, source: str, preprocessing: Preprocessing
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``array`` as input ``spec`` takes it, and the raw uint8 data it was preprocessed from (or None).
+
+    Float inputs (float16/32/64): uint8 data are raw images and go through ``preprocessing``; other real
+    numbers are used as they are; both are cast to the input's dtype. Integer inputs take integer data within
+    the dtype's range, boolean inputs boolean data, fed as they are (no preprocessing). Refused: data that are
+    not real numbers (complex, strings, Python objects, records, dates), a shape other than
+    ``(N, *spec.shape[1:])``, no samples, and any NaN or infinity (the message names the first sample holding
+    one)."""
+
+    dtype = input_dtype(spec)
+    kind = array.dtype.kind
+    if kind not in "biuf":
+        what = {"c": "complex numbers", "U": "strings", "S": "byte strings", "O": "Python objects",
+                "V": "records", "M": "dates", "m": "time spans"}.get(kind, str(array.dtype))
+        raise UsageError(f"data for input '{spec.name}' from {source} holds {what} ({array.dtype})",
+                         hint="give real numbers: float data, or uint8 images")
+    check_shape(spec, array.shape, source)
+    raw = None
+    if dtype.kind == "f":
+        if kind == "b":
+            raise UsageError(f"data for input '{spec.name}' from {source} is boolean; the input takes {dtype}",
+                             hint="give float data, or uint8 images")
+        if array.dtype == np.uint8:
+            raw = array
+            array = preprocessing.apply(array)
+        converted = array.astype(dtype, copy=False)
+        _check_finite(spec, converted, array, source)
+        return converted, raw
+    if dtype.kind == "b":
+        if kind != "b":
+            raise UsageError(f"data for input '{spec.name}' from {source} is {array.dtype}; the input takes bool",
+                             hint="give a boolean array")
+        return array, None
+    if kind not in "iu":
+        raise UsageError(f"data for input '{spec.name}' from {source} is {array.dtype}; the input takes {dtype}",
+                         hint=f"give integer data in {dtype}'s range (x.astype(np.{dtype}))")
+    _check_range(spec, dtype, array, source)
+    return array.astype(dtype, copy=False), None
+
+
+def _check_finite(spec: InputSpec, converted: np.ndarray, original: np.ndarray, source: str) -> None:
+    rows = converted.reshape(len(converted), -1)
+    finite = np.isfinite(rows).all(axis=1)
+    if finite.all():
+        return
+    index = int(np.argmin(finite))
+    value = rows[index][~np.isfinite(rows[index])][0]
+    what = str(value)
+    if original.dtype.kind == "f" and np.isfinite(original.reshape(len(original), -1)[index]).all():
+        what = f"values beyond the range of {converted.dtype}"
+    raise UsageError(
+        f"data for input '{spec.name}' from {source}: sample {index} holds {what} "
+        f"({int((~finite).sum())} of {len(finite)} samples are not finite)",
+        hint="data must be finite numbers: fix or drop those samples",
+    )
+
+
+def _check_range(spec: InputSpec, dtype: np.dtype, array: np.ndarray, source: str) -> None:
+    info = np.iinfo(dtype)
+    rows = array.reshape(len(array), -1)
+    inside = ((rows >= info.min) & (rows <= info.max)).all(axis=1)
+    if not inside.all():
+        index = int(np.argmin(inside))
+        raise UsageError(
+            f"data for input '{spec.name}' from {source}: sample {index} holds values outside {dtype}'s range "
+            f"[{info.min}, {info.max}]",
+            hint=f"the input takes {dtype}: give data in that range",
+        )
+
+
+def _check_labels(labels: np.ndarray | None, samples: int, path: Path) -> np.ndarray | None:
+    """An .npz's labels: one class index (an integer, 0 or more) per sample."""
+
+    if labels is None:
+        return None
+    if labels.dtype.kind not in "iu" or labels.ndim != 1 or len(labels) != samples:
+        raise UsageError(
+            f"'labels' in {path} is {labels.dtype} of shape {labels.shape}; expected one integer class index "
+            f"for each of the {samples} samples",
+            hint="labels = np.array([class index per sample], dtype=np.int64)",
+        )
+    if samples and labels.min() < 0:
+        raise UsageError(f"'labels' in {path} holds a negative class index ({labels.min()})",
+                         hint="labels are class indices 0, 1, ...")
+    return labels
+
+
+def _random_data(inputs: Sequence[InputSpec], preprocessing: Preprocessing, n: int, seed: int) -> CalibrationData:
+    """Random samples in each input's range: uint8 images through ``preprocessing`` for float inputs, the
+    whole range of the dtype for integer inputs, both values for boolean ones."""
+
+    for spec in inputs:
+        check_size(spec, n)
     warnings.warn(
         "calibrating on RANDOM data: quantization ranges will not match real inputs; "
         "accuracy of the compiled model is unknown. Pass --calib with real samples.",
         stacklevel=2,
     )
     rng = np.random.default_rng(seed)
-    raw = {s.name: rng.integers(0, 256, size=(n, *s.shape[1:]), dtype=np.uint8) for s in inputs}
-    arrays = {k: preprocessing.apply(v) for k, v in raw.items()}
-    return CalibrationData(arrays=arrays, source="random", preprocessing=preprocessing, random=True, raw=raw)
+    arrays, raw = {}, {}
+    for spec in inputs:
+        dtype = input_dtype(spec)
+        shape = (n, *spec.shape[1:])
+        if dtype.kind == "f":
+            raw[spec.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            arrays[spec.name] = preprocessing.apply(raw[spec.name]).astype(dtype, copy=False)
+        elif dtype.kind == "b":
+            arrays[spec.name] = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(bool)
+        else:
+            info = np.iinfo(dtype)
+            arrays[spec.name] = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return CalibrationData(arrays=arrays, source="random", preprocessing=preprocessing, random=True,
+                           raw=raw or None)
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _array_header(handle: Any, label: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy stream declares, read from its header alone; pickled objects refused."""
+
     try:
-        return np.load(path, allow_pickle=False)
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise UsageError(f"cannot read {label} as a NumPy array: {exc}",
+                         hint="save it with np.save (.npy) or np.savez (.npz)") from None
+    if dtype.hasobject:
+        raise UsageError(f"{label} holds Python objects ({dtype}); qanac reads plain numeric arrays only",
+                         hint="save real numbers: np.save(path, x.astype(np.float32))")
+    return tuple(shape), dtype
+
+
+def _read_npy(path: Path, spec: InputSpec, limit: int | None) -> np.ndarray:
+    with open(path, "rb") as handle:
+        shape, dtype = _array_header(handle, str(path))
+    check_shape(spec, shape, str(path))
+    check_size(spec, shape[0] if limit is None else min(limit, shape[0]), dtype.itemsize)
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.array(mapped[:limit])
     except (ValueError, OSError, EOFError) as exc:
-        raise UsageError(f"cannot read {path} as a NumPy array: {exc}") from exc
+        raise UsageError(f"cannot read {path} as a NumPy array: {exc}",
+                         hint="save it with np.save (.npy) or np.savez (.npz)") from exc
 
 
-def _read_npz(path: Path, inputs: Sequence[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _read_npz(
+    path: Path, inputs: Sequence[InputSpec], limit: int | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The arrays for ``inputs`` (first ``limit`` samples) and the labels of an .npz, every array's header
+    checked before any array is read (see :func:`load_data` for the naming rule)."""
+
+    hint = "save it with np.savez(path, input_name=x, labels=y)"
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not a NumPy archive (.npz is a zip of .npy arrays)", hint=hint)
     try:
         with np.load(path, allow_pickle=False) as archive:
-            stored = {k: archive[k] for k in archive.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise UsageError(f"cannot read {path} as a NumPy archive: {exc}") from exc
-    labels = stored.pop("labels", None)
-    if all(spec.name in stored for spec in inputs):
-        return {spec.name: stored[spec.name] for spec in inputs}, labels
+            headers = {}
+            for key in archive.files:
+                member = key if key in archive.zip.namelist() else f"{key}.npy"
+                with archive.zip.open(member) as handle:
+                    headers[key] = _array_header(handle, f"array '{key}' of {path}")
+            names = _npz_names(path, inputs, sorted(set(headers) - {"labels"}))
+            for spec in inputs:
+                shape, dtype = headers[names[spec.name]]
+                check_shape(spec, shape, f"array '{names[spec.name]}' of {path}")
+                check_size(spec, shape[0], dtype.itemsize)
+            samples = headers[names[inputs[0].name]][0][0]
+            if "labels" in headers and headers["labels"][0] != (samples,):
+                raise UsageError(f"'labels' in {path} has shape {headers['labels'][0]}; expected one class index "
+                                 f"for each of the {samples} samples", hint="labels = np.array([class per sample])")
+            arrays = {spec.name: archive[names[spec.name]][:limit] for spec in inputs}
+            labels = archive["labels"][:limit] if "labels" in headers else None
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"cannot read {path} as a NumPy archive: {exc}", hint=hint) from exc
+    return arrays, labels
+
+
+def _npz_names(path: Path, inputs: Sequence[InputSpec], stored: list[str]) -> dict[str, str]:
+    """Which stored array feeds each input: the one named after it, or the only one of a single-input model."""
+
+    wanted = [spec.name for spec in inputs]
     if len(inputs) == 1 and len(stored) == 1:
-        return {inputs[0].name: next(iter(stored.values()))}, labels
-    names = ", ".join(spec.name for spec in inputs)
-    raise UsageError(f"{path} has arrays {sorted(stored)}; expected arrays named after the inputs: {names}")
+        return {wanted[0]: stored[0]}
+    missing = [name for name in wanted if name not in stored]
+    extra = [name for name in stored if name not in wanted]
+    if missing or extra:
+        problem = f"no array for input(s) {missing}" if missing else f"array(s) {extra} name no model input"
+        raise UsageError(f"{path} has arrays {stored}: {problem}",
+                         hint=f"name one array after each input ({', '.join(wanted)}), plus optional 'labels'")
+    return {name: name for name in wanted}
 
 
-def check_shape(spec: InputSpec, array: np.ndarray, path: Path) -> None:
+def check_shape(spec: InputSpec, shape: Sequence[int], source: str) -> None:
+    """Data of ``shape`` fits ``spec``: (N, *spec.shape[1:]) with N > 0."""
+
+    shape = tuple(shape)
     expected = tuple(spec.shape[1:])
-    if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != expected:
-        hint = ""
-        if array.ndim == 4 and tuple(array.shape[1:]) == (expected[1], expected[2], expected[0]):
+    if len(shape) != len(spec.shape) or shape[1:] != expected:
+        hint = "give an array of shape (samples, *the input's shape without the batch)"
+        if len(shape) == 4 and shape[1:] == (expected[1], expected[2], expected[0]):
             hint = "the data looks NHWC; transpose it to NCHW (x.transpose(0, 3, 1, 2))"
-        raise UsageError(
-            f"data from {path} has shape {tuple(array.shape)} but input '{spec.name}' expects "
-            f"(N, {', '.join(map(str, expected))})",
-            hint=hint,
-        )
-    if len(array) == 0:
-        raise UsageError(f"data from {path} holds no samples")
+        raise UsageError(f"data from {source} has shape {shape} but input '{spec.name}' expects "
+                         f"(N, {', '.join(map(str, expected))})", hint=hint)
+    if shape[0] == 0:
+        raise UsageError(f"data from {source} holds no samples", hint="give at least one sample")
 
 
-def load_image_folder(path: Path, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read images below ``path`` as uint8 NCHW resized to ``shape`` (N, C, H, W).
+def load_image_folder(
+    path: Path, spec: InputSpec | Sequence[int], limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read the first ``limit`` images below ``path`` as uint8 NCHW resized to the input ``spec`` (or a
+    shape (N, C, H, W)).
 
-    Images in sub-folders get integer labels from the sorted sub-folder names.
+    Images in sub-folders get integer labels from the sorted sub-folder names (-1 for images beside them).
     """
 
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
     classes = sorted({p.parent.relative_to(path).as_posix() for p in files} - {"."})
@@ -234,27 +468,71 @@ def load_image_folder(path: Path, shape: Sequence[int]) -> tuple[np.ndarray, np.
     if classes:
         index = {name: i for i, name in enumerate(classes)}
         labels = np.array([index.get(p.parent.relative_to(path).as_posix(), -1) for p in files])
-    return load_images(files, shape), labels
+    return load_images(files, spec), labels
 
 
-def load_images(files: Sequence[Path], shape: Sequence[int]) -> np.ndarray:
-    """Read image files as uint8 NCHW resized to ``shape`` (N, C, H, W)."""
+def load_images(files: Sequence[Path], spec: InputSpec | Sequence[int]) -> np.ndarray:
+    """Read image files as uint8 NCHW resized to the input ``spec`` (or a shape (N, C, H, W)), refusing
+    before decoding an input that is not a 4-D float or uint8 image input, data above ``MAX_DATA_BYTES``,
+    and an image of more than PIL's ``MAX_IMAGE_PIXELS`` pixels."""
 
     from PIL import Image
 
-    channels, height, width = shape[1], shape[2], shape[3]
+    if not isinstance(spec, InputSpec):
+        spec = InputSpec("image", tuple(spec), "uint8")
+    dtype = input_dtype(spec)
+    if len(spec.shape) != 4 or not (dtype.kind == "f" or dtype == np.uint8):
+        raise UsageError(f"images feed a float or uint8 input of shape (N, C, H, W); input '{spec.name}' takes "
+                         f"{dtype} of shape {tuple(spec.shape)}", hint="give a .npy or .npz array instead")
+    channels, height, width = spec.shape[1], spec.shape[2], spec.shape[3]
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise UsageError(f"images need a 1- or 3-channel input; the model has {channels}")
+        raise UsageError(f"images need a 1- or 3-channel input; the model has {channels}",
+                         hint="give a .npy or .npz array instead")
+    check_size(spec, len(files))
     images = []
     for file in files:
         try:
             with Image.open(file) as img:
+                if img.width * img.height > (Image.MAX_IMAGE_PIXELS or math.inf):
+                    raise UsageError(f"image {file} has {img.width} x {img.height} pixels, above the limit of "
+                                     f"{Image.MAX_IMAGE_PIXELS:,}", hint="resize it before giving it to qanac")
                 array = np.asarray(img.convert(mode).resize((width, height), Image.BILINEAR), dtype=np.uint8)
-        except OSError as exc:
-            raise UsageError(f"cannot read image {file}: {exc}") from exc
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise UsageError(f"cannot read image {file}: {exc}", hint="give PNG, JPEG, BMP, GIF or TIFF files") \
+                from exc
         images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
     return np.stack(images)
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line (surrounding blanks and trailing empty lines dropped)."""
+
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read labels file {path}: {exc}", hint="give a UTF-8 text file, one label per line") \
+            from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines or "" in lines:
+        where = f"line {lines.index('') + 1} is empty" if lines else "it is empty"
+        raise UsageError(f"labels file {path}: {where}", hint="give one class name per line")
+    return lines
+
+
+def check_label_count(labels: Sequence[str], output: str, shape: Sequence[int | str], source: str) -> None:
+    """Refuse class names whose count differs from the classes of ``output`` (its elements per sample, when
+    its shape is known)."""
+
+    dims = list(shape)[1:]
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        return
+    classes = math.prod(dims)
+    if len(labels) != classes:
+        raise UsageError(f"{source} names {len(labels)} classes but output '{output}' has {classes}",
+                         hint=f"give {classes} labels, one per line, in class order")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,12 @@ import click  # noqa: E402
 
 from qanac import __version__  # noqa: E402
 from qanac.cli_support import (  # noqa: E402
+    Interrupted,
     RegistryGroup,
     TargetOptionsCommand,
     emit_json,
     handle_errors,
+    install_signal_handlers,
     json_option,
     progress_bar,
     target_options,
@@ -53,6 +55,25 @@ def _parse_pass_options(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             parsed = raw
         options.setdefault(pass_name, {})[option] = parsed
     return options
+
+
+def _check_pass_options(options: dict[str, dict[str, Any]], pipeline: list[str], target: str,
+                        approximations: tuple[str, ...], disabled: tuple[str, ...]) -> None:
+    """Every pass a --pass-option names exists and runs in this compile."""
+
+    from qanac.registry import get_pass
+
+    for name in options:
+        info = get_pass(name)
+        if name not in pipeline:
+            raise UsageError(f"--pass-option names pass '{name}', which is not in the {target} pipeline",
+                             hint="pipeline: " + ",".join(pipeline))
+        if name in disabled:
+            raise UsageError(f"--pass-option names pass '{name}', which --disable-pass turns off",
+                             hint=f"drop --disable-pass {name} or the option")
+        if not info.exact and name not in approximations:
+            raise UsageError(f"--pass-option names approximate pass '{name}', which runs only when enabled",
+                             hint=f"add --approx {name}")
 
 
 def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -105,20 +126,25 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
     Options marked with a target's name are that target's own (`qanac targets` lists them).
     """
 
-    from qanac.calibration import Preprocessing
+    from qanac.calibration import Preprocessing, read_labels
     from qanac.compiler import CompileRequest, compile_model
     from qanac.pipeline import PipelineOptions, parse_pipeline
     from qanac.registry import load_passes
     from qanac.report import format_compile_result
     from qanac.targets import get_target
 
-    backend_options = target_options([get_target(target).name])
+    target_info = get_target(target)
+    backend_options = target_options([target_info.name])
     load_passes(plugin)
     preprocessing = Preprocessing(
         scale=scale if scale is not None else 1.0 / 255.0,
         mean=_parse_floats(mean, "mean") or (0.0,),
         std=_parse_floats(std, "std") or (1.0,),
     )
+    preprocessing.check()
+    pipeline = parse_pipeline(pipeline_text) if pipeline_text else None
+    pass_options = _parse_pass_options(pass_option)
+    _check_pass_options(pass_options, pipeline or list(target_info.pipeline), target_info.name, approx, disable_pass)
     request = CompileRequest(
         source=source,
         target=target,
@@ -128,7 +154,7 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         input_shape=input_shape,
         weights=weights,
         force=force,
-        pipeline=parse_pipeline(pipeline_text) if pipeline_text else None,
+        pipeline=pipeline,
         pipeline_options=PipelineOptions(
             dump_dir=dump_dir,
             time_passes=time_passes,
@@ -138,11 +164,11 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
             max_deviation=max_deviation,
         ),
         approximations=frozenset(approx),
-        pass_options=_parse_pass_options(pass_option),
+        pass_options=pass_options,
         backend_options=backend_options,
         plugins=plugin,
         preprocessing=preprocessing,
-        labels=Path(labels).read_text().split() if labels else None,
+        labels=read_labels(labels) if labels else None,
         partition=not no_partition,
         min_device_share=min_device_share,
     )
@@ -152,9 +178,13 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
             counts = ", ".join(f"{k} x{v}" for k, v in record.counts.items())
             click.echo(f"  [{record.iteration}] {record.name}: {counts}", err=True)
 
+    def on_note(text: str) -> None:
+        if not as_json:
+            click.echo(f"note: {text}", err=True)
+
     if not as_json:
         click.echo(f"compiling {source} for {target} ...", err=True)
-    result = compile_model(request, on_pass=on_pass)
+    result = compile_model(request, on_pass=on_pass, on_note=on_note)
     if not as_json:
         for note in result.manifest.get("source", {}).get("notes", []):
             click.echo(f"note: {note}", err=True)
@@ -176,10 +206,12 @@ def export_command(source: str, output: Path, input_shape: str | None, weights: 
                    as_json: bool) -> None:
     """Write SOURCE (PyTorch, Keras or ONNX) as a canonical ONNX model, checked against the framework's output."""
 
+    from qanac.bundle import check_output_file
     from qanac.frontends import export_canonical
 
     if output.exists() and not force:
         raise UsageError(f"output {output} already exists", hint="choose another -o or pass --force")
+    check_output_file(output)
     result = export_canonical(source, output, input_shape=input_shape, weights=weights)
     applied = result.report.applied()
     if as_json:
@@ -236,22 +268,19 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, top:
     Options marked with a target's name are that target's own: they apply to bundles of that target.
     """
 
-    import numpy as np
-
     from qanac.bundle import Bundle
-    from qanac.run import load_run_inputs, predictions
+    from qanac.run import check_run_output, load_run_inputs, predictions, save_outputs
     from qanac.verify import run_bundle
 
     opened = Bundle.open(bundle)
     runner_options = target_options([opened.target])
+    if output is not None:
+        check_run_output(opened, output)
     data, names = load_run_inputs(opened, inputs)
     with progress_bar("running", data.num_samples, enabled=not as_json) as bar:
         outputs = run_bundle(opened, data, runner_options, progress=bar.update)
     if output is not None:
-        if len(outputs) == 1 and output.suffix == ".npy":
-            np.save(output, outputs[0])
-        else:
-            np.savez(output, **dict(zip(opened.output_names, outputs, strict=True)))
+        save_outputs(opened, outputs, output)
     preds = predictions(outputs[0], opened.labels, names, top)
     if as_json:
         emit_json({"predictions": preds, "output_file": str(output) if output else None})
@@ -421,13 +450,15 @@ def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: flo
     """Classification quality of a bundle: float reference and compiled model side by side (top-1, macro-F1,
     balanced accuracy, per-class precision/recall/F1, confusion matrices as JSON and PNG)."""
 
-    from qanac.bundle import Bundle
+    from qanac.bundle import Bundle, prepare_directory
     from qanac.evaluate import evaluate_bundle, format_evaluation, load_labelled
 
     opened = Bundle.open(bundle)
+    out_dir = output or bundle / "eval"
     labelled = load_labelled(opened, data, seed)
+    prepare_directory(out_dir, "-o")
     with progress_bar("evaluating", 2 * len(labelled.labels), enabled=not as_json) as bar:
-        result = evaluate_bundle(opened, labelled, output or bundle / "eval", recall_drop, progress=bar.update)
+        result = evaluate_bundle(opened, labelled, out_dir, recall_drop, progress=bar.update)
     if as_json:
         emit_json(result)
     else:
@@ -435,7 +466,11 @@ def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: flo
 
 
 def main() -> None:
-    cli(prog_name="qanac")
+    install_signal_handlers()
+    try:
+        cli(prog_name="qanac")
+    except Interrupted as exc:  # arrived outside a command's error handling
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

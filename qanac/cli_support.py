@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Callable, Iterable, Iterator
@@ -23,8 +24,31 @@ def emit_json(data: Any) -> None:
     click.echo(json_text(data))
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread (``install_signal_handlers``) so that cleanups and
+    ``finally`` blocks run; exit code 128 + the signal's number, as a shell reports a process killed by it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+EXIT_SIGINT = 128 + signal.SIGINT
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise ``Interrupted`` (SIGINT already raises KeyboardInterrupt)."""
+
+    def raise_interrupted(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_interrupted)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn QanacError into its exit code and a one-line message; anything else is an internal error."""
+    """Turn QanacError into its exit code and a one-line message, an interruption (SIGINT, SIGTERM, SIGHUP)
+    into 128 + the signal's number after the command's cleanups ran; anything else is an internal error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +71,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except (KeyboardInterrupt, Interrupted) as exc:
+            name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            click.echo(f"error: interrupted ({name})", err=True)
+            ctx.exit(EXIT_SIGINT if isinstance(exc, KeyboardInterrupt) else exc.exit_code)
         except Exception as exc:  # a bug: say so, with the way to see more
             if debug:
                 traceback.print_exc()

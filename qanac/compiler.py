@@ -10,9 +10,9 @@
       -> assemble_bundle      AssembledBundle  the typed manifest and report.json, every file checksummed
       -> CompileResult
 
-``compile_model`` is that sequence, checking the output path before any work and writing into a staging
-directory that becomes the bundle only when every stage succeeded (qanac.bundle). ``prepare_model`` is the
-first two stages, what `qanac lint` runs.
+``compile_model`` is that sequence inside a staging directory made before any work (so the output path is
+checked first) that becomes the bundle only when every stage succeeded (qanac.bundle.staged_directory).
+``prepare_model`` is the first two stages, what `qanac lint` runs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import onnx
 
 from qanac import bundle as bundle_io
 from qanac.backend import Backend, EmitResult
-from qanac.calibration import CalibrationData, Preprocessing, load_data
+from qanac.calibration import CalibrationData, Preprocessing, check_label_count, load_data
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
 from qanac.execution import tensor_values
 from qanac.frontends import ImportedModel, import_model
@@ -92,20 +92,26 @@ class CompileResult:
 
 
 def compile_model(
-    request: CompileRequest, on_pass: Callable[[PassRecord], None] | None = None
+    request: CompileRequest,
+    on_pass: Callable[[PassRecord], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> CompileResult:
-    """`qanac compile`: the stages in order, the output path checked first, the bundle written atomically."""
+    """`qanac compile`: the stages in order inside a staging directory that becomes the bundle only when all
+    succeed. The output paths are checked and the staging directory made before any work
+    (qanac.bundle.staged_directory); ``on_note`` hears about stale staging directories removed on the way."""
 
     started = time.perf_counter()
-    bundle_io.check_output_dir(request.output, request.force)
-    source = import_source(request)
-    require_calibration(request, source)
-    prepared = run_target_pipeline(request, source, on_pass)
-    if prepared.pipeline.stopped_after is not None:
-        return write_partial(request, prepared, started)
-    linted = lint_prepared(request, prepared)
-    backend = prepared.target.load_backend()
-    with bundle_io.staged_directory(request.output, request.force) as stage:
+    dump_dir = request.pipeline_options.dump_dir
+    if dump_dir is not None:
+        bundle_io.prepare_directory(dump_dir, "--dump-dir")
+    with bundle_io.staged_directory(request.output, request.force, named_paths(request), on_note) as stage:
+        source = import_source(request)
+        require_calibration(request, source)
+        prepared = run_target_pipeline(request, source, on_pass)
+        if prepared.pipeline.stopped_after is not None:
+            return write_partial(request, prepared, started, stage)
+        linted = lint_prepared(request, prepared)
+        backend = prepared.target.load_backend()
         emit_started = time.perf_counter()
         emitted = emit_segments(linted.model, linted.host_nodes, prepared.calibration, backend, request, stage)
         seconds = {**prepared.seconds, "backend": time.perf_counter() - emit_started,
@@ -114,6 +120,15 @@ def compile_model(
         assembled.write(stage)
     return CompileResult(request.output, assembled.manifest.to_dict(), assembled.report, prepared.pipeline, seconds,
                          bundle_manifest=assembled.manifest)
+
+
+def named_paths(request: CompileRequest) -> list[Path]:
+    """The existing files and folders a compile reads or writes besides its output: the output must not hold
+    any of them."""
+
+    names = [request.source, request.calibration, request.weights, *request.plugins,
+             request.pipeline_options.dump_dir]
+    return [Path(n) for n in names if n is not None and n != "random" and Path(n).exists()]
 
 
 def prepare_model(
@@ -147,6 +162,10 @@ def import_source(request: CompileRequest, calibration: CalibrationData | None =
     target = get_target(request.target)
     load_passes(request.plugins)
     imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
+    if request.labels is not None:
+        output = imported.model.graph.output[0]
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in output.type.tensor_type.shape.dim]
+        check_label_count(request.labels, output.name, dims, "--labels")
     diagnostics: list[Diagnostic] = []
     if calibration is None and request.calibration is not None:
         calibration, diagnostics = load_calibration(request, imported.model)
@@ -165,11 +184,10 @@ def load_calibration(request: CompileRequest, model: onnx.ModelProto) -> tuple[C
     diagnostics = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_data(request.calibration, input_specs(model), request.preprocessing)
+        data = load_data(request.calibration, input_specs(model), request.preprocessing,
+                         limit=request.num_calibration)
     for w in caught:
         diagnostics.append(Diagnostic(Level.WARNING, "CAL001", str(w.message), rule="calibration data"))
-    if request.num_calibration:
-        data = data.take(request.num_calibration)
     return data, diagnostics
 
 
@@ -211,8 +229,10 @@ def run_target_pipeline(
     return PreparedModel(source.target, source.imported, source.calibration, model, ctx, report, seconds)
 
 
-def write_partial(request: CompileRequest, prepared: PreparedModel, started: float) -> CompileResult:
-    """--stop-after: the model after that pass, without a backend (not a runnable bundle)."""
+def write_partial(
+    request: CompileRequest, prepared: PreparedModel, started: float, stage: Path
+) -> CompileResult:
+    """--stop-after: the model after that pass, without a backend (not a runnable bundle), into ``stage``."""
 
     report = prepared.pipeline
     seconds = {**prepared.seconds, "total": time.perf_counter() - started}
@@ -222,9 +242,8 @@ def write_partial(request: CompileRequest, prepared: PreparedModel, started: flo
         "passes_applied": report.applied(),
         "post_processing": prepared.model.post_processing,
     }
-    with bundle_io.staged_directory(request.output, request.force) as stage:
-        save_onnx(prepared.model.to_onnx(), stage / "model.onnx")
-        bundle_io.write_json(stage / "pipeline.json", data)
+    save_onnx(prepared.model.to_onnx(), stage / "model.onnx")
+    bundle_io.write_json(stage / "pipeline.json", data)
     return CompileResult(request.output, data, data, report, seconds, stopped_after=report.stopped_after)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qanac.bundle import Bundle, write_json
-from qanac.calibration import HAM10000_CLASSES, CalibrationData, is_ham10000, read_ham10000
+from qanac.calibration import HAM10000_CLASSES, CalibrationData, is_ham10000, prepare_array, read_ham10000
 from qanac.diagnostics import UsageError
 from qanac.metrics import classification_metrics, plot_confusion_matrices, recall_drops
 from qanac.verify import bundle_inputs, bundle_preprocessing, load_bundle_data, run_bundle, run_reference
@@ -34,14 +34,18 @@ def load_labelled(bundle: Bundle, source: str | Path, seed: int = 0) -> Labelled
     path = Path(source)
     if is_ham10000(path):
         spec = bundle_inputs(bundle)[0]
+        if len(spec.shape) != 4:
+            raise UsageError(f"HAM10000 images feed an (N, C, H, W) input; input '{spec.name}' has shape "
+                             f"{spec.shape}", hint="give an .npz with 'labels' instead")
         ham = read_ham10000(path, spec.shape[2:])
         _, _, test = ham.split(seed=seed)
         if len(test) == 0:
             raise UsageError(f"the test split of {path} is empty", hint="use a larger HAM10000 directory")
         preprocessing = bundle_preprocessing(bundle)
-        raw = ham.images[test]
-        data = CalibrationData(arrays={spec.name: preprocessing.apply(raw)}, source=f"{path} (test split)",
-                               preprocessing=preprocessing, raw={spec.name: raw})
+        source = f"{path} (test split)"
+        array, raw = prepare_array(spec, ham.images[test], source, preprocessing)
+        data = CalibrationData(arrays={spec.name: array}, source=source, preprocessing=preprocessing,
+                               raw=None if raw is None else {spec.name: raw})
         return LabelledData(data, ham.labels[test], list(HAM10000_CLASSES), data.source)
     data = load_bundle_data(bundle, path)
     if data.labels is None or (data.labels < 0).any():
@@ -56,7 +60,13 @@ def load_labelled(bundle: Bundle, source: str | Path, seed: int = 0) -> Labelled
     count = int(data.labels.max()) + 1
     names = list(names or [str(i) for i in range(count)])
     if len(names) < count:
-        raise UsageError(f"labels go up to {count - 1} but only {len(names)} class names are known")
+        raise UsageError(f"labels go up to {count - 1} but only {len(names)} class names are known",
+                         hint="give labels 0 .. (number of classes - 1)")
+    output = bundle.manifest.outputs[0]
+    classes = output.shape[-1] if output.shape else None
+    if isinstance(classes, int) and classes > 0 and count > classes:
+        raise UsageError(f"labels go up to {count - 1} but output '{output.name}' has {classes} classes",
+                         hint=f"give labels 0 .. {classes - 1}")
     return LabelledData(data, data.labels.astype(np.int64), names, str(path))
 
 

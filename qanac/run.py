@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from qanac.bundle import Bundle
-from qanac.calibration import IMAGE_SUFFIXES, CalibrationData, check_shape, load_data, load_images
+from qanac.bundle import Bundle, check_output_file
+from qanac.calibration import IMAGE_SUFFIXES, CalibrationData, load_data, load_images, prepare_array
 from qanac.diagnostics import UsageError
 from qanac.verify import bundle_inputs, bundle_preprocessing
 
@@ -24,15 +26,11 @@ def load_run_inputs(bundle: Bundle, sources: Sequence[str]) -> tuple[Calibration
             raise UsageError(f"image not found: {missing[0]}")
         if len(specs) != 1:
             raise UsageError("image files can feed only a single-input model")
-        raw = load_images([Path(s) for s in sources], specs[0].shape)
-        array = preprocessing.apply(raw)
-        check_shape(specs[0], array, Path(sources[0]))
-        data = CalibrationData(
-            arrays={specs[0].name: array},
-            source=",".join(sources),
-            preprocessing=preprocessing,
-            raw={specs[0].name: raw},
-        )
+        source = ",".join(sources)
+        array, raw = prepare_array(specs[0], load_images([Path(s) for s in sources], specs[0]), source,
+                                   preprocessing)
+        data = CalibrationData(arrays={specs[0].name: array}, source=source, preprocessing=preprocessing,
+                               raw=None if raw is None else {specs[0].name: raw})
         return data, list(sources)
     if len(sources) != 1:
         raise UsageError("give one array file or image folder, or several image files")
@@ -40,12 +38,37 @@ def load_run_inputs(bundle: Bundle, sources: Sequence[str]) -> tuple[Calibration
     return data, [f"{sources[0]}[{i}]" for i in range(data.num_samples)]
 
 
+def check_run_output(bundle: Bundle, output: Path) -> None:
+    """Before running: ``-o`` can be written, ends in .npy (a bundle of one output) or .npz."""
+
+    check_output_file(output, (".npy", ".npz"))
+    if output.suffix == ".npy" and len(bundle.output_names) != 1:
+        raise UsageError(f"the bundle has {len(bundle.output_names)} outputs; -o {output} holds one array",
+                         hint=f"use -o {output.with_suffix('.npz')}")
+
+
+def save_outputs(bundle: Bundle, outputs: list[np.ndarray], output: Path) -> None:
+    """Write the outputs to ``output`` (.npy: the one output; .npz: one array per output name) atomically."""
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            if output.suffix == ".npy":
+                np.save(stream, outputs[0])
+            else:
+                np.savez(stream, **dict(zip(bundle.output_names, outputs, strict=True)))
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def predictions(output: np.ndarray, labels: list[str] | None, names: list[str], top: int) -> list[dict[str, Any]]:
     """The ``top`` highest-scoring classes per sample, with their labels when the bundle records them."""
 
     flat = output.reshape(len(output), -1)
     result = []
-    for name, row in zip(names, flat):
+    for name, row in zip(names, flat, strict=True):
         order = np.argsort(-row)[:top]
         result.append(
             {

@@ -19,7 +19,7 @@ from qanac.bundle_runner import BundleRunner, available_variants
 from qanac.calibration import CalibrationData, InputSpec, Preprocessing, load_data
 from qanac.compare import OutputComparison, Thresholds, compare_outputs, failures
 from qanac.diagnostics import UsageError
-from qanac.execution import apply_post_processing, make_session, run_session
+from qanac.execution import apply_post_processing, bundle_session, run_session
 from qanac.manifest import REFERENCE_ROLE
 
 Progress = Callable[[int], None]
@@ -54,7 +54,7 @@ def run_bundle(
 
 
 def run_reference(bundle: Bundle, data: CalibrationData, progress: Progress | None = None) -> list[np.ndarray]:
-    session = make_session(str(bundle.file(REFERENCE_ROLE)))
+    session = bundle_session(bundle.file(REFERENCE_ROLE))
     return post_process(bundle, run_session(session, data.arrays, progress=progress))
 
 

@@ -36,8 +36,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 def test_existing_output_needs_force_and_is_replaced_whole(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    write_bundle(out)
     with pytest.raises(UsageError, match="already exists"):
         with bundle.staged_directory(out, force=False):
             pass
@@ -49,12 +48,12 @@ def test_existing_output_needs_force_and_is_replaced_whole(tmp_path):
 
 def test_failed_forced_write_keeps_the_old_bundle(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    written = write_bundle(out)
     with pytest.raises(RuntimeError):
         with bundle.staged_directory(out, force=True):
             raise RuntimeError("boom")
-    assert (out / "old.txt").read_text() == "old"
+    assert json.loads((out / bundle.MANIFEST).read_text()) == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 
