@@ -138,8 +138,10 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise UsageError(f"{path} is a directory, not an ONNX file")
     try:
         model = onnx.load(str(path))
-    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise UsageError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as exc:  # external data
+        raise UsageError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})",
+                         hint="give a file written by onnx.save; its external data files must lie in its folder") \
+            from exc
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{path} is not a readable ONNX model (empty or truncated graph)")
     try:
