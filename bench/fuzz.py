@@ -383,9 +383,12 @@ def lint_command(folder: Path, target: str) -> list[str]:
     return [str(QANAC), "lint", str(folder / "model.onnx"), "--target", target, "--json"]
 
 
-def _has_lint_error(document: Any) -> bool:
-    findings = document.get("findings", []) if isinstance(document, dict) else []
-    return any(str(f.get("severity", "")).lower() == "error" for f in findings if isinstance(f, dict))
+def _error_codes(document: Any, key: str) -> list[str]:
+    """The codes of the error-level diagnostics under ``key`` of a ``--json`` document (lint: ``findings``,
+    an error document: ``diagnostics``)."""
+
+    entries = document.get(key, []) if isinstance(document, dict) else []
+    return [str(e.get("code")) for e in entries if isinstance(e, dict) and e.get("level") == "error"]
 
 
 def _top1(verdict: dict[str, Any], variant: str) -> float | None:
@@ -412,7 +415,9 @@ def classify(folder: Path, target: str, timeout: float) -> dict[str, Any]:
             return {**row, "outcome": "hang", "stage": "lint", "detail": linted.reason()}
         if linted.crashed:
             return {**row, "outcome": "crash", "stage": "lint", "detail": linted.reason()}
-        agrees = linted.returncode == 3 and _has_lint_error(linted.document())
+        lint_errors = _error_codes(linted.document(), "findings")
+        row.update(compile_errors=_error_codes(compiled.document(), "diagnostics"), lint_errors=lint_errors)
+        agrees = linted.returncode == 3 and bool(lint_errors)
         return {**row, "outcome": "refused (lint agrees)" if agrees else "refused (lint disagrees)",
                 "detail": compiled.reason()}
     if compiled.returncode != 0:
