@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,9 @@ def emit_v1(model: onnx.ModelProto, calibration: CalibrationData, options: dict[
 
     out_dir = Path(out_dir)
     conversion.akida_model.save(str(out_dir / COMPILED_FILE))
-    conversion.quantized.save(str(out_dir / QUANTIZED_FILE))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+        conversion.quantized.save(str(out_dir / QUANTIZED_FILE))
 
     diagnostics = [*conversion.diagnostics, *mapping_diagnostics(mapping)]
     report: dict[str, Any] = {"conversion": conversion.describe(), "mapping": mapping}
