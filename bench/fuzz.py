@@ -432,17 +432,25 @@ def classify(folder: Path, target: str, timeout: float) -> dict[str, Any]:
     verdict = verified.document()
     if verified.returncode not in (0, 1) or not isinstance(verdict, dict) or "comparisons" not in verdict:
         return {**row, "outcome": "other", "stage": "verify", "detail": verified.reason()}
-    compiled_top1, quantized_top1 = _top1(verdict, "compiled"), _top1(verdict, "quantized")
-    row.update(agreement=compiled_top1, quantized_agreement=quantized_top1,
+    row.update(agreement=_top1(verdict, "compiled"), quantized_agreement=_top1(verdict, "quantized"),
                sqnr_db=min((r["sqnr_db"] for r in verdict["comparisons"]["compiled"]), default=None))
+    return {**row, **verify_outcome(verdict, verified.returncode)}
+
+
+def verify_outcome(verdict: dict[str, Any], returncode: int) -> dict[str, str]:
+    """``wrong bundle`` when the compiled model's worst top-1 agreement with float is more than
+    ``WRONG_BUNDLE_SLACK`` below its quantized variant's; else ``verify failure`` (exit 1, with the first
+    failing metric) or ``ok``."""
+
+    compiled_top1, quantized_top1 = _top1(verdict, "compiled"), _top1(verdict, "quantized")
     if compiled_top1 is not None and quantized_top1 is not None \
             and compiled_top1 < quantized_top1 - WRONG_BUNDLE_SLACK:
-        return {**row, "outcome": "wrong bundle", "stage": "verify",
+        return {"outcome": "wrong bundle", "stage": "verify",
                 "detail": f"compiled top-1 agreement {compiled_top1:.3f} vs quantized {quantized_top1:.3f}"}
-    if verified.returncode == 1:
-        failures = verdict.get("failures") or [verified.reason()]
-        return {**row, "outcome": "verify failure", "detail": str(failures[0])}
-    return {**row, "outcome": "ok"}
+    if returncode == 1:
+        failures = verdict.get("failures") or ["verify exit 1"]
+        return {"outcome": "verify failure", "detail": str(failures[0])}
+    return {"outcome": "ok"}
 
 
 def fuzz_seed(seed: int, targets: list[str], workdir: Path, timeout: float) -> list[dict[str, Any]]:
@@ -485,13 +493,18 @@ def format_report(rows: list[dict[str, Any]], targets: list[str]) -> str:
 
 
 def parse_seeds(text: str) -> list[int]:
-    start, _, stop = text.partition(":")
-    return list(range(int(start), int(stop))) if stop else [int(start)]
+    """``A:B`` (B excluded), single seeds and ranges joined by commas: ``0:4,10,12:14``."""
+
+    seeds: list[int] = []
+    for part in text.split(","):
+        start, _, stop = part.partition(":")
+        seeds.extend(range(int(start), int(stop)) if stop else [int(start)])
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0:20", help="A:B (B excluded) or one seed")
+    parser.add_argument("--seeds", default="0:20", help="A:B (B excluded), seeds and ranges joined by commas")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per qanac command")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once")
