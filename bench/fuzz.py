@@ -281,8 +281,31 @@ def build_model(case: Case):
     model.train()
     with torch.no_grad():
         for _ in range(4):
-            model(torch.randn(16, *case.input_shape))
-    return model.eval()
+            model(torch.from_numpy(_images(np.random.default_rng(case.seed + 1), 16, case.input_shape)))
+    model.eval()
+    _standardise_readout(model, torch.from_numpy(_images(np.random.default_rng(case.seed + 2), 64, case.input_shape)))
+    return model
+
+
+def _standardise_readout(model, images) -> None:
+    """Scale and shift the readout (the last Linear or Conv2d, which has a bias) so each of its outputs has
+    zero mean and unit variance over ``images``: the float model's top-1 then varies between inputs, and
+    top-1 agreement measures something."""
+
+    import torch
+    import torch.nn as nn
+
+    readout = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    captured = []
+    hook = readout.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    out = captured[0].transpose(0, 1).reshape(captured[0].shape[1], -1)  # one row per output channel
+    mean, std = out.mean(dim=1), out.std(dim=1).clamp_min(1e-6)
+    with torch.no_grad():
+        readout.weight.div_(std.reshape(-1, *[1] * (readout.weight.dim() - 1)))
+        readout.bias.sub_(mean).div_(std)
 
 
 def _images(rng: np.random.Generator, n: int, shape: tuple[int, int, int]) -> np.ndarray:
