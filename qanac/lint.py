@@ -56,11 +56,13 @@ def topological_order(graph: gs.Graph) -> list[gs.Node]:
 @dataclasses.dataclass
 class LintContext:
     """The graph plus the facts rules ask about repeatedly (computed once per lint run, never by mutating
-    the graph). ``names`` maps a view node's name to the model node it stands for, where they differ."""
+    the graph). When the graph is a view, ``names`` maps a view node's name to the model node it stands for
+    (where they differ) and ``model_ops`` gives each model node's op type, for labels."""
 
     graph: gs.Graph
     device: str | None = None
     names: dict[str, str] = dataclasses.field(default_factory=dict)
+    model_ops: dict[str, str] = dataclasses.field(default_factory=dict)
     _memo: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -78,7 +80,8 @@ class LintContext:
         return self.names.get(node.name, node.name)
 
     def label(self, node: gs.Node) -> str:
-        return f"{node.op} '{self.model_name(node)}'"
+        name = self.model_name(node)
+        return f"{self.model_ops.get(name, node.op)} '{name}'"
 
     def producer(self, tensor: gs.Tensor) -> gs.Node | None:
         return tensor.inputs[0] if tensor.inputs else None
@@ -216,7 +219,8 @@ def _lint_context(model: CompilationModel, ruleset: Any, device: str | None) -> 
     if seen is None:
         return LintContext(model.graph, device)
     graph = gs.import_onnx(seen)
-    return LintContext(graph, device, names=view_names(model.graph, graph))
+    return LintContext(graph, device, names=view_names(model.graph, graph),
+                       model_ops={n.name: n.op for n in model.graph.nodes})
 
 
 def lint_model(model: CompilationModel, target: Target, device: str | None = None,

@@ -383,7 +383,7 @@ class NodeFacts:
                    tuple(node.input))
 
     def computed_inputs(self) -> int:
-        return sum(1 for name, value in zip(self.input_names, self.inputs) if name and value is None)
+        return sum(1 for name, value in zip(self.input_names, self.inputs, strict=True) if name and value is None)
 
 
 def _condition(facts: NodeFacts, when: str) -> bool:

@@ -124,7 +124,8 @@ def clip_min_nonzero(node: gs.Node, ctx: LintContext) -> str | None:
 def grouped_conv(node: gs.Node, ctx: LintContext) -> str | None:
     if _refused(node, ctx, "AKD105") is None:
         return None
-    return f"grouped convolution with {int(_attr(node, 'group', 1))} groups (only depthwise, groups == channels, is supported)"
+    group = int(_attr(node, "group", 1))
+    return f"grouped convolution with {group} groups (only depthwise, groups == channels, is supported)"
 
 
 def dilated_conv(node: gs.Node, ctx: LintContext) -> str | None:
@@ -144,7 +145,8 @@ def conv_stride_kernel(node: gs.Node, ctx: LintContext) -> str | None:
     if any(s > 2 for s in strides):
         return f"stride {strides} (at most 2)"
     if any(s == 2 for s in strides) and any(k not in STRIDE2_KERNELS for k in kernel):
-        return f"stride 2 with a {kernel[0]}x{kernel[1]} kernel (stride 2 needs a 1x1 or 3x3 kernel after the input layer)"
+        return (f"stride 2 with a {kernel[0]}x{kernel[1]} kernel (stride 2 needs a 1x1 or 3x3 kernel after the "
+                "input layer)")
     return None
 
 
@@ -248,7 +250,8 @@ def gap_too_large(node: gs.Node, ctx: LintContext) -> str | None:
         return None
     size = ctx.spatial(node.inputs[0])
     if size is not None and size[0] * size[1] > MAX_GAP_PIXELS:
-        return f"global average pooling over {size[0]}x{size[1]} = {size[0] * size[1]} pixels (at most {MAX_GAP_PIXELS})"
+        pixels = size[0] * size[1]
+        return f"global average pooling over {size[0]}x{size[1]} = {pixels} pixels (at most {MAX_GAP_PIXELS})"
     return None
 
 
@@ -396,7 +399,8 @@ AKIDA_RULES = RuleSet(view=vendor_view, rules=(
          "map() puts the layer in a Software sequence: 'Filter size is too big to fit in a CNP'",
          "reduce the input channels of this convolution or use a depthwise-separable pair"),
     Rule("AKD204", "max pooling at the end of a sequence", Level.WARNING, maxpool_last_in_sequence,
-         "map() puts the layer in a Software sequence: 'A layer with max pooling cannot be the last layer of a sequence'",
+         "map() puts the layer in a Software sequence: 'A layer with max pooling cannot be the last layer of a "
+         "sequence'",
          "follow the pooled convolution with another convolution",
          fixed_by="identity-conv-after-maxpool"),
     Rule("AKD206", "dense layer too wide", Level.WARNING, dense_too_wide,

@@ -422,7 +422,7 @@ class IdentityConvAfterMaxPool(Rule):
         return maxpool_last_in_sequence(conv, rw.prepared) is not None
 
     def check(self, rw: Rewriter, conv: gs.Node) -> NoMatch | gs.Node:
-        last = fused_chain(conv)[-1]
+        last = fused_chain(conv, rw.graph)[-1]
         out = last.outputs[0]
         if channels(out) is None or spatial_size(out) is None:
             return NoMatch("output shape unknown (run infer-shapes)")

@@ -1,4 +1,5 @@
-"""One small PyTorch model per Akida lint rule (and models that must pass clean), for lint-vs-reality tests.
+"""One small PyTorch model per Akida lint rule (and models that must pass clean), for lint-vs-reality tests,
+plus ONNX_CASES: spellings no PyTorch export produces, written with onnx.helper.
 
 Each case is (builder, expected lint codes); DISABLED_PASSES names the pass a case must skip to reach its
 rule (a BatchNorm input layer, say, is otherwise rewritten before lint sees it), and FIXED_BY_PASS adds the
@@ -8,8 +9,12 @@ pooling stays within the 144-pixel limit unless the case is about that limit.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
 import torch.nn as nn
+
+from tests.akida.akida_models import GraphBuilder
 
 
 def cbr(cin, cout, k=3, s=1, g=1, d=1, p=None):
@@ -27,7 +32,8 @@ def head(c, n=5):
 class SqueezeExcite(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.f = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1), nn.Sigmoid())
+        self.f = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1),
+                               nn.Sigmoid())
 
     def forward(self, x):
         return x * self.f(x)
@@ -85,11 +91,13 @@ CASES = {
     "batchnorm_first_unfolded": (lambda: S(nn.BatchNorm2d(3), *stem(), *cbr(16, 32), *head(32)), {"AKD110"}),
     "input_conv_gap": (lambda: S(nn.Conv2d(3, 16, 3, 4, 1), nn.ReLU(), *head(16)), {"AKD111", "AKD115", "AKD202"}),
     "average_pool": (lambda: S(*stem(), *cbr(16, 32), nn.AvgPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD112"}),
-    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)), {"AKD113", "AKD204"}),
-    "maxpool_after_concat": (lambda: S(*stem(), Join("concat"), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)), {"AKD116"}),
+    "gap_after_maxpool": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), *head(32)),
+                          {"AKD113", "AKD204"}),
+    "maxpool_after_concat": (lambda: S(*stem(), Join("concat"), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)),
+                             {"AKD116"}),
     "maxpool_after_add": (lambda: S(*stem(), Join("add"), nn.MaxPool2d(2, 2), *cbr(16, 32), *head(32)), {"AKD116"}),
-    "maxpool_without_activation": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)),
-                                   {"AKD116"}),  # (Conv, MaxPool) is no quantizeml pattern
+    "maxpool_without_activation": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), *cbr(32, 32),
+                                             *head(32)), {"AKD116"}),  # (Conv, MaxPool) is no quantizeml pattern
     "maxpool_after_activation": (lambda: S(*stem(), *cbr(16, 32), nn.MaxPool2d(2, 2), *cbr(32, 32), *head(32)), set()),
     "conv_pads_2": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 2), nn.ReLU(), *head(32)), {"AKD115"}),
     "zero_pad_before_conv": (lambda: S(*stem(), nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(16, 32, 3, 2, 0), nn.ReLU(),
@@ -103,9 +111,11 @@ CASES = {
     "gap_too_large": (lambda: S(*cbr(3, 16, 3, 2), *cbr(16, 32), *head(32)), {"AKD201"}),
     "gap_after_strided_conv": (lambda: S(*stem(), *cbr(16, 32, 3, 2), *head(32)), {"AKD202"}),
     "filter_too_big": (lambda: S(*stem(), *cbr(16, 704, 1), *cbr(704, 64), *head(64)), {"AKD203"}),
-    "maxpool_before_dense": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4 * 4, 5)), {"AKD204"}),
+    "maxpool_before_dense": (lambda: S(*stem(), nn.Conv2d(16, 32, 3, 1, 1), nn.MaxPool2d(2, 2), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(32 * 4 * 4, 5)), {"AKD204"}),
     "dense_too_wide": (lambda: S(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 5)), {"AKD206"}),
-    "input_conv_too_many_filters": (lambda: S(nn.Conv2d(3, 640, 3, 2, 1), nn.ReLU(), *cbr(640, 32, 1, 2), *cbr(32, 32), *head(32)), {"AKD205"}),
+    "input_conv_too_many_filters": (lambda: S(nn.Conv2d(3, 640, 3, 2, 1), nn.ReLU(), *cbr(640, 32, 1, 2), *cbr(32, 32),
+                                              *head(32)), {"AKD205"}),
 }
 
 # Cases whose rule an exact pass fixes. Each runs with that pass disabled (the rule itself must still
@@ -136,3 +146,45 @@ def export(name: str, path) -> None:
     model = builder().eval()
     torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), opset_version=17, dynamo=False,
                       input_names=["x"], output_names=["y"])
+
+
+def bounded_relu_model(spelling: str, pool: bool = True) -> onnx.ModelProto:
+    """Conv(s2)/ReLU, Conv(s2)/ReLU, Conv with a bounded ReLU spelled ``spelling``, [GAP], Flatten, Gemm."""
+
+    g = GraphBuilder()
+    x = g.relu(g.conv("input", "c1", 3, 16, stride=2), "r1")
+    x = g.relu(g.conv(x, "c2", 16, 16, stride=2), "r2")
+    x = g.conv(x, "c3", 16, 32)
+    six, zero = g.constant("six", np.array(6.0)), g.constant("zero", np.array(0.0))
+    if spelling == "relu_min_max":  # tf2onnx's Keras ReLU(max_value=6)
+        x = g.op("Max", [g.op("Min", [g.relu(x, "r3"), six], "min3"), zero], "max3")
+    elif spelling == "min_only":  # no lower bound: not a ReLU
+        x = g.op("Min", [x, six], "min3")
+    if pool:
+        x = g.op("GlobalAveragePool", [x], "gap")
+        out = g.op("Flatten", [x], "flat")
+        w, b = g.weight("fc_w", (10, 32)), g.weight("fc_b", (10,), scale=0.1)
+        out = g.op("Gemm", [out, w, b], "logits", transB=1)
+        return g.model(out, (3, 32, 32), [10])
+    return g.model(x, (3, 32, 32), [32, 8, 8])
+
+
+def prelu_model(slopes: np.ndarray) -> onnx.ModelProto:
+    """Conv(s2)/ReLU, Conv(s2)/PReLU with ``slopes`` (16, 1, 1), Conv/ReLU, GAP, Flatten, Gemm."""
+
+    g = GraphBuilder()
+    x = g.relu(g.conv("input", "c1", 3, 16, stride=2), "r1")
+    x = g.op("PRelu", [g.conv(x, "c2", 16, 16, stride=2), g.constant("slope", slopes)], "prelu")
+    x = g.relu(g.conv(x, "c3", 16, 32), "r3")
+    return g.model(g.classifier(x, 32), (3, 32, 32), [10])
+
+
+# onnx.helper-built cases: (builder, expected lint codes). 3x32x32 input named "input".
+ONNX_CASES = {
+    # tf2onnx's Keras ReLU(max_value=6): quantizeml's sanitizer makes it one Clip(0, 6), fused with the GAP
+    "relu_min_max_gap": (lambda: bounded_relu_model("relu_min_max"), set()),
+    # a Min alone is a Clip without a lower bound: no bounded ReLU
+    "min_without_max": (lambda: bounded_relu_model("min_only"), {"AKD104"}),
+    # a PReLU with one slope per channel is no LeakyReLU, so no LUT activation
+    "prelu_per_channel_slopes": (lambda: prelu_model(np.linspace(0.1, 0.4, 16).reshape(16, 1, 1)), {"AKD101"}),
+}

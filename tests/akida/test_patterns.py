@@ -22,6 +22,7 @@ from qanac.lint import lint_model, topological_order, view_names
 from qanac.targets import get_target
 from tests.akida import akida_models
 from tests.akida.akida_models import GraphBuilder
+from tests.akida.lint_cases import bounded_relu_model
 
 SNAPSHOT = {
     "version": "1.2.5",
@@ -82,27 +83,6 @@ def test_qanac_table_names_ops_the_vendor_knows():
     assert uncoverable <= set(QANAC.refusals)
     codes = {rule.code for rule in AKIDA_RULES}
     assert {e.code for entries in QANAC.refusals.values() for e in entries} | {QANAC.default_refusal.code} <= codes
-
-
-def bounded_relu_model(spelling: str, pool: bool = True) -> onnx.ModelProto:
-    """Conv(s2)/ReLU, Conv(s2)/ReLU, Conv with a bounded ReLU spelled ``spelling``, [GAP], Flatten, Gemm."""
-
-    g = GraphBuilder()
-    x = g.relu(g.conv("input", "c1", 3, 16, stride=2), "r1")
-    x = g.relu(g.conv(x, "c2", 16, 16, stride=2), "r2")
-    x = g.conv(x, "c3", 16, 32)
-    six, zero = g.constant("six", np.array(6.0)), g.constant("zero", np.array(0.0))
-    if spelling == "relu_min_max":  # tf2onnx's Keras ReLU(max_value=6)
-        x = g.op("Max", [g.op("Min", [g.relu(x, "r3"), six], "min3"), zero], "max3")
-    elif spelling == "min_only":  # no lower bound: not a ReLU
-        x = g.op("Min", [x, six], "min3")
-    if pool:
-        x = g.op("GlobalAveragePool", [x], "gap")
-        out = g.op("Flatten", [x], "flat")
-        w, b = g.weight("fc_w", (10, 32)), g.weight("fc_b", (10,), scale=0.1)
-        out = g.op("Gemm", [out, w, b], "logits", transB=1)
-        return g.model(out, (3, 32, 32), [10])
-    return g.model(x, (3, 32, 32), [32, 8, 8])
 
 
 def lint(model: onnx.ModelProto):
