@@ -454,7 +454,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths)) + "  " + str(row[-1]))
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + str(row[-1]))
     lines.insert(1, "-" * len(lines[0]))
     notes = []
     for r in records:

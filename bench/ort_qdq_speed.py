@@ -18,9 +18,9 @@ import numpy as np
 from qanac.bundle import Bundle
 from qanac.compare import Thresholds
 from qanac.compiler import CompileRequest, compile_model
-from qanac.zoo.demo import prepare
 from qanac.execution import make_session
 from qanac.verify import load_bundle_data, verify_bundle
+from qanac.zoo.demo import prepare
 
 
 def images_per_second(session, name: str, data: np.ndarray, batch: int, seconds: float) -> float:

@@ -106,7 +106,7 @@ def import_model(source: str, input_shape: str | None = None, weights: str | Non
         model = onnx_file.load(path, shapes)
         return ImportedModel(model, "onnx", source, time.perf_counter() - started)
     if not path.exists() and ":" not in source:
-        raise UsageError(f"model not found: {source}")
+        raise UsageError(f"model not found: {source}", hint="check the path, or give pkg.module:factory")
     raise UsageError(
         f"cannot tell what kind of model '{source}' is",
         hint="give an .onnx, .pt, .ts, .pt2, .keras or .h5 file, a SavedModel directory, or pkg.module:factory",
@@ -143,9 +143,10 @@ def export_canonical(
 
     output_path = Path(output_path)
     if output_path.is_dir():
-        raise UsageError(f"output {output_path} is a directory; give a file name such as model.onnx")
+        raise UsageError(f"output {output_path} is a directory", hint="give a file name such as model.onnx")
     if not output_path.parent.exists():
-        raise UsageError(f"output directory {output_path.parent} does not exist")
+        raise UsageError(f"output directory {output_path.parent} does not exist",
+                         hint=f"create {output_path.parent} first")
     imported = import_model(source, input_shape, weights)
     load_passes()
     started = time.perf_counter()
@@ -170,7 +171,7 @@ def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto, post
     (InternalError otherwise: a bug in a pass)."""
 
     from qanac.calibration import check_size
-    from qanac.compare import max_exact_violation
+    from qanac.compare import max_abs_difference, max_exact_violation
     from qanac.execution import apply_post_processing, run_onnx
     from qanac.graph import input_specs, output_names
 
@@ -181,17 +182,15 @@ def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto, post
     feeds = {spec.name: rng.standard_normal((2, *spec.shape[1:])).astype(spec.dtype) for spec in specs}
     before = run_onnx(imported, feeds)
     after = apply_post_processing(run_onnx(canonical, feeds), output_names(canonical), post_processing)
-    violation = max_exact_violation(before, [a.reshape(b.shape) if a.size == b.size else a for b, a in zip(before, after)])
+    after = [a.reshape(b.shape) if a.size == b.size else a for b, a in zip(before, after, strict=False)]
+    violation = max_exact_violation(before, after)
     if violation is not None:
         raise InternalError(
             f"canonicalization changed the model's outputs: max abs error {violation[0]:.3g} > "
             f"tolerance {violation[1]:.3g}",
             hint="rerun with `qanac compile --verify-each` to find the pass, and report the bug",
         )
-    return max(
-        (float(np.max(np.abs(b.astype(np.float64) - a.reshape(b.shape)))) if b.size else 0.0)
-        for b, a in zip(before, after)
-    ) if before else 0.0
+    return max_abs_difference(before, after)
 
 
 def _write_atomically(model: onnx.ModelProto, path: Path) -> None:

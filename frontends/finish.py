@@ -15,7 +15,7 @@ import json
 import numpy as np
 import onnx
 
-from qanac.compare import exact_tolerance
+from qanac.compare import compare_outputs, exact_tolerance
 from qanac.diagnostics import UsageError
 from qanac.execution import run_onnx
 from qanac.graph import SOURCE_NAMES_KEY, output_names
@@ -54,25 +54,21 @@ def check_export(
         raise UsageError(
             f"the ONNX export from {framework} has {len(actual)} outputs but the model returned {len(expected)}"
         )
-    worst = 0.0
-    for name, ref, act in zip(output_names(model), expected, actual):
-        ref = np.asarray(ref, dtype=np.float32)
-        if ref.size != act.size:
-            raise UsageError(
-                f"the ONNX export from {framework} gives output '{name}' the shape {act.shape}, "
-                f"the model gives {ref.shape}"
-            )
-        error = float(np.max(np.abs(ref.astype(np.float64) - act.reshape(ref.shape)))) if ref.size else 0.0
+    expected = [np.asarray(ref, dtype=np.float32) for ref in expected]
+    try:
+        results = compare_outputs(output_names(model), expected, actual)
+    except ValueError as exc:
+        raise UsageError(f"the ONNX export from {framework} does not match the model: {exc}") from None
+    for result, ref in zip(results, expected, strict=True):
         tolerance = exact_tolerance(ref)
-        if not error <= tolerance:
+        if not result.max_abs_error <= tolerance:
             raise UsageError(
-                f"the ONNX export from {framework} disagrees with the model on output '{name}': "
-                f"max abs error {error:.3g} > tolerance {tolerance:.3g}",
+                f"the ONNX export from {framework} disagrees with the model on output '{result.name}': "
+                f"max abs error {result.max_abs_error:.3g} > tolerance {tolerance:.3g}",
                 hint="layers in training mode or data-dependent control flow export wrongly; "
                 "check the model runs in inference mode",
             )
-        worst = max(worst, error)
-    return worst
+    return max((r.max_abs_error for r in results), default=0.0)
 
 
 def first_line(exc: BaseException) -> str:

@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 
 from qanac.diagnostics import UsageError
-from qanac.native_output import import_tensorflow_quietly
 from qanac.frontends.finish import check_export, first_line, set_source_names
+from qanac.native_output import import_tensorflow_quietly
 
 OPSET = 17
 SUFFIXES = {".keras", ".h5", ".hdf5"}
@@ -85,7 +85,7 @@ def load(path: Path, shapes: Shapes) -> tuple[onnx.ModelProto, list[str]]:
     feeds = {name: (x.transpose(0, 3, 1, 2) if name in nchw else x) for name, x in feeds_nhwc.items()}
     onnx_inputs = _onnx_input_names(model)
     if set(onnx_inputs) != set(feeds):
-        feeds = dict(zip(onnx_inputs, feeds.values()))
+        feeds = dict(zip(onnx_inputs, feeds.values(), strict=True))
     check_export(model, feeds, expected, f"Keras {version or 'SavedModel'}")
     set_source_names(model, layer_names([n.name for n in model.graph.node], layers))
     return model, notes
@@ -170,7 +170,7 @@ def _load_signature(tf: Any, path: Path) -> tuple[Any, list[Any]]:
 
     @tf.function
     def serve(*args: Any) -> Any:
-        return signature(**{spec.name: arg for spec, arg in zip(ordered, args)})
+        return signature(**{spec.name: arg for spec, arg in zip(ordered, args, strict=True)})
 
     serve.loaded = loaded  # the signature's variables live as long as the object that loaded them
     return serve, ordered
@@ -211,7 +211,7 @@ def _apply_shapes(tf: Any, specs: list[Any], shapes: Shapes) -> list[Any]:
             if len(shape) != len(dims):
                 raise UsageError(f"input '{spec.name}' has rank {len(dims)} but --input-shape gives {len(shape)} dims")
             wanted = [shape[0], *shape[2:], shape[1]] if len(shape) == 4 else list(shape)
-            for i, (have, want) in enumerate(zip(dims[1:], wanted[1:]), start=1):
+            for have, want in zip(dims[1:], wanted[1:], strict=True):
                 if have is not None and have != want:
                     layout = " (NCHW)" if len(shape) == 4 else ""
                     raise UsageError(
@@ -234,7 +234,9 @@ def _nchw(dims: list[Any]) -> tuple[Any, ...]:
     return tuple([shown[0], shown[3], shown[1], shown[2]] if len(shown) == 4 else shown)
 
 
-def _convert(keras_model: Any, function: Any, specs: list[Any], nchw: list[str], version: str | None) -> onnx.ModelProto:
+def _convert(
+    keras_model: Any, function: Any, specs: list[Any], nchw: list[str], version: str | None
+) -> onnx.ModelProto:
     tf2onnx = _import("tf2onnx", "tf2onnx")
     try:
         with warnings.catch_warnings():
@@ -248,7 +250,8 @@ def _convert(keras_model: Any, function: Any, specs: list[Any], nchw: list[str],
                     function, input_signature=tuple(specs), opset=OPSET, inputs_as_nchw=nchw or None
                 )
     except Exception as exc:
-        hint = RESAVE_HINT if version and version.startswith("3") else "export the model to ONNX yourself and pass the .onnx file"
+        own_export = "export the model to ONNX yourself and pass the .onnx file"
+        hint = RESAVE_HINT if version and version.startswith("3") else own_export
         raise UsageError(f"tf2onnx could not convert the model: {first_line(exc)}", hint=hint) from exc
     return model
 

@@ -314,7 +314,7 @@ def _samples(torch: Any, named: dict[str, tuple[int, ...]], batch: int | None) -
 
 
 def _feeds(named: dict[str, tuple[int, ...]], samples: list[Any]) -> dict[str, np.ndarray]:
-    return {name: sample.numpy() for name, sample in zip(named, samples)}
+    return {name: sample.numpy() for name, sample in zip(named, samples, strict=True)}
 
 
 def _run(torch: Any, module: Any, samples: list[Any]) -> list[np.ndarray]:

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.akida import akida_models
 from qanac.backends.akida import convert
 from qanac.diagnostics import UnsupportedModelError
+from tests.akida import akida_models
 
 
 def compile_failure(model: onnx.ModelProto, **kwargs) -> UnsupportedModelError:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.akida import akida_models
 from qanac.backends.akida.agreement import compare_akida_to_quantized, fused_gap_layers
 from qanac.backends.akida.backend import AkidaBackend
 from qanac.backends.akida.convert import compile_onnx
 from qanac.backends.akida.runners import AkidaSoftwareRunner
 from qanac.compare import compare_outputs
 from qanac.execution import run_onnx
+from tests.akida import akida_models
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tests.akida import akida_models
 from qanac.backends.akida import convert, devices, mapping
 from qanac.diagnostics import UnsupportedModelError
+from tests.akida import akida_models
 
 pytestmark = pytest.mark.slow
 

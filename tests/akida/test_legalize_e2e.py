@@ -148,8 +148,8 @@ def legacy_zoo_graph() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
     inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])]
     inputs += [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in inits]
-    graph = helper.make_graph(nodes, "legacy", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])],
-                              inits)
+    output = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])
+    graph = helper.make_graph(nodes, "legacy", inputs, [output], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
 
 

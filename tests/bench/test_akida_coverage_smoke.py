@@ -23,7 +23,6 @@ def load_bench():
 
 
 def tiny_sigmoid_net(size: int):
-    import torch
     from torch import nn
 
     return nn.Sequential(

@@ -15,7 +15,6 @@ from pathlib import Path
 import onnx
 import pytest
 
-
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 GUIDES = ["from-pytorch.md", "from-keras.md"]
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)

@@ -232,7 +232,8 @@ def test_module_paths_resolve_both_scope_styles():
 @pytest.mark.parametrize(
     ("source", "shape", "message"),
     [
-        ("no_such_package.models:net", "1,3,8,8", "cannot import 'no_such_package.models': no module named 'no_such_package'"),
+        ("no_such_package.models:net", "1,3,8,8",
+         "cannot import 'no_such_package.models': no module named 'no_such_package'"),
         ("{nets}:missing", "1,3,8,8", "has no attribute 'missing'"),
         ("{nets}:broken", "1,3,8,8", r"the factory '.*:broken' raised ValueError: width must be positive$"),
         ("{nets}:not_a_module", "1,3,8,8", "returned a int, not a torch.nn.Module"),
