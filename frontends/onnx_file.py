@@ -28,14 +28,14 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] 
     inputs = [v for v in model.graph.input if v.name not in inits]
     if isinstance(shapes, tuple):
         if len(inputs) != 1:
-            raise UsageError(
-                f"the model has {len(inputs)} inputs; name them: --input-shape 'x:1,3,64,64;y:1,10'"
-            )
+            raise UsageError(f"the model has {len(inputs)} inputs; --input-shape gives one shape",
+                             hint="name them: --input-shape 'x:1,3,64,64;y:1,10'")
         shapes = {inputs[0].name: shapes}
     by_name = {v.name: v for v in inputs}
     for name, shape in shapes.items():
         if name not in by_name:
-            raise UsageError(f"--input-shape names '{name}', which is not a model input ({', '.join(by_name)})")
+            raise UsageError(f"--input-shape names '{name}', which is not a model input ({', '.join(by_name)})",
+                             hint="name a model input: NAME:1,3,64,64")
         dims = by_name[name].type.tensor_type.shape.dim
         if len(dims) and len(dims) != len(shape):
             raise UsageError(f"input '{name}' has rank {len(dims)} but --input-shape gives {len(shape)} dims",

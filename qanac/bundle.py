@@ -429,7 +429,8 @@ class Bundle:
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
+            raise UsageError(f"{path / MANIFEST} is not valid JSON: {exc}",
+                             hint="the bundle is damaged or was not written by qanac; compile the model again") from exc
         bundle = cls(path, Manifest.from_dict(data))
         bundle.check_files(verify_checksums)
         return bundle
@@ -446,7 +447,8 @@ class Bundle:
             for chunk in read_bundle_file(file, field, MAX_FILE_BYTES):
                 digest.update(chunk)
             if digest.hexdigest() != entry.sha256:
-                raise UsageError(f"bundle file {file} ({role}) does not match its checksum: it was modified")
+                raise UsageError(f"bundle file {file} ({role}) does not match its checksum: it was modified",
+                                 hint="compile the model again")
         for index, segment in enumerate(self.manifest.segments):
             bundle_path(self.path, segment.dir, f"segments[{index}].dir", directory=True)
 

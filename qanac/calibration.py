@@ -166,6 +166,9 @@ def load_data(
 
     preprocessing = preprocessing or Preprocessing()
     preprocessing.check()
+    for spec in inputs:
+        if len(spec.shape) == 4 and input_dtype(spec).kind == "f":
+            preprocessing.check(spec.shape[1])
     if str(source) == "random":
         return _random_data(inputs, preprocessing, num_random if limit is None else min(limit, num_random), seed)
     path = Path(source)
@@ -215,7 +218,8 @@ def input_dtype(spec: InputSpec) -> np.dtype:
     try:
         dtype = np.dtype(spec.dtype)
     except TypeError:
-        raise UsageError(f"input '{spec.name}' has an unknown dtype '{spec.dtype}'") from None
+        raise UsageError(f"input '{spec.name}' has an unknown dtype '{spec.dtype}'",
+                         hint="the bundle's manifest is damaged; compile the model again") from None
     if dtype.kind not in "biuf":
         raise UnsupportedModelError(f"input '{spec.name}' takes {dtype}; qanac feeds inputs of real numbers or "
                                     "booleans only", hint="give the model a float or integer input")
@@ -462,7 +466,8 @@ def load_image_folder(
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
-        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}")
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}",
+                         hint="give a folder of images (one sub-folder per class for labels), or an array file")
     classes = sorted({p.parent.relative_to(path).as_posix() for p in files} - {"."})
     labels = None
     if classes:
@@ -568,7 +573,8 @@ def read_ham10000_metadata(root: str | Path) -> list[dict[str, str]]:
         rows = list(csv.DictReader(handle))
     missing = {"lesion_id", "image_id", "dx"} - set(rows[0] if rows else {})
     if missing:
-        raise UsageError(f"{path} lacks the columns {sorted(missing)}")
+        raise UsageError(f"{path} lacks the columns {sorted(missing)}",
+                         hint="HAM10000_metadata.csv needs lesion_id, image_id and dx")
     return rows
 
 
@@ -584,7 +590,8 @@ def read_ham10000(root: str | Path, size: Sequence[int], cache: bool = True) -> 
     height, width = int(size[0]), int(size[1])
     unknown = sorted({r["dx"] for r in rows} - set(HAM10000_CLASSES))
     if unknown:
-        raise UsageError(f"unknown diagnoses in {HAM10000_METADATA}: {unknown}")
+        raise UsageError(f"unknown diagnoses in {HAM10000_METADATA}: {unknown}",
+                         hint=f"dx must be one of {', '.join(HAM10000_CLASSES)}")
     index = {name: i for i, name in enumerate(HAM10000_CLASSES)}
     labels = np.array([index[r["dx"]] for r in rows], dtype=np.int64)
     image_ids = [r["image_id"] for r in rows]
@@ -607,7 +614,8 @@ def _find_ham10000_image(root: Path, image_id: str) -> Path:
         path = root / folder / f"{image_id}.jpg"
         if path.is_file():
             return path
-    raise UsageError(f"image {image_id}.jpg not found in {', '.join(HAM10000_IMAGE_DIRS)} under {root}")
+    raise UsageError(f"image {image_id}.jpg not found in {', '.join(HAM10000_IMAGE_DIRS)} under {root}",
+                     hint="every image the metadata lists must be there")
 
 
 def grouped_stratified_split(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise UsageError(f"--{name} takes comma-separated numbers, got '{text}'") from None
+        raise UsageError(f"--{name} takes comma-separated numbers, got '{text}'",
+                         hint=f"e.g. --{name} 0.5 or --{name} 0.485,0.456,0.406") from None
 
 
 @cli.command("compile", cls=TargetOptionsCommand)
@@ -182,6 +184,12 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         if not as_json:
             click.echo(f"note: {text}", err=True)
 
+    def on_progress(event) -> None:  # --json: JSON lines, only where stderr is an OS stream apart from stdout
+        if not as_json or _has_file_descriptor(sys.stderr):
+            click.echo(json.dumps({"progress": event.to_dict()}) if as_json else f"  {event.format()}", err=True)
+
+    request.progress = on_progress
+
     if not as_json:
         click.echo(f"compiling {source} for {target} ...", err=True)
     result = compile_model(request, on_pass=on_pass, on_note=on_note)
@@ -192,6 +200,14 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         emit_json({"output": str(result.output), "manifest": result.manifest, "report": result.report})
     else:
         click.echo(format_compile_result(result, time_passes=time_passes))
+
+
+def _has_file_descriptor(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation: an in-memory stream (click's test runner)
+        return False
+    return True
 
 
 @cli.command("export")

@@ -29,7 +29,7 @@ import onnx
 from qanac import bundle as bundle_io
 from qanac.backend import Backend, EmitResult
 from qanac.calibration import CalibrationData, Preprocessing, check_label_count, load_data
-from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
+from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError, VerificationError
 from qanac.execution import tensor_values
 from qanac.frontends import ImportedModel, import_model
 from qanac.graph import CompilationModel, input_specs, save_onnx
@@ -78,6 +78,7 @@ class CompileRequest:
     num_calibration: int | None = None
     partition: bool = True  # run what the target rejects on the host (qanac/partition.py)
     min_device_share: float = DEFAULT_MIN_DEVICE_SHARE
+    progress: Callable[[EmitProgress], None] | None = None  # hears each step of planning and emitting
 
 
 @dataclasses.dataclass
@@ -101,10 +102,12 @@ def compile_model(
     (qanac.bundle.staged_directory); ``on_note`` hears about stale staging directories removed on the way."""
 
     started = time.perf_counter()
+    named = named_paths(request)
+    bundle_io.check_output_dir(request.output, request.force, named)
     dump_dir = request.pipeline_options.dump_dir
     if dump_dir is not None:
         bundle_io.prepare_directory(dump_dir, "--dump-dir")
-    with bundle_io.staged_directory(request.output, request.force, named_paths(request), on_note) as stage:
+    with bundle_io.staged_directory(request.output, request.force, named, on_note) as stage:
         source = import_source(request)
         require_calibration(request, source)
         prepared = run_target_pipeline(request, source, on_pass)
@@ -123,12 +126,13 @@ def compile_model(
 
 
 def named_paths(request: CompileRequest) -> list[Path]:
-    """The existing files and folders a compile reads or writes besides its output: the output must not hold
-    any of them."""
+    """The files and folders a compile reads (those that exist) or writes (the dump folder) besides its
+    output: the output must not hold any of them."""
 
-    names = [request.source, request.calibration, request.weights, *request.plugins,
-             request.pipeline_options.dump_dir]
-    return [Path(n) for n in names if n is not None and n != "random" and Path(n).exists()]
+    names = [request.source, request.calibration, request.weights, *request.plugins]
+    read = [Path(n) for n in names if n is not None and n != "random" and Path(n).exists()]
+    dump_dir = request.pipeline_options.dump_dir
+    return read if dump_dir is None else [*read, dump_dir]
 
 
 def prepare_model(
@@ -327,17 +331,27 @@ def emit_segments(
     request: CompileRequest,
     stage: Path,
 ) -> EmittedPlan:
-    """Plan the segments, emit each (device: the backend; host: float ONNX), and move a device segment the
-    backend refuses to the host, re-planning, until every device segment compiles (qanac/partition.py).
-    A device segment compiled in an earlier attempt (same nodes, same float inputs) is reused."""
+    """Plan the segments, emit each (device: the backend; host: float ONNX) and, when the backend refuses
+    device segments (UnsupportedModelError) or finds one disagreeing with its own reference
+    (VerificationError), move the nodes each names to the host and plan again, until every device segment
+    compiles (qanac/partition.py). Every device segment of an attempt is emitted before the next, so all
+    refusals of an attempt move at once. A device segment compiled in an earlier attempt (same nodes, so
+    same float input) is reused, and the float activations at segment inputs are computed once. Without
+    partitioning the first refusal is the error (exit 3, or exit 1 for a disagreement); a disagreement
+    that leaves nothing on the device is an error too (exit 1). ``request.progress`` hears of each step."""
 
     host_nodes = dict(host_nodes)
     refusals: list[Diagnostic] = []
-    cache = _SegmentCache(stage / ".compiled-segments")
+    disagreements: list[VerificationError] = []
+    emitter = _Emitter(model, calibration, backend, request, _SegmentCache(stage / ".compiled-segments"))
     try:
-        for attempt in range(len(model.graph.node) + 1):
+        for attempt in range(1, len(model.graph.node) + 2):
             plan = plan_segments(model, host_nodes, request.min_device_share)
             if not any(s.kind == DEVICE for s in plan.segments):
+                if disagreements:
+                    last = disagreements[-1]
+                    raise VerificationError(f"{last.message}; with those nodes on the host no part of the model "
+                                            "is left for the device", diagnostics=last.diagnostics, hint=last.hint)
                 raise UnsupportedModelError(
                     f"no part of the model can run on target '{request.target}'",
                     diagnostics=refusals + [d for d in plan.diagnostics if d.code == "PART001"][:20],
@@ -345,13 +359,13 @@ def emit_segments(
                 )
             scratch = stage / f".attempt{attempt}"
             scratch.mkdir()
-            try:
-                segments = _emit_plan(plan, model, calibration, backend, request.backend_options, scratch, cache)
-            except _SegmentRefused as refused:
+            segments, refused = emitter.emit_plan(plan, attempt, scratch)
+            if refused:
                 shutil.rmtree(scratch)
-                if not request.partition:
-                    raise refused.cause from None
-                refusals.append(_move_to_host(refused, host_nodes, request.target))
+                for one in refused:
+                    refusals.append(_move_to_host(one, model, host_nodes, request.target))
+                    emitter.report(attempt, plan, one.segment, "refused", refusals[-1].message)
+                disagreements = [r.cause for r in refused if isinstance(r.cause, VerificationError)]
                 continue
             for child in scratch.iterdir():
                 shutil.move(str(child), str(stage / child.name))
@@ -360,26 +374,69 @@ def emit_segments(
             return EmittedPlan(plan, segments, plan.diagnostics + refusals + found)
         raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
     finally:
-        shutil.rmtree(cache.root, ignore_errors=True)
+        shutil.rmtree(emitter.cache.root, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmitProgress:
+    """A step of planning and emitting, as it starts (``refused``: as it ends), for a progress display.
+
+    ``step`` is ``plan`` (a plan of ``segments`` segments), ``activations`` (float activations at segment
+    inputs), ``host`` (a host segment written), ``emit`` (the backend compiling a device segment),
+    ``reuse`` (a device segment compiled in an earlier attempt) or ``refused`` (a device segment refused:
+    its named nodes move to the host). ``segment`` is 1-based, 0 for steps about the whole plan."""
+
+    attempt: int
+    step: str
+    segment: int
+    segments: int
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        where = f", segment {self.segment}/{self.segments}" if self.segment else ""
+        return f"[attempt {self.attempt}{where}] {self.message}"
 
 
 class _SegmentRefused(Exception):
-    def __init__(self, segment: Segment, cause: UnsupportedModelError):
+    def __init__(self, segment: Segment, cause: UnsupportedModelError | VerificationError):
         super().__init__(cause.message)
         self.segment = segment
         self.cause = cause
 
 
-def _move_to_host(refused: _SegmentRefused, host_nodes: dict[str, str], target: str) -> Diagnostic:
-    """Move the first node the backend named (the root of its failure: what follows it may well compile
-    once it runs on the host) to the host; a refusal naming none moves the whole segment."""
+def _move_to_host(refused: _SegmentRefused, model: onnx.ModelProto, host_nodes: dict[str, str],
+                  target: str) -> Diagnostic:
+    """Move every node of the segment that an error of the refusal names to the host, except one that
+    depends on another named node (it may well compile once that one runs on the host); a refusal naming
+    none moves the whole segment."""
 
     cause, nodes = refused.cause, refused.segment.nodes
-    named = [n for d in cause.diagnostics for n in d.nodes if n in nodes]
-    moved = named[:1] or nodes
-    host_nodes.update({name: f"the {target} backend refused it: {cause.message}" for name in moved})
+    inside = set(nodes)
+    named = {n for d in cause.diagnostics if d.level == Level.ERROR for n in d.nodes if n in inside}
+    upstream = _named_upstream(model, inside, named)
+    moved = [n for n in nodes if n in named and not upstream[n]] or nodes
+    verb = "disagrees" if isinstance(cause, VerificationError) else "refused it"
+    host_nodes.update({name: f"the {target} backend {verb}: {cause.message}" for name in moved})
     return Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved to the host: "
                       f"{cause.message}", nodes=moved[:5], rule="partition")
+
+
+def _named_upstream(model: onnx.ModelProto, inside: set[str], named: set[str]) -> dict[str, bool]:
+    """For each node of ``inside`` (in the model's topological order), whether a node of ``named`` other
+    than itself lies upstream of it within ``inside``."""
+
+    producer = {out: n.name for n in model.graph.node if n.name in inside for out in n.output}
+    reached: dict[str, bool] = {}  # node -> a named node is upstream of it or is it
+    upstream: dict[str, bool] = {}
+    for node in model.graph.node:
+        if node.name not in inside:
+            continue
+        upstream[node.name] = any(reached[producer[t]] for t in node.input if t in producer)
+        reached[node.name] = upstream[node.name] or node.name in named
+    return upstream
 
 
 @dataclasses.dataclass
@@ -402,47 +459,79 @@ class _SegmentCache:
         self.entries[tuple(segment.nodes)] = (kept, emitted)
 
 
-def _emit_plan(
-    plan: PartitionPlan,
-    model: onnx.ModelProto,
-    calibration: CalibrationData,
-    backend: Backend,
-    options: dict[str, Any],
-    out: Path,
-    cache: _SegmentCache,
-) -> list[EmittedSegment]:
-    """Write every segment of ``plan`` into ``out``; a device segment the backend refuses raises
-    _SegmentRefused. A device segment that is not the whole model calibrates on the float activations at
-    its input."""
+@dataclasses.dataclass
+class _Emitter:
+    """Writes plans of one model: what stays the same across attempts (the model with its shapes inferred,
+    float activations at segment inputs, compiled segments) is computed once."""
 
-    single = len(plan.segments) == 1
-    boundary = None if single else tensor_values(
-        model, calibration.arrays, [s.inputs[0] for s in plan.segments if s.kind == DEVICE])
-    emitted = []
-    for index, segment in enumerate(plan.segments):
-        name = f"seg{index}"
-        folder = "." if single else name
-        (out / folder).mkdir(exist_ok=True)
-        if segment.kind == HOST:
-            save_onnx(extract_segment(model, segment), out / folder / HOST_FILE)
-            emitted.append(EmittedSegment(name, folder, segment, {HOST_MODEL: HOST_FILE}))
-            continue
-        result = cache.restore(segment, out / folder)
-        if result is None:
-            part, data = (model, calibration) if single else (
-                extract_segment(model, segment), _calibration_at(calibration, segment.inputs[0], boundary))
-            try:
-                result = backend.emit(part, data, options, out / folder)
-            except UnsupportedModelError as exc:
-                raise _SegmentRefused(segment, exc) from exc
-            cache.store(segment, out / folder, result)
-        emitted.append(EmittedSegment(name, folder, segment, dict(result.files), result))
-    return emitted
+    model: onnx.ModelProto
+    calibration: CalibrationData
+    backend: Backend
+    request: CompileRequest
+    cache: _SegmentCache
+    activations: dict[str, Any] = dataclasses.field(default_factory=dict)  # tensor -> float calibration values
+    _inferred: onnx.ModelProto | None = None
 
+    def report(self, attempt: int, plan: PartitionPlan, segment: Segment | None, step: str, message: str) -> None:
+        if self.request.progress is not None:
+            index = 0 if segment is None else next(i for i, s in enumerate(plan.segments, 1) if s is segment)
+            self.request.progress(EmitProgress(attempt, step, index, len(plan.segments), message))
 
-def _calibration_at(calibration: CalibrationData, tensor: str, values: dict[str, Any]) -> CalibrationData:
-    return dataclasses.replace(calibration, arrays={tensor: values[tensor]}, raw=None,
-                               source=f"{calibration.source} (float activations at '{tensor}')")
+    def emit_plan(self, plan: PartitionPlan, attempt: int, out: Path) -> tuple[list[EmittedSegment],
+                                                                                list[_SegmentRefused]]:
+        """Write every segment of ``plan`` into ``out``: the segments and the device segments the backend
+        refused (all of them, unless partitioning is off: then the first raises its error). A device
+        segment that is not the whole model calibrates on the float activations at its input."""
+
+        single = len(plan.segments) == 1
+        device = [s for s in plan.segments if s.kind == DEVICE]
+        self.report(attempt, plan, None, "plan", f"{len(plan.segments)} segment(s), {len(device)} on the device")
+        if not single:
+            self._compute_activations(attempt, plan, [s.inputs[0] for s in device])
+        emitted, refused = [], []
+        for index, segment in enumerate(plan.segments):
+            name = f"seg{index}"
+            folder = "." if single else name
+            (out / folder).mkdir(exist_ok=True)
+            if segment.kind == HOST:
+                self.report(attempt, plan, segment, "host", f"host segment: {len(segment.nodes)} node(s) as ONNX")
+                save_onnx(self._extract(segment), out / folder / HOST_FILE)
+                emitted.append(EmittedSegment(name, folder, segment, {HOST_MODEL: HOST_FILE}))
+                continue
+            result = self.cache.restore(segment, out / folder)
+            if result is not None:
+                self.report(attempt, plan, segment, "reuse", "device segment compiled in an earlier attempt")
+            else:
+                share = segment.macs / plan.total_macs if plan.total_macs else 1.0
+                self.report(attempt, plan, segment, "emit", f"compiling {len(segment.nodes)} node(s) "
+                            f"({share:.1%} of MACs) for {self.request.target}")
+                part, data = (self.model, self.calibration) if single else (
+                    self._extract(segment), self._calibration_at(segment.inputs[0]))
+                try:
+                    result = self.backend.emit(part, data, self.request.backend_options, out / folder)
+                except (UnsupportedModelError, VerificationError) as exc:
+                    if not self.request.partition:
+                        raise
+                    refused.append(_SegmentRefused(segment, exc))
+                    continue
+                self.cache.store(segment, out / folder, result)
+            emitted.append(EmittedSegment(name, folder, segment, dict(result.files), result))
+        return emitted, refused
+
+    def _compute_activations(self, attempt: int, plan: PartitionPlan, tensors: list[str]) -> None:
+        missing = [t for t in tensors if t not in self.activations]
+        if missing:
+            self.report(attempt, plan, None, "activations", f"float activations at {len(missing)} segment input(s)")
+            self.activations.update(tensor_values(self.model, self.calibration.arrays, missing))
+
+    def _calibration_at(self, tensor: str) -> CalibrationData:
+        return dataclasses.replace(self.calibration, arrays={tensor: self.activations[tensor]}, raw=None,
+                                   source=f"{self.calibration.source} (float activations at '{tensor}')")
+
+    def _extract(self, segment: Segment) -> onnx.ModelProto:
+        if self._inferred is None:
+            self._inferred = onnx.shape_inference.infer_shapes(self.model)
+        return extract_segment(self._inferred, segment, shapes_inferred=True)
 
 
 # -- stage 6: assemble ----------------------------------------------------------------------------------

@@ -38,29 +38,39 @@ def make_session(model: onnx.ModelProto | str, threads: int = 0) -> ort.Inferenc
 _ORT_ERRORS = tuple(v for v in vars(ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
-def bundle_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session for an ONNX file of a bundle, made from its bytes so that ONNX Runtime opens no other
-    file: the file is read without following links or blocking, within the bundle's size limit
-    (``qanac.bundle.read_bundle_file``), and refused (exit 2) if any tensor keeps its data in another file
-    (qanac never writes external data) or ONNX Runtime cannot load it."""
+_DAMAGED = "the bundle is damaged or was not written by qanac; compile the model again"
+
+
+def bundle_model_bytes(path: Path) -> bytes:
+    """The bytes of an ONNX file of a bundle, to hand to ONNX Runtime instead of its path (given a path,
+    ONNX Runtime opens the files its external data names, wherever they are). The file is read without
+    following links or blocking, within the bundle's size limit (``qanac.bundle.read_bundle_file``), and
+    refused (exit 2) unless it parses as ONNX with every tensor inline (qanac never writes external data)."""
 
     from qanac.bundle import MAX_FILE_BYTES, read_bundle_file
 
     data = b"".join(read_bundle_file(path, path.name, MAX_FILE_BYTES))
-    hint = "the bundle is damaged or was not written by qanac; compile the model again"
     try:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"bundle file {path} is not a readable ONNX model ({exc})", hint=hint) from None
+        raise UsageError(f"bundle file {path} is not a readable ONNX model ({exc})", hint=_DAMAGED) from None
     external = next((t.name for t in _all_tensors(model) if _is_external(t)), None)
     if external is not None:
         raise UsageError(f"bundle file {path} keeps the data of tensor '{external}' in another file; a bundle "
-                         "model holds its tensors inline", hint=hint)
+                         "model holds its tensors inline", hint=_DAMAGED)
+    return data
+
+
+def bundle_session(path: Path, threads: int = 0, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """A CPU session for an ONNX file of a bundle, made from ``bundle_model_bytes`` so that ONNX Runtime opens
+    no other file; a model ONNX Runtime cannot load is refused (exit 2), not an internal error."""
+
+    data = bundle_model_bytes(path)
     try:
-        return ort.InferenceSession(data, _session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, options or _session_options(threads), providers=["CPUExecutionProvider"])
     except _ORT_ERRORS as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"bundle file {path} cannot be loaded by ONNX Runtime: {first}", hint=hint) from None
+        raise UsageError(f"bundle file {path} cannot be loaded by ONNX Runtime: {first}", hint=_DAMAGED) from None
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:
@@ -111,7 +121,8 @@ def run_session(
     names = [i.name for i in session.get_inputs()]
     missing = [n for n in names if n not in inputs]
     if missing:
-        raise UsageError(f"no data for model input(s) {missing}; data has {sorted(inputs)}")
+        raise UsageError(f"no data for model input(s) {missing}; data has {sorted(inputs)}",
+                         hint="give one array per model input, named after it")
     total = len(inputs[names[0]])
     chunks: list[list[np.ndarray]] = []
     for start in range(0, total, batch_size):

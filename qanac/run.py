@@ -23,9 +23,10 @@ def load_run_inputs(bundle: Bundle, sources: Sequence[str]) -> tuple[Calibration
     if all(Path(s).suffix.lower() in IMAGE_SUFFIXES for s in sources):
         missing = [s for s in sources if not Path(s).is_file()]
         if missing:
-            raise UsageError(f"image not found: {missing[0]}")
+            raise UsageError(f"image not found: {missing[0]}", hint="check the path of the image")
         if len(specs) != 1:
-            raise UsageError("image files can feed only a single-input model")
+            raise UsageError("image files can feed only a single-input model",
+                             hint="give an .npz with one array per input, named after it")
         source = ",".join(sources)
         array, raw = prepare_array(specs[0], load_images([Path(s) for s in sources], specs[0]), source,
                                    preprocessing)
@@ -33,7 +34,8 @@ def load_run_inputs(bundle: Bundle, sources: Sequence[str]) -> tuple[Calibration
                                raw=None if raw is None else {specs[0].name: raw})
         return data, list(sources)
     if len(sources) != 1:
-        raise UsageError("give one array file or image folder, or several image files")
+        raise UsageError(f"{len(sources)} --input values that are not all image files",
+                         hint="give one array file or image folder, or several image files")
     data = load_data(sources[0], specs, preprocessing)
     return data, [f"{sources[0]}[{i}]" for i in range(data.num_samples)]
 

@@ -122,7 +122,8 @@ def verify_bundle(
         try:
             comparisons[model_name] = compare_outputs(names, reference, outputs)
         except ValueError as exc:
-            raise UsageError(f"{model_name} model of the bundle: {exc}") from exc
+            raise UsageError(f"{model_name} model of the bundle: {exc}",
+                             hint="the bundle is damaged or was not written by qanac; compile the model again") from exc
         outputs_by_model[model_name] = outputs
     problems = failures(comparisons["compiled"], thresholds)
     accuracy = None
