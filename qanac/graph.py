@@ -133,9 +133,9 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"model not found: {path}")
+        raise UsageError(f"model not found: {path}", hint="check the path of the .onnx file")
     if path.is_dir():
-        raise UsageError(f"{path} is a directory, not an ONNX file")
+        raise UsageError(f"{path} is a directory, not an ONNX file", hint="give the path of an .onnx file")
     try:
         model = onnx.load(str(path))
     except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as exc:  # external data

@@ -163,7 +163,7 @@ def load_plugin_file(path: str | Path) -> None:
     if str(path) in _loaded_plugins:
         return
     if not path.is_file() or path.suffix != ".py":
-        raise UsageError(f"plugin not found or not a .py file: {path}")
+        raise UsageError(f"plugin not found or not a .py file: {path}", hint="give --plugin a Python file")
     module_name = f"qanac_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None

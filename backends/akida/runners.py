@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from qanac.diagnostics import UnsupportedModelError, UsageError
-from qanac.execution import DEFAULT_BATCH, run_session
+from qanac.execution import DEFAULT_BATCH, bundle_session, run_session
 
 from .convert import akida_to_float_layout
 from .devices import device_ip_version, hardware_device
@@ -133,5 +133,6 @@ def quantized_session(model: onnx.ModelProto | str | Path) -> ort.InferenceSessi
         pass
     else:
         options.register_custom_ops_library(get_library_path())
-    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if isinstance(model, (str, Path)):  # a bundle's file: from its bytes, so no external data is followed
+        return bundle_session(Path(model), options=options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
