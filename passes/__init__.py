@@ -18,6 +18,7 @@ FAMILIES = (
     "batchnorm",
     "softmax",
     "layout",
+    "activations",
 )
 
 
