@@ -409,33 +409,34 @@ class _SegmentRefused(Exception):
 
 def _move_to_host(refused: _SegmentRefused, model: onnx.ModelProto, host_nodes: dict[str, str],
                   target: str) -> Diagnostic:
-    """Move every node of the segment that an error of the refusal names to the host, except one that
-    depends on another named node (it may well compile once that one runs on the host); a refusal naming
-    none moves the whole segment."""
+    """Move the nodes of the segment that the refusal's errors name to the host, all at once, except those
+    of an error whose every node depends on a node another error names (a consequence: it may well compile
+    once that one runs on the host); a refusal naming none moves the whole segment."""
 
     cause, nodes = refused.cause, refused.segment.nodes
     inside = set(nodes)
-    named = {n for d in cause.diagnostics if d.level == Level.ERROR for n in d.nodes if n in inside}
-    upstream = _named_upstream(model, inside, named)
-    moved = [n for n in nodes if n in named and not upstream[n]] or nodes
+    groups = [{n for n in d.nodes if n in inside} for d in cause.diagnostics if d.level == Level.ERROR]
+    groups = [g for g in groups if g]
+    upstream = _named_upstream(model, inside, set().union(*groups))
+    causes = set().union(*(g for g in groups if not all(upstream[n] - g for n in g)))
+    moved = [n for n in nodes if n in causes] or nodes
     verb = "disagrees" if isinstance(cause, VerificationError) else "refused it"
     host_nodes.update({name: f"the {target} backend {verb}: {cause.message}" for name in moved})
     return Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved to the host: "
                       f"{cause.message}", nodes=moved[:5], rule="partition")
 
 
-def _named_upstream(model: onnx.ModelProto, inside: set[str], named: set[str]) -> dict[str, bool]:
-    """For each node of ``inside`` (in the model's topological order), whether a node of ``named`` other
-    than itself lies upstream of it within ``inside``."""
+def _named_upstream(model: onnx.ModelProto, inside: set[str], named: set[str]) -> dict[str, set[str]]:
+    """For each node of ``inside``, the nodes of ``named`` upstream of it within ``inside`` (the model is
+    topologically sorted)."""
 
     producer = {out: n.name for n in model.graph.node if n.name in inside for out in n.output}
-    reached: dict[str, bool] = {}  # node -> a named node is upstream of it or is it
-    upstream: dict[str, bool] = {}
+    reached: dict[str, set[str]] = {}  # node -> the named nodes upstream of it, and itself when named
+    upstream: dict[str, set[str]] = {}
     for node in model.graph.node:
-        if node.name not in inside:
-            continue
-        upstream[node.name] = any(reached[producer[t]] for t in node.input if t in producer)
-        reached[node.name] = upstream[node.name] or node.name in named
+        if node.name in inside:
+            upstream[node.name] = set().union(*(reached[producer[t]] for t in node.input if t in producer))
+            reached[node.name] = upstream[node.name] | ({node.name} & named)
     return upstream
 
 

@@ -14,8 +14,9 @@ Planning (``plan_segments``):
    contiguous part (in topological order) with one input and one output tensor and the most MACs stays
    on the device, the rest joins the host, with the reason.
 Neighbouring host runs are merged after each step. ``compile_model`` then compiles each device segment;
-one the backend refuses (UnsupportedModelError) is moved to the host with the backend's reason, and
-planning repeats. Every move is reported as a diagnostic (code PART001/PART002/PART003).
+the nodes a refusal names (UnsupportedModelError: the backend cannot compile them; VerificationError: the
+compiled segment disagrees with its own quantized model there) move to the host with the backend's reason,
+and planning repeats. Every move is reported as a diagnostic (code PART001/PART002/PART003/PART004).
 """
 
 from __future__ import annotations
@@ -174,10 +175,12 @@ def plan_segments(
     return PartitionPlan(segments, total, diagnostics)
 
 
-def extract_segment(model: onnx.ModelProto, segment: Segment) -> onnx.ModelProto:
-    """The segment as a standalone ONNX model (its boundary tensors become graph inputs and outputs)."""
+def extract_segment(model: onnx.ModelProto, segment: Segment, shapes_inferred: bool = False) -> onnx.ModelProto:
+    """The segment as a standalone ONNX model (its boundary tensors become graph inputs and outputs).
+    ``shapes_inferred``: ``model`` already carries its inferred shapes (value_info), so they are not
+    inferred again."""
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = model if shapes_inferred else onnx.shape_inference.infer_shapes(model)
     extracted = onnx.utils.Extractor(inferred).extract_model(segment.inputs, segment.outputs)
     kept = {n.name for n in extracted.graph.node}
     if kept != set(segment.nodes):

@@ -10,9 +10,16 @@ same inputs and flags any disagreement, and ``fused_gap_layers`` names the suspe
 Thresholds are explicit (``qanac.compare.Thresholds``): the two should be identical, so the defaults are
 strict: top-1 agreement >= 0.99 and SQNR >= 30 dB, with the quantized ONNX as the reference signal.
 
-Diagnostic code: AKV301 (warning) the Akida model disagrees with the quantized ONNX. A warning, not an
-error: the bundle is still the model that would be deployed, and ``qanac verify`` against the float
-reference decides whether it is good enough; the warning says why it may not be.
+When they disagree, ``divergent_layers`` finds where: every Akida layer's integer output (from a sub-model
+of the layer and its ancestors) against the tensor of the quantized node of the same name. A layer whose
+inputs match but whose output does not is where the two part; ``float_nodes_of`` names the float model's
+nodes that layer stands for (a fused block: Conv, ReLU, GlobalAveragePool), so the compiler can run them on
+the host. The backend never writes a model that disagrees: ``disagreement_error`` is what it raises.
+
+Diagnostic codes:
+    AKV301 (warning) the Akida model disagrees with the quantized ONNX at its output (with the fused
+           global-pooling layers, the usual cause, as suspects)
+    AKV302 (error) the layer where the Akida model departs from the quantized ONNX, by its float nodes
 """
 
 from __future__ import annotations
@@ -24,9 +31,9 @@ import numpy as np
 import onnx
 
 from qanac.compare import OutputComparison, Thresholds, compare_outputs, failures
-from qanac.diagnostics import Diagnostic, Level
+from qanac.diagnostics import Diagnostic, Level, VerificationError
 
-from .runners import AkidaSoftwareRunner, QuantizedOnnxRunner
+from .runners import AkidaSoftwareRunner, QuantizedOnnxRunner, quantized_session
 
 STRICT = Thresholds(min_top1_agreement=0.99, min_sqnr_db=30.0)
 
@@ -41,6 +48,7 @@ class Agreement:
     thresholds: Thresholds
     problems: list[str]
     suspects: list[dict[str, Any]]
+    differing_samples: list[int] = dataclasses.field(default_factory=list)  # whose outputs are not identical
 
     @property
     def flagged(self) -> bool:
@@ -55,6 +63,7 @@ class Agreement:
             "thresholds": self.thresholds.to_dict(),
             "problems": self.problems,
             "suspects": self.suspects,
+            "differing_samples": len(self.differing_samples),
         }
 
     def diagnostics(self) -> list[Diagnostic]:
@@ -93,7 +102,8 @@ def compare_akida_to_quantized(
     actual = akida_runner.run(inputs)[0]
     name = akida_runner.output_names[0]
     comparison = compare_outputs([name], [reference], [actual])[0]
-    exact = float(np.mean(reference.reshape(actual.shape) == actual)) if actual.size else 1.0
+    same = reference.reshape(actual.shape) == actual
+    exact = float(np.mean(same)) if actual.size else 1.0
     return Agreement(
         samples=len(actual),
         comparison=comparison,
@@ -101,6 +111,8 @@ def compare_akida_to_quantized(
         thresholds=thresholds,
         problems=failures([comparison], thresholds),
         suspects=fused_gap_layers(akida_runner.model),
+        differing_samples=[int(i) for i in np.flatnonzero(~same.reshape(len(same), -1).all(axis=1))]
+        if actual.size else [],
     )
 
 
@@ -125,3 +137,136 @@ def fused_gap_layers(model: Any, min_pixels: int = 1) -> list[dict[str, Any]]:
             if height * width >= min_pixels:
                 found.append({"layer": layer.name, "input_map": [height, width], "pixels": height * width})
     return sorted(found, key=lambda entry: -entry["pixels"])
+
+
+@dataclasses.dataclass
+class LayerDivergence:
+    """An Akida layer whose inputs match the quantized ONNX but whose output does not, on ``samples`` inputs."""
+
+    layer: str
+    samples: int
+    exact_share: float  # share of the layer's output values identical to the quantized node's
+    max_abs_difference: float  # in the layer's own integer units
+    input_map: list[int]  # the layer's input (height, width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (f"layer '{self.layer}' (input map {self.input_map[0]}x{self.input_map[1]}): "
+                f"{self.exact_share:.1%} of its outputs identical, largest difference {self.max_abs_difference:g}")
+
+
+def divergent_layers(akida_model: Any, quantized: onnx.ModelProto, inputs: np.ndarray) -> list[LayerDivergence]:
+    """The layers where the Akida model departs from the quantized ONNX on ``inputs`` (float, model layout).
+
+    Each layer with a quantized node of its name is run as a sub-model of itself and its ancestors and its
+    output compared with that node's output tensor: both are the same integers when the two agree. A layer
+    differs on its own when it differs and none of its inputs does; layers downstream of a difference are
+    not judged, layers without a quantized node of their name are looked through. Layers in model order.
+    """
+
+    import akida
+
+    nodes = {n.name: n for n in quantized.graph.node}
+    layers = list(akida_model.layers)
+    compared = [layer.name for layer in layers if layer.name in nodes]
+    reference = dict(zip(compared, _node_outputs(quantized, [nodes[name].output[0] for name in compared],
+                                                 inputs), strict=True))
+    data = np.ascontiguousarray(inputs, dtype=np.float32)
+    ancestors: dict[str, set[str]] = {}
+    tainted: set[str] = set()  # layers whose output differs, or is computed from one that does
+    found = []
+    for layer in layers:
+        inbound = [i.name for i in layer.inbounds]
+        ancestors[layer.name] = set(inbound).union(*(ancestors[name] for name in inbound))
+        if tainted & set(inbound):
+            tainted.add(layer.name)
+            continue
+        if layer.name not in reference:
+            continue
+        keep = ancestors[layer.name] | {layer.name}
+        actual = akida.Model(layers=[x for x in layers if x.name in keep]).forward(data)
+        expected = reference[layer.name]
+        if expected.ndim == 4:
+            expected = expected.transpose(0, 2, 3, 1)
+        if expected.size != actual.size:
+            continue
+        expected = expected.reshape(actual.shape)
+        if np.array_equal(expected, actual):
+            continue
+        tainted.add(layer.name)
+        difference = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
+        found.append(LayerDivergence(layer=layer.name, samples=len(data), exact_share=float(np.mean(difference == 0)),
+                                     max_abs_difference=float(difference.max()),
+                                     input_map=[int(d) for d in layer.input_dims[:2]]))
+    return found
+
+
+def _node_outputs(model: onnx.ModelProto, names: list[str], inputs: np.ndarray) -> list[np.ndarray]:
+    """The values of tensors ``names`` of the quantized ONNX on ``inputs`` (its only input)."""
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    session = quantized_session(probe)
+    return session.run(names, {session.get_inputs()[0].name: np.ascontiguousarray(inputs, dtype=np.float32)})
+
+
+def float_nodes_of(layer: str, quantized: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
+    """The nodes of the float ``model`` that the quantized node ``layer`` stands for, in model order: those
+    computing its output tensor from its activation inputs (a fused block such as Conv, ReLU and
+    GlobalAveragePool) back to the tensors of other layers (and no further than the float nodes other
+    quantized nodes are named after), else the node of the same name, else none."""
+
+    node = next((n for n in quantized.graph.node if n.name == layer), None)
+    if node is None:
+        return []
+    produced = {out for n in quantized.graph.node for out in n.output}
+    graph_inputs = {i.name for i in quantized.graph.input}
+    stops = {name for name in node.input if name in produced or name in graph_inputs}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    block: set[str] = set()
+    pending = [node.output[0]]
+    while pending:
+        tensor = pending.pop()
+        source = producer.get(tensor)
+        if tensor in stops or source is None or source.name in block:
+            continue
+        block.add(source.name)
+        pending.extend(source.input)
+    others = {n.name for n in quantized.graph.node} - {layer}
+    if not block or block & others:  # the walk went past the block: its input tensors were renamed
+        block = {layer} if any(n.name == layer for n in model.graph.node) else set()
+    return [n.name for n in model.graph.node if n.name in block]
+
+
+def disagreement_error(agreement: Agreement, divergences: list[LayerDivergence],
+                       nodes: dict[str, list[str]], diagnostics: list[Diagnostic]) -> VerificationError:
+    """The error for an Akida model that disagrees with its quantized ONNX: the output numbers, the layer
+    where they part (``nodes``: each divergent layer's float nodes) and what to do; ``diagnostics`` (the
+    emit's own) come first."""
+
+    output = "; ".join(agreement.problems)
+    if divergences:
+        where = "; ".join(d.describe() for d in divergences)
+        message = (f"the Akida model disagrees with quantizeml's quantized ONNX ({output}); it departs at "
+                   f"{where}")
+    else:
+        message = (f"the Akida model disagrees with quantizeml's quantized ONNX ({output}); no single layer "
+                   f"differs on its own")
+    located = [
+        Diagnostic(Level.ERROR, "AKV302", f"the Akida model departs from the quantized ONNX here: {d.describe()}",
+                   nodes=nodes.get(d.layer, []), rule="akida-matches-quantized",
+                   hint="without --no-partition these nodes run on the host")
+        for d in divergences
+    ]
+    return VerificationError(
+        message,
+        diagnostics=[*diagnostics, *agreement.diagnostics(), *located],
+        hint="a Conv fused with a GlobalAveragePool over a large map saturates Akida's accumulator: keep the "
+             "stage-global-average-pool pass enabled, or pool in stages (<= 144 pixels per global pool)"
+        if any(d.layer in {s["layer"] for s in agreement.suspects} for d in divergences)
+        else "report it with the model: the Akida model and the quantized ONNX should be bit-exact",
+    )

@@ -3,6 +3,8 @@
 ``emit`` quantizes with quantizeml and converts with cnn2snn (``convert.compile_onnx``, which refuses
 any silent truncation), maps the result on the chosen virtual device (``mapping.map_on_device``), checks
 the Akida model against quantizeml's quantized ONNX on calibration samples (``agreement``), and writes
+the files only when they agree (else a VerificationError naming the float nodes of the layer where the Akida
+model departs: the compiler runs them on the host, or fails with exit 1):
 
     model.fbz        the Akida model (role ``compiled``)
     quantized.onnx   quantizeml's quantized ONNX (role ``quantized``, the variant of the same name)
@@ -28,16 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
-from qanac.diagnostics import UsageError
+from qanac.diagnostics import Diagnostic, UsageError, VerificationError
 from qanac.graph import source_names_of
 from qanac.manifest import COMPILED, Record, SegmentRecord
 
-from .agreement import compare_akida_to_quantized
-from .convert import compile_onnx
+from .agreement import Agreement, compare_akida_to_quantized, disagreement_error, divergent_layers, float_nodes_of
+from .convert import AkidaConversion, compile_onnx
 from .devices import DEFAULT_DEVICE, MODEL_IP_VERSION, check_ip_version
 from .input_layer import with_identity_input_layer
 from .mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
@@ -46,6 +49,7 @@ from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunn
 COMPILED_FILE = "model.fbz"
 QUANTIZED_FILE = "quantized.onnx"
 DEFAULT_AGREEMENT_SAMPLES = 32
+LOCATE_SAMPLES = 8  # samples the search for a disagreeing layer runs on
 QUANTIZED = "quantized"
 
 
@@ -88,10 +92,6 @@ class AkidaBackend:
         annotate_sources(mapping, source_names_of(model))
         seconds["map"] = time.perf_counter() - t_map
 
-        out_dir = Path(out_dir)
-        conversion.akida_model.save(str(out_dir / COMPILED_FILE))
-        onnx.save(conversion.quantized, str(out_dir / QUANTIZED_FILE))
-
         diagnostics = [*conversion.diagnostics, *mapping_diagnostics(mapping)]
         report: dict[str, Any] = {
             "conversion": conversion.describe(),
@@ -109,8 +109,12 @@ class AkidaBackend:
             inputs = {conversion.input_name: calibration.arrays[conversion.input_name][:agreement_samples]}
             agreement = compare_akida_to_quantized(akida_runner, conversion.quantized, inputs)
             seconds["agreement"] = time.perf_counter() - t_check
+            if agreement.flagged:
+                raise _disagreement(conversion, model, agreement, inputs[conversion.input_name], diagnostics)
             report["agreement"] = agreement.to_dict()
-            diagnostics.extend(agreement.diagnostics())
+        out_dir = Path(out_dir)
+        conversion.akida_model.save(str(out_dir / COMPILED_FILE))
+        onnx.save(conversion.quantized, str(out_dir / QUANTIZED_FILE))
         seconds["total"] = time.perf_counter() - started
         report["seconds"] = seconds
 
@@ -146,3 +150,14 @@ class AkidaBackend:
         record = segment.backend_record(AkidaSegmentRecord)
         path = Path(segment_dir) / segment.file(QUANTIZED)
         return QuantizedOnnxRunner(path, output_names=[record.output_name])
+
+
+def _disagreement(conversion: AkidaConversion, model: onnx.ModelProto, agreement: Agreement, inputs: np.ndarray,
+                  diagnostics: list[Diagnostic]) -> VerificationError:
+    """The error for an Akida model that disagrees with its quantized ONNX, naming the float nodes of the
+    layers where it departs, found on (at most ``LOCATE_SAMPLES`` of) the samples whose outputs differ."""
+
+    samples = inputs[agreement.differing_samples[:LOCATE_SAMPLES]]
+    divergences = divergent_layers(conversion.akida_model, conversion.quantized, samples)
+    nodes = {d.layer: float_nodes_of(d.layer, conversion.quantized, model) for d in divergences}
+    return disagreement_error(agreement, divergences, nodes, diagnostics)

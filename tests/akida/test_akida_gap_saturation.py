@@ -14,6 +14,7 @@ from qanac.backends.akida.backend import AkidaBackend
 from qanac.backends.akida.convert import compile_onnx
 from qanac.backends.akida.runners import AkidaSoftwareRunner
 from qanac.compare import compare_outputs
+from qanac.diagnostics import VerificationError
 from qanac.execution import run_onnx
 from tests.akida import akida_models
 
@@ -58,7 +59,9 @@ def test_small_map_gap_is_bit_exact():
 
 def test_emit_reports_the_disagreement(tmp_path):
     model = akida_models.conv_gap_classifier(size=32)
-    result = AkidaBackend().emit(model, akida_models.image_calibration(model, count=32), {}, tmp_path)
-    assert result.report["agreement"]["flagged"] is True
-    assert "AKV301" in [d.code for d in result.diagnostics]
-    assert "AKM201" in [d.code for d in result.diagnostics]  # and the GAP layer runs in software
+    with pytest.raises(VerificationError) as raised:  # and writes nothing
+        AkidaBackend().emit(model, akida_models.image_calibration(model, count=32), {}, tmp_path)
+    codes = [d.code for d in raised.value.diagnostics]
+    assert "AKV301" in codes and "AKV302" in codes
+    assert "AKM201" in codes  # and the GAP layer runs in software
+    assert list(tmp_path.iterdir()) == []

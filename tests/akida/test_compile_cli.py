@@ -5,7 +5,7 @@
   `qanac run` reproduces akida.Model.predict exactly.
 - Models Akida cannot run exit 3 naming the node, and leave no bundle.
 - An IP v1 device is refused with the reason.
-- `qanac verify` catches the conv+GAP saturation that makes Akida disagree with quantizeml's simulation.
+- A conv+GAP over a large map, which saturates Akida, is staged by the default pipeline and agrees.
 """
 
 from __future__ import annotations
@@ -188,31 +188,19 @@ def test_v1_device_is_refused_with_the_reason(tmp_path):
     assert lint.exit_code == 3 and "AKD301" in lint.output
 
 
-def test_verify_catches_conv_gap_saturation_and_staging_removes_it(tmp_path):
-    """A Conv fused with a global pooling over 32x32 saturates Akida's accumulator. With the staging pass
-    disabled, compile warns (AKV301) and verify fails; with the default pipeline the pooling is staged and
-    the Akida model agrees with float."""
+def test_staging_keeps_a_large_conv_gap_on_the_device_and_agreeing(tmp_path):
+    """A Conv fused with a global pooling over 32x32 saturates Akida's accumulator; the default pipeline
+    stages the pooling, so the whole model stays on the device and agrees with float (with the staging pass
+    disabled, the layer runs on the host: tests/akida/test_no_wrong_bundle.py)."""
 
     model = akida_models.conv_gap_classifier(size=32)
     path = tmp_path / "conv_gap.onnx"
     onnx.save(model, str(path))
     data = akida_models.image_calibration(model, count=64)
     np.save(tmp_path / "images.npy", data.raw["input"])
-    bundle = tmp_path / "bundle"
-    result = invoke("compile", path, "--target", "akida", "--calib", tmp_path / "images.npy", "-o", bundle,
-                    "--disable-pass", "stage-global-average-pool")
-    assert result.exit_code == 0, result.output
-    assert "AKV301" in result.output  # the compile report already warns
-    result = invoke("verify", bundle, "--data", tmp_path / "images.npy", "--json")
-    assert result.exit_code == 1, result.output
-    report = json.loads(result.output)
-    quantized, compiled = report["comparisons"]["quantized"][0], report["comparisons"]["compiled"][0]
-    assert quantized["sqnr_db"] > 30.0  # quantizeml's own simulation looks fine...
-    assert compiled["sqnr_db"] < 15.0  # ...while the Akida model itself is off
-
     staged = tmp_path / "staged"
     result = invoke("compile", path, "--target", "akida", "--calib", tmp_path / "images.npy", "-o", staged)
-    assert result.exit_code == 0 and "AKV301" not in result.output, result.output
+    assert result.exit_code == 0 and "AKV30" not in result.output and "PART004" not in result.output, result.output
     assert "stage-global-average-pool" in result.output
     result = invoke("verify", staged, "--data", tmp_path / "images.npy", "--json")
     assert result.exit_code == 0, result.output
