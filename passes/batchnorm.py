@@ -1,5 +1,7 @@
-"""Removing inference-mode BatchNormalization: folded into the preceding Conv/ConvTranspose/Gemm weights,
-or, where there is nothing to fold into, turned into a per-channel Mul and Add.
+"""Removing inference-mode BatchNormalization: folded into the preceding Conv/ConvTranspose/Gemm weights
+(also through a MaxPool, when every scale is >= 0), or, where there is nothing to fold into, turned into
+a per-channel Mul and Add. A per-channel Mul (and Add) that an exporter wrote for a BatchNormalization
+folds the same way.
 
 With ``s = scale / sqrt(var + epsilon)`` a BatchNormalization computes ``y = s * (x - mean) + B``
 per channel (axis 1). After a layer ``x = W * a + b`` whose output channels are indexed by one axis of
@@ -12,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qanac.graph import constant_value, is_graph_output
-from qanac.passes._rewrite import known_rank
+from qanac.graph import constant_value, is_graph_output, single_consumer
+from qanac.passes._rewrite import known_rank, static_dims
 from qanac.rewrite import NoMatch, Rewriter, Rule, node_label, register_rules
 
 FOLD_RULE = "fold-batchnorm-into-conv"
@@ -40,11 +42,20 @@ def _inference_parameters(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | NoMatc
     return s, bias - s * mean
 
 
-def _fold_target(graph: gs.Graph, bn: gs.Node) -> gs.Node | NoMatch:
-    """The Conv/ConvTranspose/Gemm that ``bn`` folds into, or why there is none."""
+def _fold_target(graph: gs.Graph, x: gs.Tensor) -> tuple[gs.Node, gs.Node | None] | NoMatch:
+    """The Conv/ConvTranspose/Gemm that a per-channel map of ``x`` (a BatchNormalization, a Mul) folds
+    into, and the MaxPool between them (None when the layer writes ``x``), or why there is none."""
 
-    x = bn.inputs[0]
-    if len(x.inputs) != 1 or x.inputs[0].op not in FOLDABLE_PRODUCERS:
+    pool = x.inputs[0] if len(x.inputs) == 1 and x.inputs[0].op == "MaxPool" else None
+    if pool is not None:
+        if len(x.outputs) != 1 or is_graph_output(graph, x):
+            return NoMatch(f"output of MaxPool '{node_label(pool)}' has other consumers")
+        if len(pool.outputs) > 1 and not pool.outputs[1].is_empty():
+            return NoMatch(f"MaxPool '{node_label(pool)}' has an indices output")
+        x = pool.inputs[0]
+        if len(x.inputs) != 1 or x.inputs[0].op not in ("Conv", "ConvTranspose"):
+            return NoMatch(f"input is MaxPool '{node_label(pool)}', which does not read a Conv or ConvTranspose")
+    elif len(x.inputs) != 1 or x.inputs[0].op not in FOLDABLE_PRODUCERS:
         return NoMatch("input is not produced by Conv, ConvTranspose or Gemm")
     layer = x.inputs[0]
     if len(x.outputs) != 1 or is_graph_output(graph, x):
@@ -57,7 +68,58 @@ def _fold_target(graph: gs.Graph, bn: gs.Node) -> gs.Node | NoMatch:
         rank = known_rank(x)
         if rank is not None and rank != 2:
             return NoMatch("Gemm output is not 2-D")
-    return layer
+    return layer, pool
+
+
+def _fold_plan(graph: gs.Graph, x: gs.Tensor, s: np.ndarray) -> tuple | NoMatch:
+    """(layer, MaxPool or None, its weights, the folded weights) for the per-channel scale ``s`` applied
+    to ``x``, or why it cannot fold. Through a MaxPool only when every scale is >= 0:
+    max(s * a, s * b) = s * max(a, b) for s >= 0 (and an added shift commutes with any maximum)."""
+
+    target = _fold_target(graph, x)
+    if isinstance(target, NoMatch):
+        return target
+    layer, pool = target
+    if pool is not None and np.any(s < 0):
+        k = int(np.flatnonzero(s < 0)[0])
+        return NoMatch(f"negative scale {s[k]:.4g} on channel {k}: MaxPool '{node_label(pool)}' between it and "
+                       f"{layer.op} '{node_label(layer)}' does not commute with it")
+    weights = constant_value(layer.inputs[1])
+    folded = _folded_weights(layer, weights, s)
+    if isinstance(folded, NoMatch):
+        return folded
+    return layer, pool, weights, folded
+
+
+def _fold(rw: Rewriter, node: gs.Node, plan: tuple, s: np.ndarray, shift: np.ndarray, y: gs.Tensor) -> None:
+    """Fold ``y = s * input + shift`` (per channel) into the plan's layer; the layer (or the MaxPool after
+    it) then writes ``y``, and ``node`` goes."""
+
+    layer, pool, weights, folded = plan
+    has_bias = len(layer.inputs) > 2 and not layer.inputs[2].is_empty()
+    bias = constant_value(layer.inputs[2]).astype(np.float64) if has_bias else np.zeros(1)
+    if layer.op == "Gemm":
+        bias = float(layer.attrs.get("beta", 1.0)) * bias if has_bias else np.zeros(len(s))
+        new_bias = s * bias + shift  # broadcasts a scalar, [N] or [M, N] bias over the N columns
+        layer.attrs["alpha"] = 1.0
+        layer.attrs["beta"] = 1.0
+    else:
+        new_bias = s * np.broadcast_to(bias.reshape(-1), s.shape) + shift
+
+    rw.rename(layer)
+    dtype = weights.dtype
+    layer.inputs[1] = rw.constant(f"{layer.name}/weight", folded.astype(dtype))
+    bias_tensor = rw.constant(f"{layer.name}/bias", new_bias.astype(dtype))
+    if len(layer.inputs) > 2:
+        layer.inputs[2] = bias_tensor
+    else:
+        layer.inputs.append(bias_tensor)
+    rw.remove(node)
+    if pool is not None:
+        rw.record(pool)
+        pool.outputs[0] = y
+    else:
+        layer.outputs[0] = y
 
 
 def _folded_weights(layer: gs.Node, weights: np.ndarray, s: np.ndarray) -> np.ndarray | NoMatch:
@@ -99,53 +161,83 @@ class _InferenceBatchNormRule(Rule):
 
 
 class FoldBatchNormIntoConv(_InferenceBatchNormRule):
-    """Fold an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it.
-
-    Applies when the layer's output feeds only the BatchNormalization, its weights (and bias) and the
-    BN parameters are constants; any group count, Gemm with transB 0 or 1, with or without bias (Gemm's
-    alpha/beta are folded in too). The layer takes over the BN's output tensor and is renamed
-    ``<layer>::fold-batchnorm-into-conv``; new weights never overwrite shared initializers. Left with the
-    reason: training-mode BNs, non-constant parameters or weights, a layer output read elsewhere, channel
-    counts that do not agree. Invariant: no BatchNormalization that this rule can fold remains; outputs
-    are unchanged up to float rounding.
-    """
+    """Fold an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it."""
 
     name = FOLD_RULE
 
     def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
-        layer = _fold_target(rw.graph, bn)
-        if isinstance(layer, NoMatch):
-            return layer
-        weights = constant_value(layer.inputs[1])
-        folded = _folded_weights(layer, weights, params[0])
-        if isinstance(folded, NoMatch):
-            return folded
-        return layer, params, weights, folded
+        plan = _fold_plan(rw.graph, bn.inputs[0], params[0])
+        return plan if isinstance(plan, NoMatch) else (plan, params)
 
     def rewrite(self, rw: Rewriter, bn: gs.Node, found: tuple) -> None:
-        layer, (s, shift), weights, folded = found
-        has_bias = len(layer.inputs) > 2 and not layer.inputs[2].is_empty()
-        bias = constant_value(layer.inputs[2]).astype(np.float64) if has_bias else np.zeros(1)
-        if layer.op == "Gemm":
-            bias = float(layer.attrs.get("beta", 1.0)) * bias if has_bias else np.zeros(len(s))
-            new_bias = s * bias + shift  # broadcasts a scalar, [N] or [M, N] bias over the N columns
-            layer.attrs["alpha"] = 1.0
-            layer.attrs["beta"] = 1.0
-        else:
-            new_bias = s * np.broadcast_to(bias.reshape(-1), s.shape) + shift
+        plan, (s, shift) = found
+        layer, pool = plan[:2]
+        _fold(rw, bn, plan, s, shift, bn.outputs[0])
+        rw.count("fold-batchnorm-through-maxpool" if pool is not None else f"fold-batchnorm-into-{layer.op.lower()}")
 
-        rw.rename(layer)
-        dtype = weights.dtype
-        layer.inputs[1] = rw.constant(f"{layer.name}/weight", folded.astype(dtype))
-        bias_tensor = rw.constant(f"{layer.name}/bias", new_bias.astype(dtype))
-        if len(layer.inputs) > 2:
-            layer.inputs[2] = bias_tensor
-        else:
-            layer.inputs.append(bias_tensor)
-        y = bn.outputs[0]
-        rw.remove(bn)
-        layer.outputs[0] = y
-        rw.count(f"fold-batchnorm-into-{layer.op.lower()}")
+
+def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``value`` as one number per channel (axis 1 of a rank-``rank`` tensor) when broadcasting it over
+    that tensor varies it along axis 1 only and does not change the tensor's shape; None otherwise."""
+
+    if value.dtype.kind != "f" or value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
+def _constant_operand(node: gs.Node, data: gs.Tensor) -> np.ndarray | None:
+    """The constant operand of a two-input ``node`` one of whose inputs is ``data``."""
+
+    if len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+    return None if other is data else constant_value(other)
+
+
+class FoldScaleIntoConv(Rule):
+    """Fold a per-channel Mul by a constant (and the per-channel Add of a constant after it) into the
+    Conv or ConvTranspose before it, directly or through a MaxPool (a BatchNormalization an exporter
+    wrote as Mul and Add)."""
+
+    name = "fold-scale-into-conv"
+    ops = ("Mul",)
+
+    def match(self, rw: Rewriter, mul: gs.Node) -> bool:
+        x = mul.inputs[0] if constant_value(mul.inputs[0]) is None else mul.inputs[1]
+        producer = x.inputs[0] if len(x.inputs) == 1 else None
+        if producer is not None and producer.op == "MaxPool":
+            producer = producer.inputs[0].inputs[0] if len(producer.inputs[0].inputs) == 1 else None
+        return (producer is not None and producer.op in ("Conv", "ConvTranspose")
+                and _constant_operand(mul, x) is not None)
+
+    def check(self, rw: Rewriter, mul: gs.Node) -> NoMatch | tuple:
+        x = mul.inputs[0] if constant_value(mul.inputs[0]) is None else mul.inputs[1]
+        rank, channels = known_rank(x), static_dims(x, [1]) if known_rank(x) else None
+        if rank is None or rank < 3 or channels is None:
+            return NoMatch("input shape unknown (run infer-shapes)")
+        s = _channel_vector(_constant_operand(mul, x), rank, channels[0])
+        if s is None:
+            return NoMatch("the scale is not one constant per channel")
+        plan = _fold_plan(rw.graph, x, s)
+        if isinstance(plan, NoMatch):
+            return plan
+        y, shift = mul.outputs[0], np.zeros_like(s)
+        add = single_consumer(y) if not is_graph_output(rw.graph, y) else None
+        offset = _constant_operand(add, y) if add is not None and add.op == "Add" else None
+        offset = _channel_vector(offset, rank, channels[0]) if offset is not None else None
+        if offset is not None:
+            shift, y = offset, add.outputs[0]
+        return plan, s, shift, y, add if offset is not None else None
+
+    def rewrite(self, rw: Rewriter, mul: gs.Node, found: tuple) -> None:
+        plan, s, shift, y, add = found
+        if add is not None:
+            rw.remove(add)
+        _fold(rw, mul, plan, s, shift, y)
+        rw.count("fold-scale-through-maxpool" if plan[1] is not None else "fold-scale-into-conv")
 
 
 class BatchNormToAffine(_InferenceBatchNormRule):
@@ -161,7 +253,7 @@ class BatchNormToAffine(_InferenceBatchNormRule):
     name = AFFINE_RULE
 
     def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
-        if not isinstance(_fold_target(rw.graph, bn), NoMatch):
+        if not isinstance(_fold_plan(rw.graph, bn.inputs[0], params[0]), NoMatch):
             return NoMatch(f"left to {FOLD_RULE}")
         x, y = bn.inputs[0], bn.outputs[0]
         rank = known_rank(x) if known_rank(x) is not None else known_rank(y)
@@ -192,5 +284,30 @@ class BatchNormToAffine(_InferenceBatchNormRule):
         rw.graph.nodes.extend([mul, add])
 
 
-register_rules(FOLD_RULE, FoldBatchNormIntoConv())
+register_rules(
+    FOLD_RULE,
+    FoldBatchNormIntoConv(),
+    FoldScaleIntoConv(),
+    doc="""Fold inference-mode BatchNormalizations, and per-channel Mul/Add pairs, into the layer before them.
+
+    Rewrites:
+        fold-batchnorm-into-conv|convtranspose|gemm
+                                          a BatchNormalization reading a Conv, ConvTranspose or Gemm
+        fold-batchnorm-through-maxpool    a BatchNormalization reading a MaxPool of a Conv or
+                                          ConvTranspose (Keras' Conv -> MaxPool -> BatchNorm blocks)
+                                          when every BN scale is >= 0: a max pooling commutes with a
+                                          per-channel affine map of non-negative scale
+        fold-scale-into-conv, fold-scale-through-maxpool
+                                          a Mul by one constant per channel (and the Add of one constant
+                                          per channel after it, when there is one): a BatchNormalization
+                                          an exporter wrote as Mul and Add, in the same two places
+    Applies when the layer's output (and the MaxPool's) feeds only the next node, and the weights (and
+    bias) and parameters are constants; any group count, Gemm with transB 0 or 1, with or without bias
+    (Gemm's alpha/beta are folded in too). The layer, or the MaxPool after it, takes over the output
+    tensor; the layer is renamed ``<layer>::fold-batchnorm-into-conv``; new weights never overwrite shared
+    initializers. Left with the reason: training-mode BNs, non-constant parameters or weights, a layer or
+    pooling output read elsewhere, channel counts that do not agree, and a negative scale through a MaxPool
+    (the reason names the channel). Invariant: outputs are unchanged up to float rounding.
+    """,
+)
 register_rules(AFFINE_RULE, BatchNormToAffine())

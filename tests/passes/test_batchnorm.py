@@ -6,7 +6,21 @@ import numpy as np
 import pytest
 
 from qanac.targets import CANONICALIZE
-from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import (
+    apply_pass,
+    assert_outputs_equal,
+    ops,
+    parse,
+    random_inputs,
+    rewrite_and_compare,
+    verify_pipeline,
+)
+
+
+def with_shapes(text: str):
+    """The parsed model after infer-shapes (rules that read shapes run after it in CANONICALIZE)."""
+
+    return apply_pass(parse(text), "infer-shapes")[0]
 
 
 def values(*shape: int, low: float | None = None, seed: int = 0) -> str:
@@ -216,3 +230,96 @@ def test_random_layer_batchnorm_pairs_fold_exactly(seed):
     assert [n.op for n in compiled.graph.nodes] in (["Conv"], ["ConvTranspose"])
     assert sum(report.totals()["fold-batchnorm-into-conv"]["counts"].values()) == 1
     assert_outputs_equal(model, compiled, inputs)
+
+
+def conv_pool_bn(scale: str, pool: str = "kernel_shape = [2, 2], strides = [2, 2]", norm: str | None = None) -> str:
+    """Conv -> MaxPool -> (BatchNormalization with ``scale``, or the ``norm`` lines) -> Relu: Keras'
+    Conv -> MaxPool -> BatchNorm -> ReLU block, as BrainChip's zoo writes it."""
+
+    norm = norm or "[bn] n = BatchNormalization <epsilon = 0.001> (p, scale, shift, mean, var)"
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,6,6] x) => (float[N,4,3,3] y)
+        <float[4,4,3,3] w = {{{values(4, 4, 3, 3)}}}, float[4] b = {{{values(4, seed=9)}}},
+         float[4] scale = {{{scale}}}, float[4] shift = {{{values(4, seed=2)}}},
+         float[4] mean = {{{values(4, seed=3)}}}, float[4] var = {{{values(4, low=0.2, seed=4)}}},
+         float[1,4,1,1] s4 = {{{scale}}},
+         float[4,1,1] t3 = {{{values(4, seed=5)}}}>
+        {{
+          [conv] c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+          [pool] p = MaxPool <{pool}> (c)
+          {norm}
+          [relu] y = Relu (n)
+        }}
+        """
+
+
+POSITIVE = "0.5, 1.25, 0.0, 2.0"  # a zero scale commutes with max pooling too
+NEGATIVE = "0.5, 1.25, -0.75, 2.0"
+
+
+@pytest.mark.parametrize("pool", ["kernel_shape = [2, 2], strides = [2, 2]",
+                                  "kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]"])
+def test_batchnorm_after_maxpool_folds_into_the_conv_before_it(pool):
+    model = parse(conv_pool_bn(POSITIVE, pool))
+    compiled, counts, _ = rewrite_and_compare(model, "fold-batchnorm-into-conv")
+    assert counts == {"fold-batchnorm-through-maxpool": 1}
+    assert ops(compiled) == ["Conv", "MaxPool", "Relu"]
+    conv, maxpool, _ = compiled.graph.nodes
+    assert conv.name == "conv::fold-batchnorm-into-conv" and maxpool.outputs[0] is compiled.graph.nodes[2].inputs[0]
+    assert compiled.provenance["pool"] == "fold-batchnorm-into-conv"
+
+
+def test_batchnorm_after_maxpool_with_a_negative_scale_stays_with_the_channel_named():
+    model = parse(conv_pool_bn(NEGATIVE))
+    compiled, result = apply_pass(with_shapes(conv_pool_bn(NEGATIVE)), "fold-batchnorm-into-conv")
+    assert not result.changed and ops(compiled) == ["Conv", "MaxPool", "BatchNormalization", "Relu"]
+    reason = result.details["skipped"]["bn"]
+    assert reason.startswith("negative scale") and "on channel 2" in reason and "MaxPool 'pool'" in reason
+    compiled, result = apply_pass(compiled, "batchnorm-to-affine")
+    assert result.counts == {"batchnorm-to-affine": 1}
+    compiled, result = apply_pass(compiled, "fold-batchnorm-into-conv")
+    assert not result.changed and "on channel 2" in result.details["skipped"]["bn::batchnorm-to-affine:0"]
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+MUL_ADD = "[mul] m = Mul (s4, p)\n [add] n = Add (m, t3)"
+
+
+def test_mul_add_after_maxpool_folds_into_the_conv_before_it():
+    model = parse(conv_pool_bn(POSITIVE, norm=MUL_ADD))
+    compiled, counts, _ = rewrite_and_compare(model, "fold-batchnorm-into-conv")
+    assert counts == {"fold-scale-through-maxpool": 1}
+    assert ops(compiled) == ["Conv", "MaxPool", "Relu"]
+
+
+def test_mul_add_after_maxpool_with_a_negative_scale_stays():
+    compiled, result = apply_pass(with_shapes(conv_pool_bn(NEGATIVE, norm=MUL_ADD)), "fold-batchnorm-into-conv")
+    assert not result.changed and "on channel 2" in result.details["skipped"]["mul"]
+
+
+def test_mul_add_after_a_conv_folds_into_it_whatever_the_sign():
+    model = parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,6,6] x) => (float[N,4,6,6] y)
+        <float[4,4,3,3] w = {{{values(4, 4, 3, 3)}}}, float[1,4,1,1] s4 = {{{NEGATIVE}}},
+         float[4,1,1] t3 = {{{values(4, seed=5)}}}>
+        {{
+          [conv] c = Conv <pads = [1, 1, 1, 1]> (x, w)
+          [mul] m = Mul (c, s4)
+          [add] y = Add (t3, m)
+        }}
+        """)
+    compiled, counts, _ = rewrite_and_compare(model, "fold-batchnorm-into-conv")
+    assert counts == {"fold-scale-into-conv": 1}
+    assert ops(compiled) == ["Conv"] and compiled.graph.nodes[0].outputs[0].name == "y"
+
+
+def test_a_scale_that_is_not_per_channel_stays():
+    text = conv_pool_bn(POSITIVE, norm="[mul] n = Mul (p, p)")
+    _, result = apply_pass(parse(text), "fold-batchnorm-into-conv")
+    assert not result.changed
+    text = conv_pool_bn(POSITIVE, norm="[mul] n = Mul (p, w33)").replace(
+        "float[4,1,1] t3", f"float[1,1,3,3] w33 = {{{values(9)}}}, float[4,1,1] t3")
+    compiled, result = apply_pass(with_shapes(text), "fold-batchnorm-into-conv")
+    assert not result.changed and result.details["skipped"]["mul"] == "the scale is not one constant per channel"
