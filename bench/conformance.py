@@ -9,8 +9,9 @@ statistics set from data), each step in its own subprocess:
 2. vendor (Keras models only): MetaTF's Keras path, ``quantizeml.models.quantize(keras_model,
    qparams=QuantizationParams(input_dtype=<the model's integer input dtype, else the default>),
    samples=calib)`` -> ``cnn2snn.convert`` -> ``model.map(akida.SixNodesIPv2(), hw_only=False)``: the
-   share of MACs in hardware sequences, the number of hardware sequences, and the Akida model's top-1
-   agreement and SQNR against the float Keras model on the held-out samples (software inference);
+   share of MACs in hardware sequences, the number of hardware sequences, and (integer-input models) the
+   Akida model's top-1 agreement and SQNR against the float Keras model on the held-out samples
+   (software inference);
 3. qanac, exactly as a user runs it: ``qanac compile MODEL --target akida --calib calib.npy -o OUT
    --json`` then ``qanac verify OUT --data heldout.npz --json``: exit code, segments, device MAC share,
    agreement and SQNR against float (and of the quantized model), compile seconds, peak RSS.
@@ -21,7 +22,8 @@ child and the descendants it waited for). A crash (exit 4 or a signal), any othe
 rows of the table, never a failure of the benchmark.
 
     python bench/conformance.py [--only NAME[,NAME]] [--slice ci] [--timeout 600]
-                                [--json-out PATH] [--workdir DIR]
+                                [--json-out PATH] [--workdir DIR] [--markdown]
+    python bench/conformance.py --from-json PATH [--markdown]     # the table of an earlier run
 """
 
 from __future__ import annotations
@@ -247,11 +249,15 @@ def run_vendor(folder: Path) -> dict[str, Any]:
             converted = cnn2snn.convert(quantized)
             stage = "predict"
             float_out = model.predict(heldout, batch_size=32, verbose=0)
-            akida_out = converted.predict(heldout.astype(qparams.input_dtype)).reshape(float_out.shape)
-            if _ends_in_softmax(model):
-                akida_out = _softmax(akida_out)
-            result["agreement"] = top1_agreement(float_out, akida_out)
-            result["sqnr_db"] = sqnr_db(float_out, akida_out)
+            if np.issubdtype(input_dtype, np.integer):  # a float input's scaling into the device is the user's
+                akida_out = converted.predict(heldout.astype(input_dtype))
+                result["akida_output_shape"] = [int(d) for d in akida_out.shape[1:]]
+                if akida_out.size == float_out.size:
+                    akida_out = akida_out.reshape(float_out.shape)
+                    if _ends_in_softmax(model):  # MetaTF leaves a final softmax to the host
+                        akida_out = _softmax(akida_out)
+                    result["agreement"] = top1_agreement(float_out, akida_out)
+                    result["sqnr_db"] = sqnr_db(float_out, akida_out)
             stage = "map"
             converted.map(akida.SixNodesIPv2(), hw_only=False)
     except Exception as exc:  # what MetaTF does with the model is a result of the benchmark
@@ -259,10 +265,12 @@ def run_vendor(folder: Path) -> dict[str, Any]:
         result["seconds"] = time.perf_counter() - started
         return result
     result["seconds"] = time.perf_counter() - started
-    truncation = sorted({_first_line(str(r.message))[:200] for r in records
-                         if any(m in str(r.message) for m in _TRUNCATION_MARKERS)})
-    result["outcome"] = "truncated" if truncation else "converted"
-    result["truncation_warnings"] = truncation
+    result["truncation_warnings"] = sorted({_first_line(str(r.message))[:200] for r in records
+                                            if any(m in str(r.message) for m in _TRUNCATION_MARKERS)})
+    float_size = int(np.prod(model.outputs[0].shape[1:]))
+    akida_size = int(np.prod(converted.output_shape))
+    # a conversion that stops only before a final softmax keeps the model's output size: not truncated
+    result["outcome"] = "converted" if akida_size == float_size else "truncated"
     total = int(converted.macs)
     hardware = sum(int(layer.macs) for seq in converted.sequences if "Hardware" in str(seq.backend)
                    for p in seq.passes for layer in p.layers)
@@ -361,11 +369,17 @@ def _fmt(value: Any, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The table (aligned text, or Markdown) and one note per failure below it."""
+
     body = [COLUMNS, *[table_row(r) for r in rows]]
-    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in body]
-    lines.insert(1, "-" * max(len(line) for line in lines))
+    if markdown:
+        lines = ["| " + " | ".join(cell for cell in line if cell != "|") + " |" for line in body]
+        lines.insert(1, "|" + " --- |" * (len(COLUMNS) - 1))
+    else:
+        widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in body]
+        lines.insert(1, "-" * max(len(line) for line in lines))
     notes = []
     for r in rows:
         q, v = r.get("qanac", {}), r.get("vendor") or {}
@@ -378,6 +392,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             notes.append(f"{r['model']}: vendor {v.get('outcome')} in {v.get('stage', '?')}: {v['error'][:300]}")
         if r.get("error"):
             notes.append(f"{r['model']}: {r['error'][:300]}")
+    if markdown:
+        notes = [f"- {note}" for note in notes]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -404,8 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per step and model")
     parser.add_argument("--json-out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--workdir", type=Path, help="models, data and bundles (default: a new temp dir)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--from-json", type=Path, help="print the table of an earlier --json-out; run nothing")
     parser.add_argument("--step", nargs=2, metavar=("STEP", "NAME"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(format_table(json.loads(args.from_json.read_text())["rows"], markdown=args.markdown))
+        return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qanac-conformance-"))
     if args.step:
@@ -427,17 +448,22 @@ def main(argv: list[str] | None = None) -> int:
         q = row.get("qanac", {})
         print(f"[{name}] qanac exit {q.get('exit', '-')} in {q.get('compile_seconds', 0):.0f} s", file=sys.stderr,
               flush=True)
+        if args.json_out:  # after every row, so that an interrupted run keeps what it measured
+            _write_json(args.json_out, args.timeout, time.perf_counter() - started, rows)
     total = time.perf_counter() - started
     print("Conformance corpus, device SixNodesIPv2 (qanac: CLI compile + verify on 128 held-out samples; "
           "vendor: MetaTF Keras path quantize -> convert -> map)")
-    print(format_table(rows))
+    print(format_table(rows, markdown=args.markdown))
     print(f"\ntotal {total:.0f} s; work files in {workdir}")
     if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps({"timeout": args.timeout, "total_seconds": total, "rows": rows},
-                                            indent=2, default=str))
+        _write_json(args.json_out, args.timeout, total, rows)
         print(f"results: {args.json_out}")
     return 0
+
+
+def _write_json(path: Path, timeout: float, seconds: float, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"timeout": timeout, "total_seconds": seconds, "rows": rows}, indent=2, default=str))
 
 
 if __name__ == "__main__":
