@@ -1,5 +1,6 @@
-"""Static-shape queries the rules share: a tensor's shape, rank or chosen dimensions when they are known
-integers (after infer-shapes), else None. Queries only: nothing here edits the graph.
+"""Queries the rules share: a tensor's shape, rank or chosen dimensions when they are known integers
+(after infer-shapes), else None; whether a tensor is non-negative by construction. Queries only: nothing
+here edits the graph.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from qanac.graph import constant_value
 
 
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
@@ -35,3 +38,30 @@ def static_dims(tensor: gs.Tensor, dims: Sequence[int]) -> tuple[int, ...] | Non
             return None
         picked.append(int(shape[d]))
     return tuple(picked)
+
+
+# Ops whose output is >= 0 whatever their input.
+NON_NEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Abs", "Exp", "Softplus", "Softmax"})
+# Ops whose output is >= 0 when their (first) input is: they select, average or move values.
+NON_NEGATIVE_PRESERVING = frozenset(
+    {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Reshape", "Flatten", "Transpose",
+     "Squeeze", "Unsqueeze"}
+)
+
+
+def is_non_negative(tensor: gs.Tensor, depth: int = 8) -> bool:
+    """True when every value of ``tensor`` is >= 0 by construction: the output of an op that is never
+    negative (Relu, a Clip whose minimum is a constant >= 0, Sigmoid, ...), or of a pooling or reshaping
+    of such a tensor (followed back at most ``depth`` nodes). A query only."""
+
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None:
+        return False
+    if node.op in NON_NEGATIVE_OPS:
+        return True
+    if node.op == "Clip" and len(node.inputs) > 1 and not node.inputs[1].is_empty():
+        low = constant_value(node.inputs[1])
+        return low is not None and low.size == 1 and float(low.reshape(())) >= 0.0
+    if node.op in NON_NEGATIVE_PRESERVING and depth > 0:
+        return is_non_negative(node.inputs[0], depth - 1)
+    return False

@@ -1,5 +1,6 @@
-"""Explicit padding: ``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID) becomes the ``pads`` it stands for, and
-a zero Pad node before a Conv becomes part of the Conv's ``pads``.
+"""Explicit padding: ``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID) becomes the ``pads`` it stands for, a
+zero Pad node before a Conv becomes part of the Conv's ``pads``, and a Pad before a MaxPool part of the
+MaxPool's where the padded values never win a maximum.
 
 Backends and quantizers read ``pads``; ``auto_pad`` is deprecated in ONNX and its meaning depends on the
 input size, so it is resolved here from the inferred input shape.
@@ -19,8 +20,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qanac.graph import constant_value, is_graph_output
-from qanac.passes._rewrite import known_rank, static_dims, static_shape
-from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
+from qanac.passes._rewrite import is_non_negative, known_rank, static_dims, static_shape
+from qanac.rewrite import NoMatch, Rewriter, Rule, node_label, register_rules
 
 AUTO_PAD_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool")
@@ -190,22 +191,28 @@ class FusePadIntoConv(Rule):
         rw.count(self.name, len(readers))
 
 
-def _spatial_zero_pads(pad: gs.Node) -> tuple[list[int], list[int]] | NoMatch:
-    """(begin, end) pads of the spatial axes of a zero constant Pad, or why it is not one."""
+def _pad_value(pad: gs.Node) -> float | None:
+    """The constant a constant-mode Pad pads with (0 when it has no value input), or None if computed."""
+
+    if len(pad.inputs) > 2 and pad.inputs[2].name:
+        value = constant_value(pad.inputs[2])
+        return None if value is None or value.size != 1 else float(value.reshape(()))
+    return 0.0
+
+
+def _spatial_pads(pad: gs.Node, what: str) -> tuple[list[int], list[int]] | NoMatch:
+    """(begin, end) pads of the spatial axes of a constant-mode Pad with constant non-negative pads, or
+    why it is not one (``what`` says which padding the node's own is: "zero", "ignored")."""
 
     mode = pad.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode != "constant":
-        return NoMatch(f"mode '{mode}' (only zero padding is what a Conv does)")
+        return NoMatch(f"mode '{mode}' (only {what} padding is what the reader does)")
     if len(pad.inputs) < 2:
         return NoMatch("no pads input (opset < 11; run upgrade-opset)")
     pads = constant_value(pad.inputs[1])
     if pads is None:
         return NoMatch("its pads are computed at run time")
-    if len(pad.inputs) > 2 and pad.inputs[2].name:
-        value = constant_value(pad.inputs[2])
-        if value is None or np.any(value != 0):
-            return NoMatch("it pads with a value other than 0")
     rank = known_rank(pad.inputs[0]) or pads.size // 2
     axes = list(range(rank))
     if len(pad.inputs) > 3 and pad.inputs[3].name:
@@ -224,5 +231,113 @@ def _spatial_zero_pads(pad: gs.Node) -> tuple[list[int], list[int]] | NoMatch:
     return full_begin[2:], full_end[2:]
 
 
+def _spatial_zero_pads(pad: gs.Node) -> tuple[list[int], list[int]] | NoMatch:
+    """(begin, end) pads of the spatial axes of a zero constant Pad, or why it is not one."""
+
+    spatial = _spatial_pads(pad, "zero")
+    if isinstance(spatial, NoMatch):
+        return spatial
+    if _pad_value(pad) != 0.0:
+        return NoMatch("it pads with a value other than 0")
+    return spatial
+
+
+# At or below this a pad value acts as minus infinity for max pooling of float32 data.
+LOWEST_FLOAT32 = float(np.finfo(np.float32).min)
+
+
+class FusePadIntoMaxPool(Rule):
+    """Fold a constant Pad of the spatial axes into the ``pads`` of the MaxPools that read it, where the
+    padded values never win a maximum (exact).
+
+    Keras' ZeroPadding2D before MaxPooling2D (tf2onnx: Pad -> MaxPool) pads with zeros; a MaxPool's own
+    padding takes no part in the maximum. Both are the same on a map that is non-negative by construction
+    (a Relu, a Clip with minimum >= 0, or a pooling or reshaping of one), and for a Pad with -inf (or the
+    lowest float32) on any map, as long as every pooling window still covers a real pixel. Then the Pad
+    goes and a MaxPool(3, 2) after ZeroPadding2D(1) is MaxPool(3, 2, pads 1), PyTorch's spelling, which
+    split-padded-maxpool rewrites for Akida. Taken: constant mode, constant non-negative pads on the
+    spatial axes only, every reader a MaxPool with explicit pads (run explicit-pads first) and no indices
+    output that reads it as its data input, the same output size after the fold (ceil_mode included).
+    Left with the reason: a zero Pad of a map that may be negative, other pad values or modes, padded
+    batch or channel axes, crops, windows that would cover only padding, other readers.
+    """
+
+    name = "fuse-pad-into-maxpool"
+    ops = ("Pad",)
+
+    def match(self, rw: Rewriter, pad: gs.Node) -> bool:
+        return any(r.op == "MaxPool" for r in pad.outputs[0].outputs)
+
+    def check(self, rw: Rewriter, pad: gs.Node) -> NoMatch | tuple[list[int], list[int]]:
+        spatial = _spatial_pads(pad, "constant")
+        if isinstance(spatial, NoMatch):
+            return spatial
+        value = _pad_value(pad)
+        if value is None:
+            return NoMatch("its pad value is computed at run time")
+        if value > LOWEST_FLOAT32 and not (value == 0.0 and is_non_negative(pad.inputs[0])):
+            return NoMatch(f"pads with {value:g} a map that may be negative (a Relu or Clip(min >= 0) must "
+                           "produce it): the padding would count in the maximum")
+        padded = pad.outputs[0]
+        if is_graph_output(rw.graph, padded):
+            return NoMatch("its output is a graph output")
+        readers = padded.outputs
+        if any(r.op != "MaxPool" or r.inputs[0] is not padded or _auto_pad(r) != "NOTSET"
+               or (len(r.outputs) > 1 and not r.outputs[1].is_empty()) for r in readers):
+            return NoMatch("read by something other than the data input of a MaxPool with explicit pads and "
+                           "no indices output")
+        size = static_dims(pad.inputs[0], range(2, 2 + len(spatial[0])))
+        if size is None:
+            return NoMatch("spatial input dimensions unknown (run infer-shapes)")
+        for pool in readers:
+            problem = _why_not_fused(pool, size, spatial)
+            if problem is not None:
+                return NoMatch(f"MaxPool '{node_label(pool)}': {problem}")
+        return spatial
+
+    def rewrite(self, rw: Rewriter, pad: gs.Node, spatial: tuple[list[int], list[int]]) -> None:
+        begin, end = spatial
+        readers = list(pad.outputs[0].outputs)
+        for pool in readers:
+            pool.attrs["pads"] = _fused_pads(pool, begin, end)
+            pool.inputs[0] = pad.inputs[0]
+            rw.record(pool)
+        rw.remove(pad)
+        rw.count(self.name, len(readers))
+
+
+def _fused_pads(pool: gs.Node, begin: list[int], end: list[int]) -> list[int]:
+    rank = len(begin)
+    pads = [int(p) for p in pool.attrs.get("pads", [0] * (2 * rank))]
+    return [pads[i] + begin[i] for i in range(rank)] + [pads[rank + i] + end[i] for i in range(rank)]
+
+
+def _why_not_fused(pool: gs.Node, size: tuple[int, ...], spatial: tuple[list[int], list[int]]) -> str | None:
+    """Why ``pool`` cannot take the Pad's padding as its own (None when it can)."""
+
+    begin, end = spatial
+    rank = len(begin)
+    kernel = [int(k) for k in pool.attrs.get("kernel_shape", [])]
+    if len(kernel) != rank:
+        return "kernel shape unknown"
+    strides = [int(v) for v in pool.attrs.get("strides", [1] * rank)]
+    dilations = [int(v) for v in pool.attrs.get("dilations", [1] * rank)]
+    fused = _fused_pads(pool, begin, end)
+    own = [int(p) for p in pool.attrs.get("pads", [0] * (2 * rank))]
+    for i in range(rank):
+        extent = extent_of(kernel[i], dilations[i])
+        padded = size[i] + begin[i] + end[i]
+        before = _explicit_output_size(pool, padded, own[i], own[rank + i], extent, strides[i], i)
+        after = _explicit_output_size(pool, size[i], fused[i], fused[rank + i], extent, strides[i], i)
+        if before != after:
+            return f"output size {after} after the fold, {before} before (ceil_mode)"
+        for m in range(after):
+            taps = range(m * strides[i] - fused[i], m * strides[i] - fused[i] + extent, dilations[i])
+            if not any(0 <= t < size[i] for t in taps):
+                return f"window {m} on axis {i + 2} would cover only padding"
+    return None
+
+
 register_rules("explicit-pads", ExplicitPads())
 register_rules("fuse-pad-into-conv", FusePadIntoConv())
+register_rules("fuse-pad-into-maxpool", FusePadIntoMaxPool())

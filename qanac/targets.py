@@ -41,6 +41,7 @@ CANONICALIZE: tuple[str, ...] = (
     "bounded-relu-to-clip",
     "explicit-pads",
     "fuse-pad-into-conv",
+    "fuse-pad-into-maxpool",
     "fold-batchnorm-into-conv",
     "batchnorm-to-affine",
     "strip-trailing-softmax",

@@ -1,11 +1,26 @@
-"""explicit-pads: auto_pad resolved from the input shape into pads."""
+"""explicit-pads (auto_pad resolved from the input shape into pads), fuse-pad-into-conv and
+fuse-pad-into-maxpool (a Pad folded into the reader's pads; outputs equal within the ``--verify-each``
+tolerance, max abs error <= 1e-4 * (1 + max |reference|))."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qanac.testing import apply_pass, assert_outputs_equal, parse, random_inputs, run, verify_pipeline
+from qanac.testing import (
+    apply_pass,
+    assert_outputs_equal,
+    ops,
+    parse,
+    random_inputs,
+    rewrite_and_compare,
+    run,
+    verify_pipeline,
+)
+
+
+def with_shapes(text: str):
+    return apply_pass(parse(text), "infer-shapes")[0]
 
 
 def values(*shape: int, seed: int = 0) -> str:
@@ -163,4 +178,63 @@ def test_pad_left_with_reason(kwargs, reason):
     compiled, result = apply_pass(model, "fuse-pad-into-conv")
     assert result.counts == {}
     assert "Pad" in [n.op for n in compiled.graph.nodes]
+    assert reason in result.details["skipped"]["pad"]
+
+
+# --- fuse-pad-into-maxpool -------------------------------------------------------------------------------
+
+
+def pad_then_maxpool(pads: str = "0, 0, 1, 1, 0, 0, 1, 1", source: str = "Relu", value: str = "",
+                     pool: str = "kernel_shape = [3, 3], strides = [2, 2]", size: str = "7,6") -> str:
+    """x -> Conv 1x1 -> ``source`` -> Pad(``pads``, ``value``) -> MaxPool <``pool``>: Keras' ZeroPadding2D
+    before MaxPooling2D, as tf2onnx writes it."""
+
+    value_input = ", v" if value else ""
+    value_init = f", float v = {{{value}}}" if value else ""
+    act = f"[act] a = {source} (c)" if source else "[act] a = Identity (c)"
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,2,{size}] x) => (float[N,?,?,?] y)
+        <int64[8] p = {{{pads}}}{value_init}, {PAD_WEIGHT[1:-1]}>
+        {{
+          [conv] c = Conv (x, w1)
+          {act}
+          [pad] padded = Pad (a, p{value_input})
+          [pool] y = MaxPool <{pool}> (padded)
+        }}
+        """
+
+
+@pytest.mark.parametrize("size", ["7,6", "8,8"])
+@pytest.mark.parametrize("source, value", [("Relu", ""), ("Sigmoid", "0.0"), ("", "-3.4028234663852886e38")])
+def test_pad_before_a_maxpool_folds_into_its_pads(source, value, size):
+    model = parse(pad_then_maxpool(source=source, value=value, size=size))
+    compiled, counts, _ = rewrite_and_compare(model, "fuse-pad-into-maxpool")
+    assert counts == {"fuse-pad-into-maxpool": 1}
+    assert ops(compiled)[-1] == "MaxPool" and "Pad" not in ops(compiled)
+    assert list(compiled.graph.nodes[-1].attrs["pads"]) == [1, 1, 1, 1]
+
+
+def test_keras_zero_padding_and_maxpool_reach_split_padded_maxpool():
+    from qanac.targets import CANONICALIZE, get_target
+
+    get_target("akida").load_passes()
+    model = parse(pad_then_maxpool(size="8,8"))
+    compiled, report = verify_pipeline(model, [*CANONICALIZE, "split-padded-maxpool"], random_inputs(model))
+    assert report.totals()["split-padded-maxpool"]["counts"] == {"split-padded-maxpool": 1}
+    assert "Pad" not in ops(compiled)
+    assert [list(n.attrs["kernel_shape"]) for n in compiled.graph.nodes if n.op == "MaxPool"] == [[2, 2], [2, 2]]
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"source": "Neg"}, "may be negative"),
+    ({"source": "Relu", "value": "0.5"}, "may be negative"),
+    ({"pads": "0, 0, 3, 3, 0, 0, 0, 0"}, "would cover only padding"),
+    ({"pool": "kernel_shape = [2, 2], strides = [2, 2], ceil_mode = 1", "pads": "0, 0, 0, 0, 0, 0, 1, 1"},
+     "ceil_mode"),
+    ({"pads": "0, 1, 1, 1, 0, 0, 1, 1"}, "batch or channel"),
+])
+def test_pad_before_a_maxpool_left_with_reason(kwargs, reason):
+    compiled, result = apply_pass(with_shapes(pad_then_maxpool(**kwargs)), "fuse-pad-into-maxpool")
+    assert result.counts == {} and "Pad" in ops(compiled)
     assert reason in result.details["skipped"]["pad"]
