@@ -288,9 +288,10 @@ def build_model(case: Case):
 
 
 def _standardise_readout(model, images) -> None:
-    """Scale and shift the readout (the last Linear or Conv2d, which has a bias) so each of its outputs has
+    """Scale and shift the readout (the last Linear or Conv2d, which has a bias) so each class score has
     zero mean and unit variance over ``images``: the float model's top-1 then varies between inputs, and
-    top-1 agreement measures something."""
+    top-1 agreement measures something. A conv head's scores are its outputs averaged over the image (the
+    head's global average pooling, which commutes with the affine change)."""
 
     import torch
     import torch.nn as nn
@@ -301,8 +302,8 @@ def _standardise_readout(model, images) -> None:
     with torch.no_grad():
         model(images)
     hook.remove()
-    out = captured[0].transpose(0, 1).reshape(captured[0].shape[1], -1)  # one row per output channel
-    mean, std = out.mean(dim=1), out.std(dim=1).clamp_min(1e-6)
+    scores = captured[0].mean(dim=(2, 3)) if captured[0].dim() == 4 else captured[0]
+    mean, std = scores.mean(dim=0), scores.std(dim=0).clamp_min(1e-6)
     with torch.no_grad():
         readout.weight.div_(std.reshape(-1, *[1] * (readout.weight.dim() - 1)))
         readout.bias.sub_(mean).div_(std)
