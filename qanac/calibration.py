@@ -174,6 +174,9 @@ def load_data(
     path = Path(source)
     if not path.exists():
         raise UsageError(f"data not found: {path}", hint="give a .npy/.npz file, an image folder, or 'random'")
+    if not path.is_dir() and not path.is_file():
+        raise UsageError(f"data {path} is not a regular file (a FIFO, socket or device)",
+                         hint="give a .npy/.npz file or an image folder")
     labels = None
     if path.is_dir():
         if len(inputs) != 1:
@@ -497,6 +500,8 @@ def load_images(files: Sequence[Path], spec: InputSpec | Sequence[int]) -> np.nd
     check_size(spec, len(files))
     images = []
     for file in files:
+        if not file.is_file():
+            raise UsageError(f"image {file} is not a regular file", hint="give PNG, JPEG, BMP, GIF or TIFF files")
         try:
             with Image.open(file) as img:
                 if img.width * img.height > (Image.MAX_IMAGE_PIXELS or math.inf):
@@ -514,6 +519,8 @@ def read_labels(path: str | Path) -> list[str]:
     """Class names from a text file, one per line (surrounding blanks and trailing empty lines dropped)."""
 
     path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"labels file {path} is not a regular file", hint="give a text file, one label per line")
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:

@@ -128,6 +128,7 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
     Options marked with a target's name are that target's own (`qanac targets` lists them).
     """
 
+    from qanac.bundle import check_output_dir
     from qanac.calibration import Preprocessing, read_labels
     from qanac.compiler import CompileRequest, compile_model
     from qanac.pipeline import PipelineOptions, parse_pipeline
@@ -144,6 +145,8 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         std=_parse_floats(std, "std") or (1.0,),
     )
     preprocessing.check()
+    if labels:  # the request carries the names, not the file: keep --force off the folder holding it
+        check_output_dir(output, force, [Path(labels)])
     pipeline = parse_pipeline(pipeline_text) if pipeline_text else None
     pass_options = _parse_pass_options(pass_option)
     _check_pass_options(pass_options, pipeline or list(target_info.pipeline), target_info.name, approx, disable_pass)

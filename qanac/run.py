@@ -21,7 +21,7 @@ def load_run_inputs(bundle: Bundle, sources: Sequence[str]) -> tuple[Calibration
     specs = bundle_inputs(bundle)
     preprocessing = bundle_preprocessing(bundle)
     if all(Path(s).suffix.lower() in IMAGE_SUFFIXES for s in sources):
-        missing = [s for s in sources if not Path(s).is_file()]
+        missing = [s for s in sources if not Path(s).exists()]
         if missing:
             raise UsageError(f"image not found: {missing[0]}", hint="check the path of the image")
         if len(specs) != 1:

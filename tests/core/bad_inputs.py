@@ -236,6 +236,18 @@ def _huge_declared_input(manifest: dict[str, Any]) -> None:
     manifest["inputs"][0]["shape"] = ["N", 3, 100000, 100000]
 
 
+def _labels_in_bundle(ws: Workspace) -> Path:
+    """The class names, kept inside the bundle ``out`` (which --force could otherwise replace)."""
+
+    return ws.text(f"{ws.bundle('out').name}/labels.txt", "a\nb\nc\nd\ne\n")
+
+
+def _fifo(ws: Workspace, name: str) -> Path:
+    path = ws.path(name)
+    os.mkfifo(path)
+    return path
+
+
 def _broken_manifest(ws: Workspace) -> Path:
     path = ws.bundle()
     (path / "manifest.json").write_text("{")
@@ -378,6 +390,8 @@ CASES: list[Case] = [
     Case("compile-calib-npz-labels", 2, "an .npz whose labels do not match its samples",
          "expected one class index", lambda ws: _compile(ws, calib=ws.array("labelled.npz", {
              "x": np.zeros((4, 3, 8, 8), np.float32), "labels": np.arange(3)}))),
+    Case("compile-calib-fifo", 2, "--calib naming a FIFO (reading it would block)", "is not a regular file",
+         lambda ws: _compile(ws, calib=_fifo(ws, "calib.npy"))),
     Case("compile-calib-image-folder-empty", 2, "an image folder without images", "no images",
          lambda ws: _compile(ws, calib=_mkdir(ws, "images", {"notes.txt": "none"}))),
     Case("compile-calib-float-for-uint8", 2, "float data for a uint8 input", "the input takes uint8",
@@ -411,6 +425,8 @@ CASES: list[Case] = [
          lambda ws: _compile(ws, "--force", out=_mkdir(ws, "out", {"thesis.tex": "x"}).name)),
     Case("compile-force-source-folder", 2, "--force on the folder holding the source model", "which this command reads",
          lambda ws: _compile(ws, "--force", model=ws.model("project/small.onnx"), out="project")),
+    Case("compile-force-labels-folder", 2, "--force on a bundle holding the --labels file",
+         "which this command reads", lambda ws: _compile(ws, "--force", "--labels", _labels_in_bundle(ws))),
     Case("compile-force-working-directory", 2, "--force on the working directory (-o .)", "the working directory",
          lambda ws: _compile(ws, "--force", out="."), cwd="."),
     Case("compile-force-bad-manifest", 2, "--force on a folder whose manifest.json is not qanac's",
@@ -488,6 +504,8 @@ CASES: list[Case] = [
          lambda ws: ["run", ws.bundle(), "--input", ws.path("missing.png")]),
     Case("run-image-not-an-image", 2, "a .png that is not an image", "cannot read image",
          lambda ws: ["run", ws.bundle(), "--input", ws.text("fake.png", "not an image")]),
+    Case("run-image-fifo", 2, "an image that is a FIFO (reading it would block)", "is not a regular file",
+         lambda ws: ["run", ws.bundle(), "--input", _fifo(ws, "camera.png")]),
     Case("run-image-too-large", 2, "an image of more pixels than the limit", "above the limit",
          lambda ws: ["run", ws.bundle(), "--input", ws.text("huge.png", png_header(9500, 9500))]),
     Case("run-declared-shape-huge", 2, "a bundle input so large that the images would exceed 4 GiB",
