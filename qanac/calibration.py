@@ -352,13 +352,15 @@ def _random_data(inputs: Sequence[InputSpec], preprocessing: Preprocessing, n: i
         dtype = input_dtype(spec)
         shape = (n, *spec.shape[1:])
         if dtype.kind == "f":
-            raw[spec.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-            arrays[spec.name] = preprocessing.apply(raw[spec.name]).astype(dtype, copy=False)
+            drawn = rng.integers(0, 256, size=shape, dtype=np.uint8)
         elif dtype.kind == "b":
-            arrays[spec.name] = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(bool)
+            drawn = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(bool)
         else:
             info = np.iinfo(dtype)
-            arrays[spec.name] = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+            drawn = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+        arrays[spec.name], images = prepare_array(spec, drawn, "random", preprocessing)
+        if images is not None:
+            raw[spec.name] = images
     return CalibrationData(arrays=arrays, source="random", preprocessing=preprocessing, random=True,
                            raw=raw or None)
 
