@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -326,7 +327,8 @@ def write_case(case: Case, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model(case)
     data = _images(np.random.default_rng(case.seed), CALIB_SAMPLES + HELD_SAMPLES, case.input_shape)
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on constant folding, not about the model
         torch.onnx.export(model, (torch.from_numpy(data[:1]),), str(folder / "model.onnx"), opset_version=17,
                           dynamo=False, input_names=["input"], output_names=["output"])
     np.save(folder / "calib.npy", data[:CALIB_SAMPLES])
