@@ -60,7 +60,7 @@ def _parse_pass_options(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 def _check_pass_options(options: dict[str, dict[str, Any]], pipeline: list[str], target: str,
                         approximations: tuple[str, ...], disabled: tuple[str, ...]) -> None:
-    """Every pass a --pass-option names exists and runs in this compile."""
+    """Every pass a --pass-option names exists, runs in this compile and declares the option."""
 
     from qanac.registry import get_pass
 
@@ -75,6 +75,12 @@ def _check_pass_options(options: dict[str, dict[str, Any]], pipeline: list[str],
         if not info.exact and name not in approximations:
             raise UsageError(f"--pass-option names approximate pass '{name}', which runs only when enabled",
                              hint=f"add --approx {name}")
+        unknown = sorted(set(options[name]) - set(info.options))
+        if unknown:
+            raise UsageError(
+                f"--pass-option: pass '{name}' has no option '{unknown[0]}'",
+                hint=f"options of {name}: {', '.join(info.options)}" if info.options else f"{name} takes no options",
+            )
 
 
 def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
@@ -431,6 +437,8 @@ def passes_command(plugin: tuple[str, ...], target: str | None, markdown: bool, 
         kind = "exact" if p.exact else "approximate (opt-in)"
         click.echo(f"{p.name}  [{kind}; targets: {', '.join(sorted(p.targets))}]")
         click.echo(f"    {p.summary}")
+        if p.options:
+            click.echo(f"    options: {', '.join(p.options)} (--pass-option {p.name}.KEY=VALUE)")
         click.echo(f"    from {p.origin}")
 
 

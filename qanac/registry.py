@@ -60,6 +60,7 @@ class PassInfo:
     exact: bool
     origin: str
     doc: str
+    options: tuple[str, ...] = ()  # the keys `--pass-option NAME.KEY=VALUE` may set (read with ctx.option)
 
     @property
     def summary(self) -> str:
@@ -76,6 +77,7 @@ class PassInfo:
             "exact": self.exact,
             "origin": self.origin,
             "doc": inspect.cleandoc(self.doc),
+            "options": list(self.options),
         }
 
 
@@ -90,9 +92,10 @@ _entry_points_loaded = False
 
 
 def register_pass(
-    name: str, *, targets: Iterable[str] = ALL_TARGETS, exact: bool = True
+    name: str, *, targets: Iterable[str] = ALL_TARGETS, exact: bool = True, options: Iterable[str] = ()
 ) -> Callable[[Callable[..., PassResult]], Callable[..., PassResult]]:
-    """Register ``fn`` as the pass ``name``. The docstring is the pass's documentation and is required."""
+    """Register ``fn`` as the pass ``name``. The docstring is the pass's documentation and is required;
+    ``options`` are the keys the pass reads with ``ctx.option`` (any other key is refused on the command line)."""
 
     def decorate(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         doc = inspect.getdoc(fn) or ""
@@ -106,7 +109,8 @@ def register_pass(
                 hint="rename one of the passes",
             )
         _REGISTRY[name] = PassInfo(
-            name=name, fn=fn, targets=frozenset(targets), exact=exact, origin=origin, doc=doc
+            name=name, fn=fn, targets=frozenset(targets), exact=exact, origin=origin, doc=doc,
+            options=tuple(options),
         )
         return fn
 

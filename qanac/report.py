@@ -102,6 +102,9 @@ def format_pass_reference(infos: list[PassInfo]) -> str:
         kind = "exact" if info.exact else "approximate (opt-in)"
         lines += [f"## {info.name}", "", f"*{kind}; targets: {', '.join(sorted(info.targets))}*", ""]
         lines += [info.to_dict()["doc"], ""]
+        if info.options:
+            keys = ", ".join(f"`{key}`" for key in info.options)
+            lines += [f"Options (`--pass-option {info.name}.KEY=VALUE`): {keys}.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -216,6 +216,7 @@ def register_rules(
     doc: str | None = None,
     targets: Iterable[str] = ALL_TARGETS,
     exact: bool = True,
+    options: Iterable[str] = (),
 ) -> PassInfo:
     """Register the pass ``name`` that runs ``rules`` (in this order on each node).
 
@@ -227,5 +228,5 @@ def register_rules(
         raise PassRegistrationError(f"pass '{name}' has no rules")
     text = doc if doc is not None else (type(rules[0]).__doc__ if len(rules) == 1 else None)
     fn = RulePass(name, rules, text or "", type(rules[0]).__module__)
-    register_pass(name, targets=targets, exact=exact)(fn)
+    register_pass(name, targets=targets, exact=exact, options=options)(fn)
     return get_pass(name)

@@ -220,4 +220,4 @@ class BoundRelu(Rule):
 
 
 register_rules("attention-freeze", AttentionFreeze(), targets=["akida"], exact=False)
-register_rules(BOUND_RELU, BoundRelu(), targets=["akida"], exact=False)
+register_rules(BOUND_RELU, BoundRelu(), targets=["akida"], exact=False, options=("percentile", "samples"))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qanac import registry
-from qanac.registry import PassRegistrationError, PassResult, register_pass
+from qanac.diagnostics import UsageError
+from qanac.registry import PassRegistrationError, PassResult, load_passes, register_pass
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_PLUGIN_DIR = REPO / "examples" / "plugin"
@@ -17,6 +18,7 @@ EXAMPLE_PLUGIN_DIR = REPO / "examples" / "plugin"
 
 @pytest.fixture
 def clean_registry():
+    load_passes()  # registration happens once per process (at import): snapshot the full registry
     before, plugins = dict(registry._REGISTRY), set(registry._loaded_plugins)
     yield
     registry._REGISTRY.clear()
@@ -118,3 +120,17 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch, clean_registry):
     loaded = registry.load_entry_point_passes()
     assert "merge-consecutive-relu" in loaded
     assert registry.get_pass("merge-consecutive-relu").origin.startswith("qanac_example_plugin")
+
+
+def test_declared_pass_options_are_accepted_and_others_refused():
+    from qanac.cli import _check_pass_options
+
+    load_passes()
+    pipeline = ["fold-constants", "bound-relu"]
+    _check_pass_options({"bound-relu": {"percentile": 99.9, "samples": 16}}, pipeline, "akida", ("bound-relu",), ())
+    with pytest.raises(UsageError, match="pass 'bound-relu' has no option 'percentil'") as caught:
+        _check_pass_options({"bound-relu": {"percentil": 99.9}}, pipeline, "akida", ("bound-relu",), ())
+    assert "percentile, samples" in caught.value.hint
+    with pytest.raises(UsageError, match="pass 'fold-constants' has no option 'x'") as caught:
+        _check_pass_options({"fold-constants": {"x": 1}}, pipeline, "akida", (), ())
+    assert caught.value.hint == "fold-constants takes no options"
