@@ -4,7 +4,9 @@ Folding runs through onnx-graphsurgeon's ``fold_constants`` (ONNX Runtime evalua
 subgraphs) with ``error_ok=False``, so a failure is never swallowed. Shape-derived values (``Shape``,
 ``Shape -> Gather``, ``Shape -> Slice`` over statically known dimensions, and ``Size``) are folded here
 from the inferred shapes instead of by graphsurgeon's shape folding, whose int/float cast elision can
-change results. After folding, any node that was foldable and is still there is an error naming it.
+change results. A Reshape whose target is computed from a dynamic batch gets a constant target when
+its output shape is static after the batch, so no shape computation is left to cross a segment
+boundary. After folding, any node that was foldable and is still there is an error naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.execution import make_session
-from qanac.graph import CompilationModel, constant_value, derived_name, is_graph_output
+from qanac.graph import CompilationModel, constant_value, derived_name, fresh_tensor_name, is_graph_output
 from qanac.passes._rewrite import static_dims, static_shape
 from qanac.pipeline import PassContext
 from qanac.registry import PassResult, register_pass
@@ -144,7 +146,9 @@ def _gather_or_slice(node: gs.Node, positions: np.ndarray) -> np.ndarray | None:
 def fold_constants(model: CompilationModel, ctx: PassContext) -> PassResult:
     """Replace every constant subgraph by its value, computed by ONNX Runtime.
 
-    Constant nodes become initializers, shape queries over static dimensions become constants, and
+    Constant nodes become initializers, shape queries over static dimensions become constants, a
+    Reshape whose target is computed at run time (from a dynamic batch) and whose output is static after
+    the first dimension gets the constant target [-1, d1, ..., dk] (its shape computation goes), and
     nodes whose inputs are all constant are evaluated (never: quantization nodes, random or Dropout
     nodes, nodes of non-default domains, nodes with subgraphs). A constant graph output keeps a
     Constant node so output names and types stay. Invariant: afterwards no foldable node remains; a node
@@ -158,6 +162,9 @@ def fold_constants(model: CompilationModel, ctx: PassContext) -> PassResult:
     _warn_unlowerable_constants(model, result)
 
     nodes = list(graph.nodes)
+    fixed = _fix_reshape_targets(graph)
+    if fixed:
+        result.count("fold-reshape-shape", fixed)
     graph.cleanup()
     nodes = _count_removed(graph, nodes, result, lambda node: "remove-unused-node")
 
@@ -193,6 +200,32 @@ def fold_constants(model: CompilationModel, ctx: PassContext) -> PassResult:
             hint="report this with the model; disable the pass with --disable-pass fold-constants to go on",
         )
     return result
+
+
+def _fix_reshape_targets(graph: gs.Graph) -> int:
+    """Give every Reshape whose target shape is computed at run time (PyTorch's ``x.view(x.size(0), -1)``
+    and ``view(b, g, c // g, h, w)`` with a dynamic batch: Shape -> Gather -> Unsqueeze -> Concat) the
+    constant target ``[-1, d1, ..., dk]`` when its output shape is static after the first dimension.
+
+    -1 stands for the only dimension left, the same value the computed target gives whenever the
+    Reshape is valid; the shape computation loses its reader and goes with the cleanup. Returns how many
+    Reshapes were given constant targets.
+    """
+
+    fixed = 0
+    for node in graph.nodes:
+        if node.op != "Reshape" or len(node.inputs) < 2 or constant_value(node.inputs[1]) is not None:
+            continue
+        out = node.outputs[0]
+        if out.shape is None or len(out.shape) < 1:
+            continue
+        rest = static_dims(out, range(1, len(out.shape)))
+        if rest is None or any(d == 0 for d in rest):
+            continue
+        target = np.array([-1, *rest], dtype=np.int64)
+        node.inputs[1] = gs.Constant(fresh_tensor_name(graph, f"{node_label(node)}/shape"), target)
+        fixed += 1
+    return fixed
 
 
 def _count_removed(graph: gs.Graph, nodes: list[gs.Node], result: PassResult, rewrite) -> list[gs.Node]:

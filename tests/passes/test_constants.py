@@ -34,34 +34,53 @@ def test_constant_subgraph_becomes_initializers():
     assert not again.changed
 
 
+FLATTEN_BY_BATCH = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,4,4] x) => (float[N,48] y{outputs}) {{
+      zero = Constant <value = int64[1] {{0}}> ()
+      one = Constant <value = int64[1] {{1}}> ()
+      four = Constant <value = int64[1] {{4}}> ()
+      [shape] s = Shape(x)
+      [batch] n = Gather <axis = 0> (s, zero)
+      [rest] chw = Slice(s, one, four)
+      [size] c = ReduceProd <keepdims = 1> (chw)
+      [target] t = Concat <axis = 0> (n, c)
+      [flatten] y = Reshape(x, t)
+    }}
+    """
+
+
 def test_shape_queries_over_static_dimensions_fold_and_the_batch_stays_dynamic():
-    model = parse(
-        """
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N,3,4,4] x) => (float[N,48] y) {
-          zero = Constant <value = int64[1] {0}> ()
-          one = Constant <value = int64[1] {1}> ()
-          four = Constant <value = int64[1] {4}> ()
-          [shape] s = Shape(x)
-          [batch] n = Gather <axis = 0> (s, zero)
-          [rest] chw = Slice(s, one, four)
-          [size] c = ReduceProd <keepdims = 1> (chw)
-          [target] t = Concat <axis = 0> (n, c)
-          [flatten] y = Reshape(x, t)
-        }
-        """
-    )
+    # the computed target is also a graph output, so its computation stays
+    model = parse(FLATTEN_BY_BATCH.format(outputs=", int64[2] t"))
     compiled, result = apply_pass(model, "fold-constants")
     # Shape->Slice over the static C, H, W folds (leaving its two Constant nodes unused), and so does
-    # the ReduceProd of it; the batch cannot
+    # the ReduceProd of it; the batch cannot; the Reshape gets the constant target [-1, 48]
     assert result.counts == {
+        "fold-reshape-shape": 1,
         "fold-shape-query": 1,
         "remove-unused-node": 2,
         "constant-node-to-initializer": 1,
         "fold-node": 1,
     }
-    assert ops(compiled) == ["Shape", "Gather", "Concat", "Reshape"]
+    assert sorted(ops(compiled)) == ["Concat", "Gather", "Reshape", "Shape"]
     assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_a_reshape_target_computed_from_the_batch_becomes_a_constant():
+    # PyTorch's x.view(x.size(0), -1) with a dynamic batch: the whole shape computation goes
+    model = parse(FLATTEN_BY_BATCH.format(outputs=""))
+    compiled, result = apply_pass(model, "fold-constants")
+    assert result.counts == {"fold-reshape-shape": 1, "remove-unused-node": 8}
+    assert ops(compiled) == ["Reshape"]
+    assert compiled.graph.nodes[0].inputs[1].values.tolist() == [-1, 48]
+    assert_outputs_equal(model, compiled, random_inputs(model, batch=3))
+
+
+def test_a_reshape_whose_output_is_not_static_after_the_batch_keeps_its_target():
+    text = FLATTEN_BY_BATCH.format(outputs="").replace("float[N,48] y", "float[N,?] y")
+    compiled, result = apply_pass(parse(text), "fold-constants")
+    assert "fold-reshape-shape" not in result.counts and "Shape" in ops(compiled)
 
 
 def test_constant_graph_output_keeps_its_constant_node():
