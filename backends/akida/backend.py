@@ -15,7 +15,9 @@ backend record in the manifest, ``AkidaSegmentRecord``.
 Options:
     device           a name from ``devices.device_names()``; default SixNodesIPv2 (IP v2, 24 NPs: the
                      mid-size v2 IP; ``auto`` sizes the smallest device that holds the whole model, and
-                     fails when no device can). IP v1 devices are refused before any work.
+                     fails when no device can). IP v1 devices (AKD1000, AKD1500) are compiled by
+                     ``v1.emit.emit_v1`` (ONNX lowered to tf_keras; files and record in that module).
+    weight_bits, activation_bits  (IP v1 devices) quantization bit widths, default 4 and 4
     num_samples      calibration samples given to quantizeml (default: all, at most 1024)
     input_dtype      uint8 or int8 (default: ``convert.choose_input_dtype``)
     agreement_samples  samples for the Akida vs quantized ONNX check at compile time (default 32; 0 = skip)
@@ -41,10 +43,11 @@ from qanac.manifest import COMPILED, Record, SegmentRecord
 
 from .agreement import Agreement, compare_akida_to_quantized, disagreement_error, divergent_layers, float_nodes_of
 from .convert import AkidaConversion, compile_onnx
-from .devices import DEFAULT_DEVICE, MODEL_IP_VERSION, check_ip_version
+from .devices import AUTO, DEFAULT_DEVICE, MODEL_IP_VERSION, V1_IP_VERSION, check_ip_version, device_spec
 from .input_layer import with_identity_input_layer
 from .mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
 from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunner
+from .v1.emit import emit_v1, load_v1_quantized, load_v1_runner
 
 COMPILED_FILE = "model.fbz"
 QUANTIZED_FILE = "quantized.onnx"
@@ -76,6 +79,8 @@ class AkidaBackend:
         self, model: onnx.ModelProto, calibration: CalibrationData, options: dict[str, Any], out_dir: Path
     ) -> EmitResult:
         device_name = options.get("device") or DEFAULT_DEVICE
+        if device_name != AUTO and device_spec(device_name).ip_version == V1_IP_VERSION:
+            return emit_v1(model, calibration, options, out_dir, device_name)
         check_ip_version(device_name)
         model, identity_input = with_identity_input_layer(model)
         started = time.perf_counter()
@@ -133,6 +138,8 @@ class AkidaBackend:
     def load_runner(self, segment_dir: Path, segment: SegmentRecord, options: dict[str, Any]) -> AkidaSoftwareRunner:
         """The Akida model on akida's software backend, or on a board when ``options['hardware']`` is set."""
 
+        if segment.backend.get("ip_version") == V1_IP_VERSION:
+            return load_v1_runner(segment_dir, segment, options)
         record = segment.backend_record(AkidaSegmentRecord)
         path = Path(segment_dir) / segment.file(COMPILED)
         args = (str(path), record.input_name, record.output_name, tuple(record.output_shape))
@@ -147,6 +154,8 @@ class AkidaBackend:
 
         if variant != QUANTIZED:
             raise UsageError(f"the Akida backend writes no '{variant}' model", hint=f"it writes '{QUANTIZED}'")
+        if segment.backend.get("ip_version") == V1_IP_VERSION:
+            return load_v1_quantized(segment_dir, segment)
         record = segment.backend_record(AkidaSegmentRecord)
         path = Path(segment_dir) / segment.file(QUANTIZED)
         return QuantizedOnnxRunner(path, output_names=[record.output_name])

@@ -1,9 +1,8 @@
 """Akida devices: the virtual device catalogue used for mapping, and real hardware kept apart.
 
-Every model qanac builds for Akida comes from ONNX through quantizeml, and quantizeml's ONNX path only
-produces Akida IP **v2** models (8-bit). IP v1 devices (AKD1000, AKD1500) are listed so that asking for
-one gives a clear answer instead of akida's "The IP version of the model and device must be identical.":
-v1 is reachable only from a tf_keras model quantized to 1/2/4 bits, which qanac does not do.
+For IP v2 devices qanac builds the model from ONNX through quantizeml's ONNX path (8-bit). For IP v1
+devices (AKD1000, AKD1500) it lowers the ONNX graph to tf_keras and quantizes it to 1-4 bits under
+cnn2snn's v1 target (qanac.backends.akida.v1), the only way MetaTF reaches v1.
 
 Virtual devices need no hardware: mapping on them is exact (same mapper as on a chip), only inference
 needs a real device. The name ``auto`` asks akida for the smallest v2 device that holds the whole model
@@ -51,6 +50,8 @@ VIRTUAL_DEVICES: dict[str, DeviceSpec] = {
 
 # The IP version of every model the ONNX path produces.
 MODEL_IP_VERSION = "v2"
+# The IP version of the devices the tf_keras path (qanac.backends.akida.v1) compiles for.
+V1_IP_VERSION = "v1"
 
 
 def device_names() -> list[str]:
@@ -71,12 +72,13 @@ def device_spec(name: str) -> DeviceSpec:
 
 
 def check_ip_version(name: str, model_ip_version: str = MODEL_IP_VERSION) -> None:
-    """Refuse a device whose IP version differs from the model's, saying why (before any work is done)."""
+    """Refuse a device whose IP version differs from the model's, saying why (before any work is done).
+    IP v1 devices are never refused: their models are built by the v1 path, IP v1 by construction."""
 
     if name == AUTO:
         return
     spec = device_spec(name)
-    if spec.ip_version == model_ip_version:
+    if spec.ip_version in (model_ip_version, V1_IP_VERSION):
         return
     v2 = ", ".join(n for n, s in VIRTUAL_DEVICES.items() if s.ip_version == "v2")
     raise UnsupportedModelError(

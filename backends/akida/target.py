@@ -40,6 +40,10 @@ TARGET = Target(
         TargetOption("--device", key="device", commands=("compile", "lint"),
                      help="device the model is mapped onto (compile) or checked against (lint): a name from "
                           "`qanac devices` (default SixNodesIPv2) or 'auto'"),
+        TargetOption("--weight-bits", key="weight_bits", commands=("compile",), type=int,
+                     help="weight bits on an IP v1 device (AKD1000, AKD1500): 1, 2 or 4 (default 4)"),
+        TargetOption("--activation-bits", key="activation_bits", commands=("compile",), type=int,
+                     help="activation bits on an IP v1 device (AKD1000, AKD1500): 1 to 4 (default 4)"),
         TargetOption("--hardware", key="hardware", commands=("run",), is_flag=True,
                      help="run on a connected Akida board instead of akida's software backend"),
     ),

@@ -104,8 +104,11 @@ def test_hardware_runner_without_a_board_is_a_usage_error(emitted):
 
 
 def test_v1_device_fails_before_any_work(tiny_model, tiny_calibration, tmp_path):
-    with pytest.raises(UnsupportedModelError, match="device AKD1000 is an Akida IP v1 device"):
+    """AKD1000 compiles through the v1 path, whose rules refuse the tiny CNN's Add and Concat up front."""
+
+    with pytest.raises(UnsupportedModelError, match="Akida v1 rules") as caught:
         AkidaBackend().emit(tiny_model, tiny_calibration, {"device": "AKD1000"}, tmp_path)
+    assert {"residual_add"} <= {n for d in caught.value.diagnostics if d.code == "AK1102" for n in d.nodes}
     assert list(Path(tmp_path).iterdir()) == []
 
 

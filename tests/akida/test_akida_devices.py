@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qanac.backends.akida import devices
-from qanac.diagnostics import UnsupportedModelError, UsageError
+from qanac.diagnostics import UsageError
 
 
 def test_catalogue_names_and_ip_versions():
@@ -37,13 +37,10 @@ def test_unknown_device_is_a_usage_error():
 
 
 @pytest.mark.parametrize("name", ["AKD1000", "AKD1500"])
-def test_v1_device_refused_with_the_reason(name):
-    with pytest.raises(UnsupportedModelError) as caught:
-        devices.check_ip_version(name)
-    assert caught.value.exit_code == 3
-    assert f"device {name} is an Akida IP v1 device" in caught.value.message
-    assert "not reachable from ONNX" in caught.value.message
-    assert "SixNodesIPv2" in caught.value.hint
+def test_v1_device_accepted(name):
+    """IP v1 devices compile through the v1 path (qanac.backends.akida.v1): ONNX lowered to tf_keras."""
+
+    devices.check_ip_version(name)
 
 
 @pytest.mark.parametrize("name", ["auto", "TwoNodesIPv2", "SixNodesIPv2"])

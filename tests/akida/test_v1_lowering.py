@@ -96,3 +96,11 @@ def test_depthwise_without_pointwise_stays_depthwise():
     assert np.abs(reference - actual).max() < TOLERANCE
     assert "DepthwiseConv2D" in _layer_types(lowered)
     assert "SeparableConv2D" not in _layer_types(lowered)
+
+
+def test_identity_conv_is_dropped():
+    lowered, reference, actual = _keras_vs_onnx(v1_models.identity_after_pool_cnn())
+    assert np.abs(reference - actual).max() < TOLERANCE
+    assert _layer_types(lowered) == ["InputLayer", "Conv2D", "ReLU", "MaxPooling2D", "Flatten", "Dense"]
+    assert lowered.rewrites == [{"rewrite": "drop-identity-conv", "layer": None,
+                                 "nodes": ["pool1::identity-conv-after-maxpool"]}]

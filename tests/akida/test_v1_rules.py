@@ -32,6 +32,7 @@ def test_patterns_are_cnn2snns_v1_registry():
 def test_sequential_cnns_pass():
     assert _codes(v1_models.sequential_cnn()) == []
     assert _codes(v1_models.flatten_cnn()) == []
+    assert _codes(v1_models.identity_after_pool_cnn()) == []  # the identity conv is dropped, not a layer
 
 
 def test_residual_cnn_reports_its_adds_and_nothing_else():

@@ -123,3 +123,17 @@ def train_digits_cnn(x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int =
     torch.onnx.export(net, torch.zeros(1, *x.shape[1:]), buffer, input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False)
     return onnx.load_from_string(buffer.getvalue())
+
+
+def identity_after_pool_cnn(size: int = 8, seed: int = 3) -> onnx.ModelProto:
+    """Conv/ReLU6/MaxPool, then the 1x1 identity Conv the IP v2 legalization puts after a pooled layer that
+    feeds a dense layer (identity-conv-after-maxpool), Flatten, Gemm."""
+
+    g = GraphBuilder(seed)
+    x = g.op("MaxPool", [relu6(g, g.conv("input", "conv1", 1, 8), "relu1")], "pool1", kernel_shape=[2, 2],
+             strides=[2, 2])
+    identity = g.constant("identity_w", np.eye(8).reshape(8, 8, 1, 1))
+    x = g.op("Conv", [x, identity], "pool1::identity-conv-after-maxpool", kernel_shape=[1, 1], pads=[0, 0, 0, 0])
+    x = g.op("Flatten", [x], "flatten")
+    w, b = g.weight("fc_w", (10, 8 * (size // 2) ** 2)), g.weight("fc_b", (10,), scale=0.1)
+    return g.model(g.op("Gemm", [x, w, b], "logits", transB=1), (1, size, size), [10])

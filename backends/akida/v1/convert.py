@@ -8,11 +8,12 @@ when it picks its block converters; outside it ``convert`` builds an IP v2 model
     QuantizationParams(activation_bits=A, weight_bits=W, input_weight_bits=I, per_tensor_activations=True,
                        input_dtype="uint8")
 
-W in ``rules.WEIGHT_BITS`` and A in ``rules.ACTIVATION_BITS`` (default 4 and 4), I = 8 for the first layer. cnn2snn
-builds a v1 model only when that layer is a Conv with a ReLU over a 1- or 3-channel image, which becomes the v1
-InputConvolutional (4 or 8-bit weights, uint8 input); any other first layer fails in akida ("InputData sign
-incompatible with previous layer" with uint8 input, "Convolutional layer only accepts unsigned inputs" with
-int8), which lint rule AK1113 reports before any work.
+W in ``rules.WEIGHT_BITS`` and A in ``rules.ACTIVATION_BITS`` (default 4 and 4), I = 8 for the first layer,
+and ``last_output_bits=A`` when the model ends with a ReLU (else its output quantizer is missing). cnn2snn
+builds a v1 model only when the first layer is a Conv with a ReLU over a 1- or 3-channel image, which becomes
+the v1 InputConvolutional (4 or 8-bit weights, uint8 input); any other first layer fails in akida ("InputData
+sign incompatible with previous layer" with uint8 input, "Convolutional layer only accepts unsigned inputs"
+with int8), which lint rule AK1113 reports before any work.
 
 Invariants checked after conversion, each an UnsupportedModelError naming the ONNX nodes behind the Keras
 layers involved: every layer was quantized (quantizeml puts a Dequantizer before a layer it cannot quantize
@@ -36,6 +37,7 @@ import time
 import warnings
 from typing import Any
 
+import numpy as np
 import onnx
 
 from qanac.backends.akida.convert import calibration_samples, check_single_io, output_shapes_match
@@ -87,6 +89,7 @@ class V1Conversion:
     bits: BitWidths
     num_samples: int
     akida_output_shape: tuple[int, ...]
+    output_scale: float | None  # float value of one output level when the model ends with a ReLU, else None
     seconds: dict[str, float]
     diagnostics: list[Diagnostic]
 
@@ -97,6 +100,7 @@ class V1Conversion:
             "input_shape": list(self.lowered.input_shape),
             "output_shape": list(self.lowered.output_shape),
             "akida_output_shape": list(self.akida_output_shape),
+            "output_scale": self.output_scale,
             "num_samples": self.num_samples,
             **self.bits.to_dict(),
             "rewrites": list(self.lowered.rewrites),
@@ -140,7 +144,8 @@ def compile_v1(
     from quantizeml.models import QuantizationParams, quantize
 
     qparams = QuantizationParams(activation_bits=activation, weight_bits=weight, input_weight_bits=bits.input_weight,
-                                 per_tensor_activations=True, input_dtype="uint8")
+                                 per_tensor_activations=True, input_dtype="uint8",
+                                 last_output_bits=activation if _ends_with_relu(lowered) else None)
     with cnn2snn.set_akida_version(cnn2snn.AkidaVersion.v1):
         started = time.perf_counter()
         with _vendor_messages() as messages:
@@ -165,8 +170,28 @@ def compile_v1(
     check_v1_model(akida_model, akida_output_shape, lowered.output_shape)
     diagnostics = [Diagnostic(Level.WARNING, "AK1399", f"MetaTF: {m}", rule="akida-v1")
                    for m in [*messages, *convert_messages]]
-    return V1Conversion(lowered, quantized, akida_model, bits, len(samples), akida_output_shape, seconds,
-                        diagnostics)
+    return V1Conversion(lowered, quantized, akida_model, bits, len(samples), akida_output_shape,
+                        output_scale(quantized) if _ends_with_relu(lowered) else None, seconds, diagnostics)
+
+
+def _ends_with_relu(lowered: LoweredModel) -> bool:
+    """The model's output is a ReLU's: v1 requires every ReLU to have an output quantizer ("in AkidaVersion.v1,
+    output_quantizer is mandatory"), which quantizeml gives a model's last layer only through last_output_bits."""
+
+    import tf_keras
+
+    return isinstance(lowered.keras_model.layers[-1], tf_keras.layers.ReLU)
+
+
+def output_scale(quantized: Any) -> float:
+    """The float value of one level of the model's last output quantizer (a ReLU's): 2 ** -frac_bits.
+
+    akida's ``predict`` refuses a model whose last layer has an activation ("Only models whose last layer has
+    no activation can be evaluated"); its ``forward`` returns the activation levels, which times this scale
+    are the quantized Keras model's outputs."""
+
+    last = [layer for layer in quantized.layers if getattr(layer, "out_quantizer", None) is not None][-1]
+    return float(2.0 ** -float(np.asarray(last.out_quantizer.frac_bits).reshape(-1)[0]))
 
 
 def check_fully_quantized(quantized: Any, lowered: LoweredModel, messages: list[str]) -> None:

@@ -68,6 +68,7 @@ class V1SegmentRecord(Record):
     num_samples: int  # calibration samples quantizeml used
     device: dict[str, Any]  # the device the model was mapped on (``devices.describe_device``)
     rewrites: list[dict[str, Any]]  # where the Keras model is not one layer per ONNX node (``lowering``)
+    output_scale: float | None = None  # one output level in float when the model ends with a ReLU
 
 
 def check_v1_rules(model: onnx.ModelProto) -> None:
@@ -168,7 +169,7 @@ def compare_akida_to_keras(conversion: V1Conversion, samples: np.ndarray) -> tup
     lowered = conversion.lowered
     inputs = {lowered.input_name: samples}
     akida = AkidaV1SoftwareRunner(conversion.akida_model, lowered.input_name, lowered.output_name,
-                                  lowered.output_shape)
+                                  lowered.output_shape, output_scale=conversion.output_scale)
     keras = QuantizedKerasRunner(conversion.quantized, lowered.input_name, lowered.output_name, lowered.output_shape)
     comparison = compare_outputs([lowered.output_name], keras.run(inputs), akida.run(inputs))[0]
     problems = failures([comparison], STRICT)
@@ -185,7 +186,7 @@ def load_v1_runner(segment_dir: Path, segment: SegmentRecord, options: dict[str,
 
     record = segment.backend_record(V1SegmentRecord)
     args = (str(Path(segment_dir) / segment.file(COMPILED)), record.input_name, record.output_name,
-            tuple(record.output_shape))
+            tuple(record.output_shape), record.output_scale)
     if options.get("hardware"):
         return AkidaV1HardwareRunner(*args, device_index=int(options.get("device_index", 0)))
     return AkidaV1SoftwareRunner(*args)

@@ -13,7 +13,7 @@ v1 backend rewrites the ONNX graph it receives as Keras layers, one layer per ON
     GlobalAveragePool                           GlobalAveragePooling2D (2-D output: (N, C) for ONNX (N, C, 1, 1))
     Flatten, Reshape to (N, -1)                 Flatten
     Gemm, MatMul by a constant                  Dense (rows reordered when the input was flattened from a map)
-    Identity, Dropout                           nothing
+    Identity, Dropout, identity 1x1 Conv        nothing (``is_identity_conv``)
 
 Invariants: the Keras model takes the ONNX input in NHWC (a 2-D input stays 2-D) and returns the ONNX output
 (an NCHW map as NHWC); on the same data ``keras(to_nhwc(x))`` equals ``onnxruntime(x)`` up to float rounding
@@ -154,11 +154,15 @@ def _plan(graph: gs.Graph) -> list[_Step]:
                                {"scale": scale, "offset": offset}))
         affine.pop(source.name, None)
 
-        if node.op in PASS_THROUGH_OPS:
-            steps.append(_Step("skip", [node], source, result))
+        if node.op in PASS_THROUGH_OPS or (is_identity_conv(node) and kind == MAP):
+            steps.append(_Step("skip", [node], source, result,
+                               {"rewrite": "drop-identity-conv"} if node.op == "Conv" else {}))
             kinds[result.name] = kind
             if kind == FLAT_HWC:
                 chw[result.name] = chw[source.name]
+            for facts in (bounded, conv_padding):
+                if source.name in facts:
+                    facts[result.name] = facts[source.name]
             continue
         if node.op == "GlobalAveragePool" and source.name in bounded:
             steps.extend(_pool_behind_identity_conv(node, source, result, bounded[source.name]))
@@ -212,6 +216,23 @@ def _plan_node(node: gs.Node, source: gs.Tensor, result: gs.Tensor, kind: str, c
     if op in ("Flatten", "Reshape"):
         return _plan_flatten(node, source, result, kind, chw)
     return _plan_dense(node, source, result, kind, chw)
+
+
+def is_identity_conv(node: gs.Node) -> bool:
+    """A 1x1 stride-1 unpadded Conv whose weights are the identity and whose bias is zero: it copies its input.
+    The Akida IP v2 legalization inserts them (identity-conv-after-maxpool, stage-global-average-pool); on v1
+    one without an activation would end a layer without a ReLU, so the lowering drops it (exact)."""
+
+    weights = constant_value(node.inputs[1]) if node.op == "Conv" and len(node.inputs) > 1 else None
+    if weights is None or weights.ndim != 4 or weights.shape[2:] != (1, 1) or weights.shape[0] != weights.shape[1]:
+        return False
+    if int(node.attrs.get("group", 1)) != 1 or any(int(s) != 1 for s in node.attrs.get("strides", [1, 1])):
+        return False
+    if any(int(p) for p in node.attrs.get("pads", [0, 0, 0, 0])) or _auto_pad(node) not in ("NOTSET", "VALID"):
+        return False
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    identity = np.eye(weights.shape[0], dtype=weights.dtype)
+    return bool(np.array_equal(weights[:, :, 0, 0], identity)) and (bias is None or not np.any(bias))
 
 
 def _pool_behind_identity_conv(gap: gs.Node, source: gs.Tensor, result: gs.Tensor, bound: float) -> list[_Step]:
@@ -491,6 +512,9 @@ def _build(graph: gs.Graph, steps: list[_Step]) -> LoweredModel:
         x = values[step.source.name]
         if step.kind == "skip":
             values[step.result.name] = x
+            if "rewrite" in step.params:
+                rewrites.append({"rewrite": step.params["rewrite"], "layer": None,
+                                 "nodes": [n.name for n in step.nodes]})
             continue
         base = step.params.get("name") or step.nodes[0].name
         name = _layer_name(base, names)

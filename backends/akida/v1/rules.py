@@ -17,13 +17,14 @@ and the checks their converters and cnn2snn's model checks make: one inbound lay
 (``activations.v1_relu_checks``); a MaxPool padded like its convolution
 (``padding.check_conv_and_max_pool_compatibility``); global pooling over at most 256 pixels
 (``pooling.gap_params_checks``); no dilation; weights of 1, 2 or 4 bits (the input convolution 4 or 8) and
-activations of at most 4 bits (quantization options, ``WEIGHT_BITS`` / ``ACTIVATION_BITS`` in ``convert``).
+activations of at most 4 bits (quantization options: ``WEIGHT_BITS`` / ``ACTIVATION_BITS`` below).
 
 The rules judge the float ONNX graph the v1 backend lowers (``lowering``), so they speak of ONNX nodes and
 account for what the lowering does: Sub/Div/Mul/Add by constants on the input become the input Rescaling, a
-depthwise Conv read only by a 1x1 Conv becomes a SeparableConv2D, a ReLU before a MaxPool is moved after it
-(quantizeml's sanitizer; exact), and a bounded ReLU before a GlobalAveragePool gets an identity 1x1
-convolution to pool in. Every rule is an ERROR: the backend refuses the model (or the node goes to the host).
+depthwise Conv read only by a 1x1 Conv becomes a SeparableConv2D, an identity 1x1 Conv is dropped, a ReLU
+before a MaxPool is moved after it (quantizeml's sanitizer; exact), and a bounded ReLU before a
+GlobalAveragePool gets an identity 1x1 convolution to pool in. Every rule is an ERROR: the backend refuses
+the model (or the node goes to the host).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from qanac.diagnostics import Diagnostic, Level
 from qanac.graph import constant_value
 from qanac.lint import LintContext, Rule, RuleSet
 
-from .lowering import AFFINE_OPS, PASS_THROUGH_OPS, keras_padding, pointwise_reader, same_pads
+from .lowering import AFFINE_OPS, PASS_THROUGH_OPS, is_identity_conv, keras_padding, pointwise_reader, same_pads
 
 # cnn2snn's v1 registry, as Keras layer type names (quantizeml's Quantized* layers of these).
 V1_PATTERNS: tuple[tuple[str, ...], ...] = (
@@ -145,7 +146,7 @@ def _next_layers(tensor: gs.Tensor, ctx: LintContext) -> list[gs.Node]:
     found = []
     while readers:
         reader = readers.pop()
-        if reader.op in PASSIVE_OPS:
+        if reader.op in PASSIVE_OPS or is_identity_conv(reader):
             readers.extend(reader.outputs[0].outputs)
         else:
             found.append(reader)
@@ -311,7 +312,7 @@ def _pointwise_half(node: gs.Node, ctx: LintContext) -> bool:
 
 
 def layer_without_activation(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op not in LAYER_OPS or _pointwise_half(node, ctx):
+    if node.op not in LAYER_OPS or _pointwise_half(node, ctx) or is_identity_conv(node):
         return None
     chain = layer_chain(node, ctx)
     if any(n.op in ACTIVATION_OPS for n in chain):

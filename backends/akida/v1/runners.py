@@ -7,6 +7,8 @@ converted from, read NHWC: both runners transpose the input and put the output b
 
 - ``AkidaV1SoftwareRunner``: akida's software backend on an unmapped copy (a model mapped on a virtual
   AKD1000 raises "An actual hardware device is required." in ``predict``); ``backends/akida/runners.py``.
+  A model ending with a ReLU (a device segment that feeds the host) runs with ``forward`` and the output
+  scale the backend recorded (``convert.output_scale``).
 - ``AkidaV1HardwareRunner``: the same on an attached board. Untested here: no Akida hardware on the build
   machines.
 - ``QuantizedKerasRunner``: quantizeml's quantized tf_keras model (``quantized.h5``) on TensorFlow.
@@ -35,18 +37,48 @@ def _input_array(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     return np.asarray(inputs[name], dtype=np.float32)
 
 
-class AkidaV1SoftwareRunner(AkidaSoftwareRunner):
-    """An Akida IP v1 model on akida's software backend: NCHW float in, the float model's layout out."""
+class _V1Run:
+    """``run`` of the Akida v1 runners: NCHW in, NHWC to akida, the float model's layout out. A model that ends
+    with a ReLU is run with ``forward`` (its levels) times ``output_scale``: akida's ``predict`` refuses it."""
+
+    model: Any
+    input_name: str
+    float_output_shape: tuple[int, ...]
+    batch_size: int
+    output_scale: float | None = None
 
     def run(self, inputs: dict[str, np.ndarray], progress: Progress | None = None) -> list[np.ndarray]:
-        return super().run({self.input_name: to_nhwc(_input_array(inputs, self.input_name))}, progress)
+        data = to_nhwc(_input_array(inputs, self.input_name))
+        chunks = []
+        for start in range(0, len(data), self.batch_size):
+            batch = np.ascontiguousarray(data[start : start + self.batch_size])
+            if self.output_scale is None:
+                chunks.append(self.model.predict(batch))
+            else:
+                chunks.append(self.model.forward(batch).astype(np.float32) * np.float32(self.output_scale))
+            if progress is not None:
+                progress(len(batch))
+        if not chunks:
+            return [np.zeros((0, *self.float_output_shape), np.float32)]
+        return [from_nhwc(np.concatenate(chunks), self.float_output_shape)]
 
 
-class AkidaV1HardwareRunner(AkidaHardwareRunner):
+class AkidaV1SoftwareRunner(_V1Run, AkidaSoftwareRunner):
+    """An Akida IP v1 model on akida's software backend (an unmapped copy)."""
+
+    def __init__(self, model: Any, input_name: str, output_name: str, float_output_shape: tuple[int, ...],
+                 output_scale: float | None = None, batch_size: int = DEFAULT_BATCH):
+        super().__init__(model, input_name, output_name, float_output_shape, batch_size)
+        self.output_scale = output_scale
+
+
+class AkidaV1HardwareRunner(_V1Run, AkidaHardwareRunner):
     """An Akida IP v1 model on an attached AKD1000/AKD1500 board. Not covered by tests (no hardware here)."""
 
-    def run(self, inputs: dict[str, np.ndarray], progress: Progress | None = None) -> list[np.ndarray]:
-        return super().run({self.input_name: to_nhwc(_input_array(inputs, self.input_name))}, progress)
+    def __init__(self, model: Any, input_name: str, output_name: str, float_output_shape: tuple[int, ...],
+                 output_scale: float | None = None, device_index: int = 0, batch_size: int = DEFAULT_BATCH):
+        super().__init__(model, input_name, output_name, float_output_shape, device_index, batch_size)
+        self.output_scale = output_scale
 
 
 class QuantizedKerasRunner:
