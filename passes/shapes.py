@@ -28,17 +28,18 @@ def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
     Only knowledge is added: a tensor's dtype or shape is updated when inference knows more than the
     graph did, and the pass reports a change only then, so it converges. Value-info that contradicts
     inference (stale, from an exporter) is replaced, with a warning; when strict inference fails even
-    without it, shapes are inferred leniently, with a warning naming the failure. Dimensions ONNX
-    inference loses to a symbolic batch are learned by inferring with the batch fixed to 2 and 3.
-    Invariant: graph inputs have static shapes except the batch dimension, else UsageError; once no
-    constant folding can teach more, every tensor has a static shape except its batch dimension, else
-    UsageError naming the tensors.
+    without it, shapes are inferred leniently, with a warning naming the failure. Shapes agree with ONNX
+    Runtime: a ceil_mode pooling whose last window would start in the end padding is sized without it,
+    as ONNX Runtime sizes it (ONNX inference keeps it). Dimensions ONNX inference loses to a symbolic
+    batch are learned by inferring with the batch fixed to 2 and 3. Invariant: graph inputs have static
+    shapes except the batch dimension, else UsageError; once no constant folding can teach more, every
+    tensor has a static shape except its batch dimension, else UsageError naming the tensors.
     """
 
     result = PassResult()
     graph = model.graph
     _check_inputs(model)
-    inferred, mode, failure = _infer(model.to_onnx())
+    inferred, mode, failure, patched = _infer_like_onnxruntime(model.to_onnx())
     if mode != STRICT:
         message = {
             WITHOUT_VALUE_INFO: f"stale shape annotations were replaced by inferred shapes ({failure})",
@@ -67,7 +68,7 @@ def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
 
     unresolved = [t for t in graph.tensors().values() if isinstance(t, gs.Variable) and _unresolved(t)]
     if unresolved and _has_dynamic_batch(graph):
-        learned_from_probes = _resolve_with_batch_probes(model.to_onnx(), unresolved)
+        learned_from_probes = _resolve_with_batch_probes(patched, unresolved)
         if learned_from_probes:
             result.count("learn-shape", learned_from_probes)
             unresolved = [t for t in unresolved if _unresolved(t)]
@@ -113,6 +114,111 @@ def _infer(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str, str]:
         return run(proto, False), LENIENT, failure
     except errors as exc:
         raise UsageError(f"ONNX shape inference failed: {_first_line(exc)}") from exc
+
+
+# Poolings whose output size ONNX shape inference and ONNX Runtime compute differently with ceil_mode.
+CEIL_MODE_POOLS = ("MaxPool", "AveragePool")
+
+
+def pool_output_size(size: int, kernel: int, stride: int, begin: int, end: int, dilation: int, ceil_mode: bool,
+                     drop_last: bool = True) -> int:
+    """The output size of a pooling along one axis, as ONNX Runtime computes it.
+
+    With ceil_mode a last window that would start in the end padding (at or after ``size + begin``) is
+    dropped (``drop_last``), as ONNX Runtime (and PyTorch) do; ONNX shape inference keeps it.
+    """
+
+    span = size + begin + end - ((kernel - 1) * dilation + 1)
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if drop_last and (out - 1) * stride >= size + begin else out
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def _ceil_mode_patches(proto: onnx.ModelProto, shapes: dict[str, list]) -> dict[int, list[int]]:
+    """For every ceil_mode pooling of ``proto`` whose input size ``shapes`` knows and whose output size
+    ONNX shape inference gets wrong (it keeps a last window ONNX Runtime drops): the pads of the
+    ceil_mode=0 pooling with ONNX Runtime's output size (end pads (out - 1) * stride + extent - size -
+    begin, at least 0), by node index."""
+
+    patches = {}
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type not in CEIL_MODE_POOLS or int(_attribute(node, "ceil_mode", 0)) != 1:
+            continue
+        auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+            continue
+        dims = shapes.get(node.input[0])
+        kernel = [int(k) for k in _attribute(node, "kernel_shape", [])]
+        rank = len(kernel)
+        if not dims or len(dims) != rank + 2 or not all(_is_static(d) for d in dims[2:]):
+            continue
+        strides = [int(v) for v in _attribute(node, "strides", [1] * rank)]
+        dilations = [int(v) for v in _attribute(node, "dilations", [1] * rank)]
+        pads = [int(v) for v in _attribute(node, "pads", [0] * (2 * rank))]
+        sizes = dims[2:]
+        outs = [pool_output_size(sizes[i], kernel[i], strides[i], pads[i], pads[rank + i], dilations[i], True)
+                for i in range(rank)]
+        kept = [pool_output_size(sizes[i], kernel[i], strides[i], pads[i], pads[rank + i], dilations[i], True,
+                                 drop_last=False) for i in range(rank)]
+        if outs != kept:
+            patches[index] = pads[:rank] + [
+                max(0, (outs[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - sizes[i] - pads[i])
+                for i in range(rank)
+            ]
+    return patches
+
+
+def _patched(proto: onnx.ModelProto, patches: dict[int, list[int]]) -> onnx.ModelProto:
+    """A copy of ``proto`` with each patched pooling made ceil_mode=0 with the patch's pads."""
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for index, pads in patches.items():
+        node = copy.graph.node[index]
+        for attribute in [a for a in node.attribute if a.name in ("ceil_mode", "pads")]:
+            node.attribute.remove(attribute)
+        node.attribute.extend([onnx.helper.make_attribute("ceil_mode", 0), onnx.helper.make_attribute("pads", pads)])
+    return copy
+
+
+def _known_shapes(proto: onnx.ModelProto) -> dict[str, list]:
+    shapes = {}
+    for value in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    return shapes
+
+
+def _infer_like_onnxruntime(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str, str, onnx.ModelProto]:
+    """``_infer``, with every ceil_mode pooling sized as ONNX Runtime sizes it.
+
+    ONNX shape inference keeps a last ceil_mode window that starts in the end padding; ONNX Runtime drops
+    it (MaxPool 2x2/2, pads 1, ceil_mode on a 5-pixel axis: 4 against 3), and so would every shape after
+    it. Inference runs on a copy with those poolings rewritten into the ceil_mode=0 poolings of ONNX
+    Runtime's output size, sized from the previous inference's shapes, until the rewrites stop changing
+    (each round corrects the poolings whose input size the round before got right). Returns ``_infer``'s
+    result and the rewritten copy.
+    """
+
+    pools = sum(1 for n in proto.graph.node if n.op_type in CEIL_MODE_POOLS)
+    patches = _ceil_mode_patches(proto, _known_shapes(proto)) if pools else {}
+    for _ in range(pools + 2):
+        patched = _patched(proto, patches) if patches else proto
+        inferred, mode, failure = _infer(patched)
+        if not pools:
+            break
+        again = _ceil_mode_patches(proto, _known_shapes(inferred))
+        if again == patches:
+            break
+        patches = again
+    return inferred, mode, failure, patched
 
 
 # Two batch sizes that are not 1 (where broadcasting could hide a batch dependence).

@@ -1,4 +1,5 @@
-"""infer-shapes: learns shapes, converges, and refuses dynamic dimensions other than the batch."""
+"""infer-shapes: learns shapes, converges, agrees with ONNX Runtime on ceil_mode pooling, and refuses
+dynamic dimensions other than the batch."""
 
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ def test_infer_shapes_in_the_pipeline_with_verify_each():
     assert all(t.shape is not None for t in compiled.graph.tensors().values())
 
 
-def test_onnx_inference_gap_falls_back_to_lenient_inference_with_a_warning():
-    # ONNX's AveragePool inference ignores the ceil_mode rule that drops a window starting in the end
-    # padding and infers 2x2; ONNX Runtime (and the declared output) say 1x1
+def test_ceil_mode_window_in_the_end_padding_is_dropped_as_onnx_runtime_drops_it():
+    # ONNX's AveragePool inference keeps the ceil_mode window that starts in the end padding and infers
+    # 2x2; ONNX Runtime (and the declared output) say 1x1: infer-shapes sizes it as ONNX Runtime does
     model = parse(
         """
         <ir_version: 8, opset_import: ["" : 19]>
@@ -108,7 +109,74 @@ def test_onnx_inference_gap_falls_back_to_lenient_inference_with_a_warning():
         """
     )
     compiled, result = apply_pass(model, "infer-shapes")
-    assert [d.code for d in result.diagnostics] == ["SHP003"]
-    assert "inferred leniently" in result.diagnostics[0].message
+    assert result.diagnostics == []
     assert shape_of(compiled, "y") == [1, 3, 1, 1]
     assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+def test_onnx_inference_failure_falls_back_to_lenient_inference_with_a_warning():
+    # a declared output that contradicts what the node computes fails strict inference with and without
+    # value_info; lenient inference goes on, with a warning
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,3,2,2] x) => (float[1,3,1,1] y, float[1,3,2,2] z) {
+          y = GlobalAveragePool(x)
+          r = Relu(x)
+          z = Identity(r)
+        }
+        """
+    )
+    model.graph.output[1].type.tensor_type.shape.dim[3].dim_value = 5
+    compiled, result = apply_pass(model, "infer-shapes")
+    assert [d.code for d in result.diagnostics] == ["SHP003"]
+    assert "inferred leniently" in result.diagnostics[0].message
+    assert shape_of(compiled, "r") == [1, 3, 2, 2]
+
+
+torch = pytest.importorskip("torch")
+
+
+class CeilPools(torch.nn.Module):
+    """MaxPool2d(2, 2, 1, ceil_mode) (a window starts in the end padding on odd sizes), MaxPool2d(3, 2,
+    ceil_mode) and AvgPool2d(2, 2, 1, ceil_mode), each after a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(4 if i else 3, 4, 3, padding=1) for i in range(3))
+        self.pools = torch.nn.ModuleList([torch.nn.MaxPool2d(2, 2, 1, ceil_mode=True),
+                                          torch.nn.MaxPool2d(3, 2, ceil_mode=True),
+                                          torch.nn.AvgPool2d(2, 2, 1, ceil_mode=True)])
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        for conv, pool in zip(self.convs, self.pools, strict=True):
+            x = pool(torch.relu(conv(x)))
+        return self.fc(x.mean([2, 3]))
+
+
+@pytest.mark.parametrize("size", [15, 17])
+def test_recorded_shapes_equal_onnx_runtime_after_ceil_mode_pooling(size):
+    import io
+
+    from qanac.execution import tensor_values
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(CeilPools().eval(), torch.zeros(1, 3, size, size), buffer, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}}, opset_version=17, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    compiled, result = apply_pass(model, "infer-shapes")
+    assert result.diagnostics == []
+    recorded = {name: t.shape for name, t in compiled.graph.tensors().items() if t.inputs}
+    inputs = random_inputs(model, batch=2)
+    measured = tensor_values(model, inputs, list(recorded))
+    assert {name: list(v.shape[1:]) for name, v in measured.items()} == {
+        name: list(shape[1:]) for name, shape in recorded.items()
+    }
+    first_pool = next(n for n in compiled.graph.nodes if n.op == "MaxPool")
+    assert first_pool.outputs[0].shape[2:] == [(size + 1) // 2] * 2  # ONNX inference says (size + 3) // 2
+    compiled, _ = verify_pipeline(model, list(CANONICALIZE), inputs)
+    recorded = {name: t.shape for name, t in compiled.graph.tensors().items() if t.inputs}
+    measured = tensor_values(compiled.to_onnx(), inputs, list(recorded))
+    assert all(list(v.shape[1:]) == list(recorded[name][1:]) for name, v in measured.items())
