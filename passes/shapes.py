@@ -7,11 +7,13 @@ error naming the tensor, with the way out (``--input-shape``).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx.shape_inference
 import onnx_graphsurgeon as gs
 
 from qanac.diagnostics import Diagnostic, Level, UsageError
+from qanac.execution import make_session
 from qanac.graph import CompilationModel
 from qanac.passes.constants import foldable_nodes
 from qanac.pipeline import PassContext
@@ -31,9 +33,11 @@ def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
     without it, shapes are inferred leniently, with a warning naming the failure. Shapes agree with ONNX
     Runtime: a ceil_mode pooling whose last window would start in the end padding is sized without it,
     as ONNX Runtime sizes it (ONNX inference keeps it). Dimensions ONNX inference loses to a symbolic
-    batch are learned by inferring with the batch fixed to 2 and 3. Invariant: graph inputs have static
-    shapes except the batch dimension, else UsageError; once no constant folding can teach more, every
-    tensor has a static shape except its batch dimension, else UsageError naming the tensors.
+    batch are learned by inferring with the batch fixed to 2 and 3; what ONNX inference cannot compute
+    at all (shape arithmetic it does not evaluate, such as PyTorch's chunk) is measured by running the
+    model in ONNX Runtime at two batch sizes, except after data-dependent ops. Invariant: graph inputs
+    have static shapes except the batch dimension, else UsageError; once no constant folding can teach
+    more, every tensor has a static shape except its batch dimension, else UsageError naming the tensors.
     """
 
     result = PassResult()
@@ -71,6 +75,11 @@ def infer_shapes(model: CompilationModel, ctx: PassContext) -> PassResult:
         learned_from_probes = _resolve_with_batch_probes(patched, unresolved)
         if learned_from_probes:
             result.count("learn-shape", learned_from_probes)
+            unresolved = [t for t in unresolved if _unresolved(t)]
+    if unresolved:
+        learned_from_runs = _resolve_with_onnxruntime(model.to_onnx(), unresolved)
+        if learned_from_runs:
+            result.count("learn-shape", learned_from_runs)
             unresolved = [t for t in unresolved if _unresolved(t)]
     if unresolved:
         if not foldable_nodes(graph):
@@ -256,6 +265,113 @@ def _resolve_with_batch_probes(proto: onnx.ModelProto, unresolved: list[gs.Varia
         tensor.shape = [batch, *rest] if first else []
         resolved += 1
     return resolved
+
+
+# Ops whose output sizes depend on the values they read (or that run subgraphs): shapes measured on one
+# sample say nothing about another, so tensors computed from them are not measured.
+DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan"})
+# Samples per batch size, each with its own random values: a shape that differs between them is not static.
+RUN_SEEDS = (0, 1)
+
+
+def _resolve_with_onnxruntime(proto: onnx.ModelProto, unresolved: list[gs.Variable]) -> int:
+    """Learn the shapes ONNX inference cannot compute by running the model in ONNX Runtime.
+
+    ONNX's data propagation does not evaluate shape arithmetic such as Shape -> Gather -> Div -> Slice
+    (PyTorch's ``chunk``, ``view(b, g, c // g, h, w)``), so every tensor after it stays unknown until
+    fold-constants has folded it, one step per sweep. ONNX Runtime computes them: the model runs with
+    the unresolved tensors as outputs, on random samples at batch sizes 2 and 3 when the batch is
+    dynamic (twice, with other values, at the model's own batch when it is fixed). A tensor is learned
+    when every run gives it the same dimensions after the first; its first dimension is static when
+    every run agrees on it too, else the batch's. Tensors computed from a data-dependent op (NonZero,
+    Unique, ...) are never learned this way. Returns how many tensors became fully known (0 when ONNX
+    Runtime cannot run the model).
+    """
+
+    blocked = _computed_from(proto, DATA_DEPENDENT_OPS)
+    wanted = [t for t in unresolved if t.dtype is not None and t.name not in blocked and not t.is_empty()]
+    if not wanted:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.output[:]
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), None)
+        for t in wanted
+    )
+    dynamic = any(not _is_static(d) for d in _batch_dims(proto))
+    batches = PROBE_BATCHES if dynamic else (None,)
+    try:
+        session = make_session(probe)
+        runs = [session.run(None, _random_feed(proto, batch, seed)) for batch in batches for seed in RUN_SEEDS]
+    except Exception:  # ONNX Runtime cannot run the model: the tensors stay for later sweeps
+        return 0
+    run_batches = [batch for batch in batches for _ in RUN_SEEDS]
+    symbol = next((d for d in _batch_dims(proto, symbols=True) if isinstance(d, str) and d), None)
+    resolved = 0
+    for i, tensor in enumerate(wanted):
+        shapes = [tuple(run[i].shape) for run in runs]
+        if len({len(shape) for shape in shapes}) != 1 or len({shape[1:] for shape in shapes}) != 1:
+            continue
+        first = shapes[0]
+        if not first:
+            tensor.shape = []
+        elif len({shape[0] for shape in shapes}) == 1:
+            tensor.shape = list(first)
+        else:
+            if symbol is not None and all(s[0] == b for s, b in zip(shapes, run_batches, strict=True)):
+                batch = symbol
+            elif tensor.shape and not _is_static(tensor.shape[0]):
+                batch = tensor.shape[0]
+            else:
+                batch = "batch"
+            tensor.shape = [batch, *first[1:]]
+        resolved += 1
+    return resolved
+
+
+def _computed_from(proto: onnx.ModelProto, ops: frozenset[str]) -> set[str]:
+    """Names of the tensors that ``ops`` nodes write, and of every tensor computed from them."""
+
+    reached: set[str] = set()
+    for node in proto.graph.node:  # exported graphs are topologically sorted
+        if node.op_type in ops or any(name in reached for name in node.input):
+            reached.update(node.output)
+    return reached
+
+
+def _batch_dims(proto: onnx.ModelProto, symbols: bool = False) -> list:
+    """The first dimension of every real input: its size, else its name (``symbols``) or None."""
+
+    inits = {i.name for i in proto.graph.initializer}
+    dims = []
+    for value in proto.graph.input:
+        shape = value.type.tensor_type.shape.dim
+        if value.name not in inits and len(shape):
+            dim = shape[0]
+            dims.append(dim.dim_value if dim.HasField("dim_value") else dim.dim_param if symbols else None)
+    return dims
+
+
+def _random_feed(proto: onnx.ModelProto, batch: int | None, seed: int) -> dict[str, np.ndarray]:
+    """Random values for every real input, the dynamic batch set to ``batch``."""
+
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in proto.graph.initializer}
+    feed = {}
+    for value in proto.graph.input:
+        if value.name in inits:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if dtype.kind == "f":
+            feed[value.name] = rng.uniform(-1.0, 1.0, dims).astype(dtype)
+        elif dtype.kind == "b":
+            feed[value.name] = rng.integers(0, 2, dims).astype(dtype)
+        else:
+            feed[value.name] = rng.integers(0, 4, dims).astype(dtype)
+    return feed
 
 
 def _probe_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, list]:

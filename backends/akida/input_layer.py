@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from qanac.diagnostics import InternalError
+
 IMAGE_CHANNELS = (1, 3)  # what an Akida InputConv2D reads
 
 
@@ -31,6 +33,9 @@ def with_identity_input_layer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
                        and not any(a.name == "group" and a.i > 1 for a in readers[0].attribute))
     if len(readers) < 2 and not wide_conv_first:
         return model, False
+    if channels < 1:  # a depthwise identity of group 0 would be an invalid Conv
+        raise InternalError(f"device segment input '{name}' has no known channel count",
+                            hint="its shape was lost before partitioning: report this with the model")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     identity = f"{name}::identity-input"
