@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
@@ -164,3 +165,35 @@ def test_a_fold_graphsurgeon_skips_silently_is_an_error(monkeypatch):
     with pytest.raises(UnsupportedModelError, match="3 constant node\\(s\\) were not folded") as caught:
         apply_pass(parse(SCALED), "fold-constants")
     assert sorted(d.nodes[0] for d in caught.value.diagnostics) == ["half", "offset", "scale"]
+
+
+def test_a_torch_view_before_the_classifier_leaves_no_shape_computation():
+    # the model's only dynamic-shape computation (x.view(x.size(0), -1)) feeds the classifier's Reshape;
+    # after canonicalization no tensor but the float activations is left to cross a segment boundary
+    torch = pytest.importorskip("torch")
+    import io
+
+    import onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 6 * 6, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            return self.fc(x.view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(Net().eval(), torch.zeros(1, 3, 6, 6), buffer, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, opset_version=17, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    assert {"Shape", "Gather", "Concat"} <= set(ops(model))
+    compiled, report = verify_pipeline(model, list(CANONICALIZE), random_inputs(model, batch=3))
+    assert ops(compiled) == ["Conv", "Relu", "Flatten", "Gemm"]
+    assert report.totals()["fold-constants"]["counts"]["fold-reshape-shape"] == 1
+    variables = [t for t in compiled.graph.tensors().values() if isinstance(t, gs.Variable)]
+    assert all(t.dtype == np.float32 for t in variables)
+    assert_outputs_equal(model, compiled, random_inputs(model, batch=2, seed=4))
