@@ -160,17 +160,88 @@ class _InferenceBatchNormRule(Rule):
         raise NotImplementedError
 
 
+def _forward_plan(graph: gs.Graph, bn: gs.Node, s: np.ndarray, shift: np.ndarray) -> list | NoMatch:
+    """For a BatchNormalization read only by Convs: per Conv, its weights and bias with the BN folded in
+    (the BN applies to the Conv's input channels), or why the BN cannot fold forward.
+
+    conv(s * x + shift) = conv'(x) with W'[o, c] = W[o, c] * s[c'] and b'[o] = b[o] + sum W[o, c] *
+    shift[c'] (c' the input channel tap c of output o reads), but only where the Conv reads no padding
+    or the BN maps 0 to 0: the Conv pads the normalised input with zeros, which is -shift / s of the
+    raw input, not 0.
+    """
+
+    y = bn.outputs[0]
+    readers = y.outputs
+    if not readers or is_graph_output(graph, y) or any(r.op != "Conv" or r.inputs[0] is not y for r in readers):
+        return NoMatch("its output is not read by Convs only")
+    plans = []
+    for conv in readers:
+        weights = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        has_bias = len(conv.inputs) > 2 and not conv.inputs[2].is_empty()
+        bias = constant_value(conv.inputs[2]) if has_bias else None
+        if weights is None or (has_bias and bias is None):
+            return NoMatch(f"weights or bias of Conv '{node_label(conv)}' are not constant")
+        group = int(conv.attrs.get("group", 1))
+        if weights.shape[1] * group != len(s) or weights.shape[0] % group:
+            return NoMatch(f"{len(s)} BN channels but Conv '{node_label(conv)}' reads {weights.shape[1] * group}")
+        auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+            return NoMatch(f"Conv '{node_label(conv)}' has auto_pad (run explicit-pads)")
+        nonzero = np.flatnonzero(shift != 0)
+        if any(int(p) for p in conv.attrs.get("pads", [])) and len(nonzero):
+            k = int(nonzero[0])
+            return NoMatch(
+                f"Conv '{node_label(conv)}' pads its input with zeros, and this BatchNorm maps 0 to "
+                f"{shift[k]:.4g} on channel {k}: folded, the padding would have to be {-shift[k] / s[k]:.4g} "
+                "of the raw input, which a Conv cannot pad with"
+                if s[k] != 0 else
+                f"Conv '{node_label(conv)}' pads its input with zeros, and this BatchNorm maps every value to "
+                f"{shift[k]:.4g} on channel {k}"
+            )
+        w = weights.astype(np.float64)
+        per_group = w.shape[1]
+        outs = w.shape[0] // group
+        # input channel read by weights[o, c]: group (o // outs) * per_group + c
+        channel = (np.arange(w.shape[0]) // outs)[:, None] * per_group + np.arange(per_group)[None, :]
+        scale = s[channel].reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+        offset = shift[channel].reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+        new_bias = (bias.astype(np.float64) if has_bias else np.zeros(w.shape[0])) + (w * offset).reshape(
+            w.shape[0], -1).sum(axis=1)
+        plans.append((conv, (w * scale).astype(weights.dtype), new_bias.astype(weights.dtype)))
+    return plans
+
+
 class FoldBatchNormIntoConv(_InferenceBatchNormRule):
-    """Fold an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it."""
+    """Fold an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it, or else
+    into the Convs after it."""
 
     name = FOLD_RULE
 
     def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
         plan = _fold_plan(rw.graph, bn.inputs[0], params[0])
-        return plan if isinstance(plan, NoMatch) else (plan, params)
+        if not isinstance(plan, NoMatch):
+            return plan, params
+        forward = _forward_plan(rw.graph, bn, *params)
+        if isinstance(forward, NoMatch):
+            return plan if forward.reason == "its output is not read by Convs only" else forward
+        return None, forward
 
     def rewrite(self, rw: Rewriter, bn: gs.Node, found: tuple) -> None:
-        plan, (s, shift) = found
+        plan, other = found
+        if plan is None:
+            x = bn.inputs[0]
+            for conv, weights, bias in other:
+                rw.rename(conv)
+                conv.inputs[1] = rw.constant(f"{conv.name}/weight", weights)
+                if len(conv.inputs) > 2:
+                    conv.inputs[2] = rw.constant(f"{conv.name}/bias", bias)
+                else:
+                    conv.inputs.append(rw.constant(f"{conv.name}/bias", bias))
+                conv.inputs[0] = x
+            rw.remove(bn)
+            rw.count("fold-batchnorm-into-next-conv", len(other))
+            return
+        s, shift = other
         layer, pool = plan[:2]
         _fold(rw, bn, plan, s, shift, bn.outputs[0])
         rw.count("fold-batchnorm-through-maxpool" if pool is not None else f"fold-batchnorm-into-{layer.op.lower()}")
@@ -253,7 +324,8 @@ class BatchNormToAffine(_InferenceBatchNormRule):
     name = AFFINE_RULE
 
     def check_inference(self, rw: Rewriter, bn: gs.Node, params: tuple[np.ndarray, np.ndarray]) -> NoMatch | tuple:
-        if not isinstance(_fold_plan(rw.graph, bn.inputs[0], params[0]), NoMatch):
+        if not isinstance(_fold_plan(rw.graph, bn.inputs[0], params[0]), NoMatch) or not isinstance(
+                _forward_plan(rw.graph, bn, *params), NoMatch):
             return NoMatch(f"left to {FOLD_RULE}")
         x, y = bn.inputs[0], bn.outputs[0]
         rank = known_rank(x) if known_rank(x) is not None else known_rank(y)
@@ -288,7 +360,8 @@ register_rules(
     FOLD_RULE,
     FoldBatchNormIntoConv(),
     FoldScaleIntoConv(),
-    doc="""Fold inference-mode BatchNormalizations, and per-channel Mul/Add pairs, into the layer before them.
+    doc="""Fold inference-mode BatchNormalizations into the layer before them (else the Convs after them), and
+    per-channel Mul/Add pairs into the layer before them.
 
     Rewrites:
         fold-batchnorm-into-conv|convtranspose|gemm
@@ -297,6 +370,13 @@ register_rules(
                                           ConvTranspose (Keras' Conv -> MaxPool -> BatchNorm blocks)
                                           when every BN scale is >= 0: a max pooling commutes with a
                                           per-channel affine map of non-negative scale
+        fold-batchnorm-into-next-conv     a BatchNormalization that cannot fold into a layer before it
+                                          (the model's input normalisation, say), read only by Convs:
+                                          folded into their weights and biases, when they read no
+                                          padding or the BN maps 0 to 0 on every channel (a Conv pads
+                                          the normalised input with zeros, which is not a zero of the
+                                          raw input); else left, with the channel and the padding value
+                                          it would take
         fold-scale-into-conv, fold-scale-through-maxpool
                                           a Mul by one constant per channel (and the Add of one constant
                                           per channel after it, when there is one): a BatchNormalization

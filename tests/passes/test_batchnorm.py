@@ -323,3 +323,82 @@ def test_a_scale_that_is_not_per_channel_stays():
         "float[4,1,1] t3", f"float[1,1,3,3] w33 = {{{values(9)}}}, float[4,1,1] t3")
     compiled, result = apply_pass(with_shapes(text), "fold-batchnorm-into-conv")
     assert not result.changed and result.details["skipped"]["mul"] == "the scale is not one constant per channel"
+
+
+def bn_conv(shift: str, conv: str = "pads = [1, 1, 1, 1]", group: int = 1, second: str = "") -> str:
+    """x -> BatchNormalization (the model's input normalisation; var + epsilon = 1, so the BN computes
+    scale * x + shift) -> Conv <``conv``> [-> a second Conv]."""
+
+    return f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N,4,6,6] x) => (float[N,?,?,?] y{", float[N,?,?,?] z" if second else ""})
+        <float[6,{4 // group},3,3] w = {{{values(6, 4 // group, 3, 3)}}}, float[6] b = {{{values(6, seed=9)}}},
+         float[2,4,1,1] w2 = {{{values(2, 4, 1, 1, seed=8)}}},
+         float[4] scale = {{0.5, 1.25, -0.75, 2.0}}, float[4] shift = {{{shift}}},
+         float[4] mean = {{0.0, 0.0, 0.0, 0.0}}, float[4] var = {{0.999, 0.999, 0.999, 0.999}}>
+        {{
+          [bn] n = BatchNormalization <epsilon = 0.001> (x, scale, shift, mean, var)
+          [conv] y = Conv <{conv}, group = {group}> (n, w, b)
+          {"[conv2] z = Conv (n, w2)" if second else ""}
+        }}
+        """
+
+
+SHIFTED = "0.25, -1.0, 0.0, 3.0"
+ZERO = "0.0, 0.0, 0.0, 0.0"
+
+
+@pytest.mark.parametrize("shift, conv, group", [
+    (SHIFTED, "pads = [0, 0, 0, 0]", 1),  # no padding: any shift folds
+    (SHIFTED, "pads = [0, 0, 0, 0], strides = [2, 2]", 2),
+    (ZERO, "pads = [1, 1, 1, 1]", 1),  # the BN maps 0 to 0: the padding means the same
+])
+def test_batchnorm_before_a_conv_folds_into_it_when_the_padding_keeps_its_meaning(shift, conv, group):
+    model = parse(bn_conv(shift, conv, group))
+    compiled, counts, _ = rewrite_and_compare(model, "fold-batchnorm-into-conv")
+    assert counts == {"fold-batchnorm-into-next-conv": 1}
+    assert ops(compiled) == ["Conv"] and compiled.graph.nodes[0].inputs[0].name == "x"
+    assert compiled.graph.nodes[0].name == "conv::fold-batchnorm-into-conv"
+
+
+def test_batchnorm_before_two_unpadded_convs_folds_into_both():
+    model = parse(bn_conv(SHIFTED, "pads = [0, 0, 0, 0]", second="yes"))
+    compiled, counts, _ = rewrite_and_compare(model, "fold-batchnorm-into-conv")
+    assert counts == {"fold-batchnorm-into-next-conv": 2} and ops(compiled) == ["Conv", "Conv"]
+
+
+def test_batchnorm_before_a_padded_conv_that_moves_zero_stays_with_the_padding_value():
+    model = parse(bn_conv(SHIFTED))
+    compiled, result = apply_pass(with_shapes(bn_conv(SHIFTED)), "fold-batchnorm-into-conv")
+    assert not result.changed
+    reason = result.details["skipped"]["bn"]
+    assert "Conv 'conv' pads its input with zeros" in reason and "maps 0 to 0.25 on channel 0" in reason
+    assert "would have to be -0.5 of the raw input" in reason
+    compiled, result = apply_pass(compiled, "batchnorm-to-affine")
+    assert result.counts == {"batchnorm-to-affine": 1} and ops(compiled) == ["Mul", "Add", "Conv"]
+    assert_outputs_equal(model, compiled, random_inputs(model))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_torch_input_batchnorm_before_the_first_conv(padding):
+    torch = pytest.importorskip("torch")
+    import io
+
+    import onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 8, 3, padding=padding), torch.nn.ReLU())
+    net[0].running_mean.uniform_(-1, 1)
+    net[0].running_var.uniform_(0.5, 2)
+    buffer = io.BytesIO()
+    torch.onnx.export(net.eval(), torch.zeros(1, 3, 8, 8), buffer, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, opset_version=17, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    compiled, report = verify_pipeline(model, list(CANONICALIZE), random_inputs(model))
+    if padding:
+        assert ops(compiled) == ["Mul", "Add", "Conv", "Relu"]
+        assert "pads its input with zeros" in next(iter(report.skipped()["fold-batchnorm-into-conv"].values()))
+    else:
+        assert ops(compiled) == ["Conv", "Relu"]
+        assert report.totals()["fold-batchnorm-into-conv"]["counts"] == {"fold-batchnorm-into-next-conv": 1}
+    assert_outputs_equal(model, compiled, random_inputs(model, seed=3))
