@@ -100,9 +100,8 @@ def run_measured(command: list[str], timeout: float, log: Path) -> Measured:
                 break
             time.sleep(0.2)
     seconds = time.perf_counter() - started
-    returncode = None if timed_out else os.waitstatus_to_exitcode(status)
-    process.returncode = returncode  # reaped above: Popen must not wait for it again
-    return Measured(returncode=returncode, seconds=seconds,
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped above: Popen must not wait for it again
+    return Measured(returncode=None if timed_out else process.returncode, seconds=seconds,
                     peak_mb=usage.ru_maxrss / 1024.0, stdout=out_path.read_text(), stderr=err_path.read_text())
 
 
@@ -463,7 +462,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_json(path: Path, timeout: float, seconds: float, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"timeout": timeout, "total_seconds": seconds, "rows": rows}, indent=2, default=str))
+    document = {"timeout": timeout, "total_seconds": seconds, "code": code_version(), "rows": rows}
+    path.write_text(json.dumps(document, indent=2, default=str))
+
+
+def code_version() -> dict[str, Any]:
+    """The commit of the qanac that was measured and the files changed on top of it (git, when present)."""
+
+    def git(*args: str) -> str:
+        completed = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+        return completed.stdout.rstrip() if completed.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD") or None, "changed_files": changed}
 
 
 if __name__ == "__main__":
