@@ -332,7 +332,7 @@ def run_model(name: str, workdir: Path, timeout: float) -> dict[str, Any]:
             row["vendor"] = {"outcome": "timeout" if vendor.timed_out else "crashed",
                              "error": _last_line(vendor.stderr)}
         row["vendor"]["peak_mb"] = vendor.peak_mb
-    row["qanac"] = run_qanac(folder, row["build"]["model_file"], timeout)
+    row["qanac"] = {"code": code_version(), **run_qanac(folder, row["build"]["model_file"], timeout)}
     return row
 
 
@@ -467,13 +467,15 @@ def _write_json(path: Path, timeout: float, seconds: float, rows: list[dict[str,
 
 
 def code_version() -> dict[str, Any]:
-    """The commit of the qanac that was measured and the files changed on top of it (git, when present)."""
+    """The commit of the qanac that was measured and the compiler's files changed on top of it (git, when
+    present): a row is only comparable with rows of the same code."""
 
     def git(*args: str) -> str:
         completed = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
         return completed.stdout.rstrip() if completed.returncode == 0 else ""
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if line[3:].startswith(("qanac/", "passes/", "backends/", "frontends/"))]
     return {"commit": git("rev-parse", "HEAD") or None, "changed_files": changed}
 
 
