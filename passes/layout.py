@@ -4,12 +4,14 @@ that an imported Keras model is NCHW end to end, like a PyTorch one; and writing
 
 The model's interface is not touched: graph inputs and outputs keep their layout and names (the Keras
 frontend converts image inputs to NCHW before this pass runs, see qanac.frontends.keras). What tf2onnx's
-own transpose optimizer leaves is what this pass handles: pairs of Transposes separated by elementwise
-ops, and the NHWC Transpose in front of Flatten -> Dense, which is absorbed into the Dense weights.
+own transpose optimizer leaves is what this pass handles: Transposes around ops that compute alike in any
+layout (elementwise and broadcasting ops, reductions, Concat, Pad), which then compute in NCHW, and the
+NHWC Transpose in front of Flatten -> Dense, which is absorbed into the Dense weights.
 
 Heads: PyTorch exports GAP -> Flatten -> Gemm, tf2onnx GAP -> Squeeze -> MatMul -> Add (or a Reshape
 computed from the input's Shape). ``flatten-dense-to-gemm`` rewrites the latter forms into the former,
-so that the same network gives the same canonical graph from either framework.
+so that the same network gives the same canonical graph from either framework; a ReduceMean over the
+spatial axes becomes the GlobalAveragePool (and Flatten) PyTorch exports (``reduce-mean-to-global-pool``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from qanac.graph import bypass_node, constant_value, is_graph_output, replace_uses, single_consumer
 from qanac.passes._rewrite import static_dims
-from qanac.rewrite import NoMatch, Rewriter, Rule, register_rules
+from qanac.rewrite import NoMatch, Rewriter, Rule, node_label, register_rules
 
 RULE = "remove-layout-transposes"
 
@@ -109,6 +111,362 @@ class FoldTransposeIntoPartner(Rule):
         flatten.inputs[0] = transpose.inputs[0]
         rw.remove(transpose)
         rw.count("absorb-transpose-into-dense")
+
+
+# Ops that combine their inputs element by element with broadcasting: they commute with one Transpose of
+# all their inputs (a constant input is transposed with them).
+BROADCAST_ELEMENTWISE = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "Equal", "Greater",
+        "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod",
+    }
+)
+REDUCE_OPS = frozenset(
+    {
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+        "ReduceLogSumExp", "ReduceSumSquare",
+    }
+)
+AXIS_OPS = frozenset({"Concat", "Softmax", "LogSoftmax", "Hardmax"})
+# Inputs after the first that are parameters, not data, and keep their meaning across a layout change
+# (Clip's bounds) or are rewritten with it (axes, pads).
+PARAMETER_INPUTS = {"Clip": 1, "Pad": 1, **{op: 1 for op in REDUCE_OPS}}
+REGION_LIMIT = 4096
+REGION_RULE = "move-transposes-through-region"
+
+
+class _Region:
+    """The ops a Transpose's layout reaches: ``nodes`` compute in the transposed layout between ``entries``
+    (Transposes with the root's permutation writing ``domain`` tensors) and ``exits`` (Transposes reading
+    them); ``side`` are the other non-constant inputs of the ops, in the same layout as the domain."""
+
+    def __init__(self, perm: list[int]):
+        self.perm = perm
+        self.nodes: list[gs.Node] = []
+        self.node_ids: set[int] = set()
+        self.domain: dict[int, gs.Tensor] = {}
+        self.entries: dict[int, gs.Node] = {}
+        self.exits: dict[int, tuple[gs.Node, gs.Tensor]] = {}
+        self.side: dict[int, gs.Tensor] = {}
+
+    def outside_readers(self, tensor: gs.Tensor) -> list[gs.Node]:
+        """Readers of a domain tensor that are neither region ops nor exits (they keep the old layout)."""
+
+        return [c for c in tensor.outputs if id(c) not in self.node_ids and id(c) not in self.exits]
+
+    def keeps_old_layout(self, graph: gs.Graph, tensor: gs.Tensor) -> bool:
+        return bool(self.outside_readers(tensor)) or is_graph_output(graph, tensor)
+
+
+def _rank_is(tensor: gs.Tensor, rank: int) -> bool:
+    return tensor.shape is not None and len(tensor.shape) == rank
+
+
+def _data_inputs(node: gs.Node) -> list[gs.Tensor]:
+    count = PARAMETER_INPUTS.get(node.op, len(node.inputs))
+    return [t for t in node.inputs[:count] if not t.is_empty()]
+
+
+def _axes_of(node: gs.Node) -> list[int] | None:
+    """A Reduce's axes (attribute, or constant second input from opset 18), [] for all axes; None when
+    they are computed."""
+
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and not node.inputs[1].is_empty():
+        value = constant_value(node.inputs[1])
+        return None if value is None else [int(a) for a in value.reshape(-1)]
+    return []
+
+
+def _regionable(node: gs.Node, rank: int) -> bool:
+    """Whether ``node`` computes the same in any layout of its rank-``rank`` data once its constants, axes
+    and pads are permuted: elementwise and broadcasting ops, reductions that keep their dimensions,
+    Concat, Softmax over one axis, Pad with constant pads."""
+
+    if len(node.outputs) != 1 or not _rank_is(node.outputs[0], rank):
+        return False
+    if node.op in ELEMENTWISE:
+        return _is_elementwise(node)
+    if node.op in BROADCAST_ELEMENTWISE:
+        return all(_rank_is(t, rank) or (constant_value(t) is not None and constant_value(t).ndim <= rank)
+                   for t in node.inputs)
+    if node.op in REDUCE_OPS:
+        return int(node.attrs.get("keepdims", 1)) == 1 and _axes_of(node) is not None
+    if node.op in AXIS_OPS:
+        return True
+    if node.op == "Pad":
+        return all(t.is_empty() or constant_value(t) is not None for t in node.inputs[1:])
+    return False
+
+
+def _find_region(graph: gs.Graph, root: gs.Node) -> _Region | NoMatch:
+    """The region of ``root``'s layout (see ``_Region``), or why it cannot be moved."""
+
+    perm = _perm(root)
+    if perm is None:
+        return NoMatch("no explicit permutation")
+    rank = len(perm)
+    region = _Region(perm)
+    tensors: list[gs.Tensor] = []
+    ops: list[gs.Node] = []
+
+    def add_tensor(tensor: gs.Tensor) -> None:
+        if id(tensor) not in region.domain:
+            region.domain[id(tensor)] = tensor
+            tensors.append(tensor)
+
+    def add_node(node: gs.Node) -> None:
+        if id(node) not in region.node_ids:
+            region.node_ids.add(id(node))
+            region.nodes.append(node)
+            ops.append(node)
+
+    region.entries[id(root.outputs[0])] = root
+    add_tensor(root.outputs[0])
+    while tensors or ops:
+        if len(region.nodes) > REGION_LIMIT:
+            return NoMatch(f"the ops its layout reaches are more than {REGION_LIMIT}")
+        if tensors:
+            tensor = tensors.pop()
+            for reader in tensor.outputs:
+                if id(reader) in region.node_ids or id(reader) in region.exits:
+                    continue
+                if reader.op == "Transpose":
+                    if reader.inputs[0] is tensor and len(_perm(reader) or []) == rank:
+                        region.exits[id(reader)] = (reader, tensor)
+                elif _regionable(reader, rank):
+                    add_node(reader)
+            continue
+        node = ops.pop()
+        for tensor in _data_inputs(node):
+            value = constant_value(tensor)
+            if value is not None:
+                if value.ndim > rank or (node.op == "Concat" and value.ndim != rank):
+                    return NoMatch(f"{node.op} '{node_label(node)}' reads a constant of another rank")
+                continue
+            if id(tensor) in region.domain:
+                continue
+            producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+            if producer is not None and producer.op == "Transpose" and _perm(producer) == perm:
+                if id(producer) in region.exits:
+                    return NoMatch(f"Transpose '{node_label(producer)}' both reads and feeds its region")
+                region.entries[id(tensor)] = producer
+                add_tensor(tensor)
+            elif producer is not None and _regionable(producer, rank):
+                add_node(producer)
+            elif _rank_is(tensor, rank):
+                region.side[id(tensor)] = tensor
+            else:
+                return NoMatch(f"{node.op} '{node_label(node)}' reads a tensor of unknown or other rank")
+        for out in node.outputs:
+            add_tensor(out)
+    for tensor in region.domain.values():
+        if tensor.shape is None or len(tensor.shape) != rank:
+            return NoMatch("shapes on the way are unknown (run infer-shapes)")
+    return region
+
+
+def _is_identity(perm: list[int]) -> bool:
+    return perm == list(range(len(perm)))
+
+
+def _region_balance(graph: gs.Graph, region: _Region) -> tuple[int, int]:
+    """(Transposes the move removes, Transposes it inserts)."""
+
+    removed = sum(1 for t in region.domain.values()
+                  if id(t) in region.entries and not region.keeps_old_layout(graph, t))
+    removed += sum(1 for reader, _ in region.exits.values()
+                   if _is_identity([region.perm[i] for i in _perm(reader)]))
+    inserted = sum(1 for t in region.domain.values()
+                   if id(t) not in region.entries and region.keeps_old_layout(graph, t))
+    return removed, inserted + len(region.side)
+
+
+class MoveTransposesThroughRegion(Rule):
+    """T -> ops that compute alike in any layout (elementwise, broadcasting with constants or with each
+    other, reductions keeping their dimensions, Concat, Softmax, Pad) -> Transposes: the ops compute in
+    the untransposed layout and the Transposes around them cancel."""
+
+    name = REGION_RULE
+    ops = ("Transpose",)
+
+    def match(self, rw: Rewriter, transpose: gs.Node) -> bool:
+        perm = _perm(transpose)
+        out = transpose.outputs[0]
+        if perm is None or not any(_regionable(r, len(perm)) for r in out.outputs):
+            return False
+        simple = MoveTransposePastElementwise()
+        return not (simple.match(rw, transpose) and not isinstance(simple.check(rw, transpose), NoMatch))
+
+    def check(self, rw: Rewriter, transpose: gs.Node) -> NoMatch | _Region:
+        out = transpose.outputs[0]
+        if is_graph_output(rw.graph, out):
+            return NoMatch("its output is a graph output")
+        region = _find_region(rw.graph, transpose)
+        if isinstance(region, NoMatch):
+            return region
+        outside = region.outside_readers(out)
+        if outside:
+            return NoMatch(f"followed by {outside[0].op}")
+        removed, inserted = _region_balance(rw.graph, region)
+        if removed <= inserted:
+            return NoMatch(f"moving it through the {len(region.nodes)} ops its layout reaches would remove "
+                           f"{removed} Transposes and add {inserted}")
+        return region
+
+    def rewrite(self, rw: Rewriter, transpose: gs.Node, region: _Region) -> None:
+        removed, inserted = _region_balance(rw.graph, region)
+        _move_region(rw, region)
+        rw.count(REGION_RULE, removed - inserted)
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    return [int(i) for i in np.argsort(perm)]
+
+
+def _new_shape(shape: list, perm: list[int]) -> list:
+    """The shape of a tensor in the untransposed layout, from its shape in the transposed one."""
+
+    inverse = _inverse(perm)
+    return [shape[inverse[j]] for j in range(len(perm))]
+
+
+def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[i] = new
+
+
+def _move_region(rw: Rewriter, region: _Region) -> None:
+    """Make the region's ops compute in the untransposed layout (see ``MoveTransposesThroughRegion``)."""
+
+    graph, perm = rw.graph, region.perm
+    inverse = _inverse(perm)
+    for node in region.nodes:
+        _permute_parameters(rw, node, perm)
+        rw.record(node)
+    readers = {id(t): [c for c in t.outputs if id(c) in region.node_ids or id(c) in region.exits]
+               for t in region.domain.values()}
+    gone: list[gs.Node] = []
+    for key, tensor in list(region.domain.items()):
+        entry = region.entries.get(key)
+        if entry is not None:
+            new = entry.inputs[0]
+            for reader in readers[key]:
+                _rewire(reader, tensor, new)
+            if not tensor.outputs and not is_graph_output(graph, tensor):
+                rw.remove(entry)
+                gone.append(entry)
+            continue
+        producer = tensor.inputs[0]
+        new = rw.variable(f"{tensor.name}::{REGION_RULE}", tensor)
+        new.shape = _new_shape(list(tensor.shape), perm)
+        index = next(i for i, t in enumerate(producer.outputs) if t is tensor)
+        producer.outputs[index] = new
+        for reader in readers[key]:
+            _rewire(reader, tensor, new)
+        if tensor.outputs or is_graph_output(graph, tensor):
+            graph.nodes.append(gs.Node("Transpose", name=f"{rw.name(producer)}:out{index}",
+                                       attrs={"perm": list(perm)}, inputs=[new], outputs=[tensor]))
+    for side in region.side.values():
+        new = rw.variable(f"{side.name}::{REGION_RULE}", side)
+        new.shape = _new_shape(list(side.shape), perm)
+        side_readers = [c for c in side.outputs if id(c) in region.node_ids]
+        position = next(i for i, t in enumerate(side_readers[0].inputs) if t is side)
+        for reader in side_readers:
+            _rewire(reader, side, new)
+        graph.nodes.append(gs.Node("Transpose", name=f"{rw.name(side_readers[0])}:in{position}",
+                                   attrs={"perm": inverse}, inputs=[side], outputs=[new]))
+    for reader, _ in region.exits.values():
+        composed = [perm[i] for i in _perm(reader)]
+        if not _is_identity(composed):
+            reader.attrs["perm"] = composed
+            rw.rename(reader)
+            continue
+        out = reader.outputs[0]
+        if is_graph_output(graph, out):
+            reader.op = "Identity"
+            reader.attrs.clear()
+            rw.rename(reader)
+        else:
+            replace_uses(out, reader.inputs[0])
+            rw.remove(reader)
+            gone.append(reader)
+    skipped = rw.result.details.get("skipped", {})
+    for node in gone:
+        skipped.pop(node_label(node), None)
+
+
+def _permute_parameters(rw: Rewriter, node: gs.Node, perm: list[int]) -> None:
+    """Rewrite ``node``'s constants, axes and pads for its data in the untransposed layout: axis a of the
+    transposed layout is axis perm[a] of the untransposed one."""
+
+    rank, inverse = len(perm), _inverse(perm)
+    if node.op in BROADCAST_ELEMENTWISE or node.op == "Concat":
+        for i, tensor in enumerate(node.inputs):
+            value = constant_value(tensor)
+            if value is not None and (value.size > 1 or node.op == "Concat"):
+                full = value.reshape((1,) * (rank - value.ndim) + value.shape)
+                node.inputs[i] = rw.constant(f"{rw.name(node)}/{i}", np.ascontiguousarray(np.transpose(full, inverse)))
+    if node.op in REDUCE_OPS:
+        axes = sorted(perm[a % rank] for a in _axes_of(node))
+        if "axes" in node.attrs:
+            node.attrs["axes"] = axes
+        elif axes:
+            node.inputs[1] = rw.constant(f"{rw.name(node)}/axes", np.array(axes, np.int64))
+    if node.op in AXIS_OPS:
+        default = 1 if node.op == "Concat" else -1
+        node.attrs["axis"] = perm[int(node.attrs.get("axis", default)) % rank]
+    if node.op == "Pad":
+        pads = [int(p) for p in constant_value(node.inputs[1]).reshape(-1)]
+        if len(node.inputs) > 3 and not node.inputs[3].is_empty():
+            axes = [perm[int(a) % rank] for a in constant_value(node.inputs[3]).reshape(-1)]
+            node.inputs[3] = rw.constant(f"{rw.name(node)}/axes", np.array(axes, np.int64))
+        else:
+            moved = [0] * (2 * rank)
+            for a in range(rank):
+                moved[perm[a]], moved[rank + perm[a]] = pads[a], pads[rank + a]
+            node.inputs[1] = rw.constant(f"{rw.name(node)}/pads", np.array(moved, np.int64))
+
+
+class RemoveUnitTranspose(Rule):
+    """A Transpose that moves only axes of size 1 (the order of the other axes is kept), read only by
+    Flatten or Reshape: the elements are in the same order either way, so they read its input."""
+
+    name = "remove-unit-transpose"
+    ops = ("Transpose",)
+
+    def match(self, rw: Rewriter, transpose: gs.Node) -> bool:
+        perm, x = _perm(transpose), transpose.inputs[0]
+        if perm is None or x.shape is None or len(x.shape) != len(perm):
+            return False
+        moved = [axis for axis in perm if x.shape[axis] != 1]
+        return moved == sorted(moved) and bool(transpose.outputs[0].outputs)
+
+    def check(self, rw: Rewriter, transpose: gs.Node) -> NoMatch | None:
+        out = transpose.outputs[0]
+        if is_graph_output(rw.graph, out):
+            return NoMatch("its output is a graph output")
+        for reader in out.outputs:
+            if reader.op not in FLATTEN_OPS or reader.inputs[0] is not out:
+                return NoMatch(f"moves only axes of size 1, but is read by {reader.op}")
+            if reader.op == "Flatten" and not _same_split(transpose, int(reader.attrs.get("axis", 1))):
+                return NoMatch(f"Flatten '{node_label(reader)}' splits the moved axes differently")
+        return None
+
+    def rewrite(self, rw: Rewriter, transpose: gs.Node, found: None) -> None:
+        replace_uses(transpose.outputs[0], transpose.inputs[0])
+        rw.remove(transpose)
+
+
+def _same_split(transpose: gs.Node, axis: int) -> bool:
+    """Whether Flatten(axis) of the Transpose's output and of its input put the same axes first."""
+
+    shape, perm = transpose.inputs[0].shape, _perm(transpose)
+    axis = axis % (len(perm) + 1)
+    before = [shape[a] for a in perm[:axis] if shape[a] != 1]
+    return before == [d for d in shape[:axis] if d != 1]
 
 
 class RemoveNoopReshape(Rule):
@@ -292,6 +650,39 @@ class MatMulToGemm(Rule):
         rw.graph.nodes.append(gemm)
 
 
+class ReduceMeanToGlobalPool(Rule):
+    """ReduceMean over every spatial axis (2 and up) of an N-C-spatial tensor: a GlobalAveragePool, and a
+    Flatten(axis=1) after it when the ReduceMean drops the reduced axes (keepdims=0), the form PyTorch's
+    AdaptiveAvgPool2d(1) and Keras' GlobalAveragePooling2D export to (and quantizeml's sanitizer uses)."""
+
+    name = "reduce-mean-to-global-pool"
+    ops = ("ReduceMean",)
+
+    def match(self, rw: Rewriter, node: gs.Node) -> bool:
+        x = node.inputs[0]
+        axes = _axes_of(node)
+        if x.shape is None or len(x.shape) < 3 or not axes:
+            return False
+        rank = len(x.shape)
+        return sorted(a % rank for a in axes) == list(range(2, rank))
+
+    def check(self, rw: Rewriter, node: gs.Node) -> None:
+        return None
+
+    def rewrite(self, rw: Rewriter, node: gs.Node, found: None) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        keep = int(node.attrs.get("keepdims", 1)) == 1
+        pooled = y if keep else rw.variable(f"{rw.name(node, 0)}/out", x)
+        if not keep:
+            pooled.shape = [*x.shape[:2], *([1] * (len(x.shape) - 2))]
+        rw.remove(node)
+        rw.graph.nodes.append(gs.Node("GlobalAveragePool", name=rw.name(node, None if keep else 0), inputs=[x],
+                                      outputs=[pooled]))
+        if not keep:
+            rw.graph.nodes.append(gs.Node("Flatten", name=rw.name(node, 1), attrs={"axis": 1}, inputs=[pooled],
+                                          outputs=[y]))
+
+
 def _is_flatten(node: gs.Node) -> bool:
     """Squeeze or Reshape whose output is [N, product of the other input dims] (so dim 0 is kept)."""
 
@@ -319,12 +710,24 @@ def _dense_bias(add: gs.Node, product: gs.Tensor, width: int) -> np.ndarray | No
 
 register_rules(
     RULE,
+    MoveTransposesThroughRegion(),
     MoveTransposePastElementwise(),
     FoldTransposeIntoPartner(),
+    RemoveUnitTranspose(),
     RemoveNoopReshape(),
     doc="""Cancel, merge and absorb the layout Transposes inside the graph (NHWC <-> NCHW from Keras exports).
 
     Rewrites, tried on every Transpose T:
+        move-transposes-through-region    T -> the ops its layout reaches that compute alike in any
+                                          layout (elementwise and broadcasting ops, with constants or with
+                                          each other: hard-swish, squeeze-and-excitation gates, residual
+                                          Adds; reductions keeping their dimensions; Concat, Softmax, Pad)
+                                          -> Transposes: the ops compute in the untransposed layout (their
+                                          constants, axes and pads permuted), the Transposes into the
+                                          region with T's permutation go, those out of it cancel or merge,
+                                          and a Transpose is put back only where a tensor of the region is
+                                          read outside it or is a graph output; done when it removes more
+                                          Transposes than it puts back (counted: the net number removed)
         move-transpose-past-elementwise   T -> elementwise ops (Relu, Clip, Sigmoid, ...) -> a Transpose,
                                           Flatten or Reshape: T moves after the elementwise ops (they
                                           commute), next to that partner
@@ -334,6 +737,8 @@ register_rules(
         absorb-transpose-into-dense       T (rank 4, batch kept first) -> Flatten or Reshape to
                                           [N, C*H*W] -> MatMul or Gemm with constant weights: the weight
                                           rows are permuted to read the untransposed layout and T goes
+        remove-unit-transpose             T moving only axes of size 1, read only by Flatten or Reshape
+                                          (which see the same element order): T goes
     and, on every Reshape:
         remove-noop-reshape               a Reshape to the shape its input already has (tf2onnx leaves
                                           them where NHWC and NCHW shapes differed): removed
@@ -343,6 +748,7 @@ register_rules(
     outputs keep their layout and names.
     """,
 )
+register_rules("reduce-mean-to-global-pool", ReduceMeanToGlobalPool())
 register_rules(
     FLATTEN_RULE,
     SqueezeToFlatten(),

@@ -38,6 +38,7 @@ CANONICALIZE: tuple[str, ...] = (
     "fold-constants",
     "remove-layout-transposes",
     "flatten-dense-to-gemm",
+    "reduce-mean-to-global-pool",
     "bounded-relu-to-clip",
     "explicit-pads",
     "fuse-pad-into-conv",
