@@ -104,3 +104,18 @@ def test_identity_conv_is_dropped():
     assert _layer_types(lowered) == ["InputLayer", "Conv2D", "ReLU", "MaxPooling2D", "Flatten", "Dense"]
     assert lowered.rewrites == [{"rewrite": "drop-identity-conv", "layer": None,
                                  "nodes": ["pool1::identity-conv-after-maxpool"]}]
+
+
+def test_global_pool_after_max_pooling_gets_its_own_convolution():
+    """Conv > ReLU6 > MaxPool > GAP: v1 has no layer with both poolings, so the GAP pools in an identity conv
+    followed by the same bounded ReLU (exact: the mean of values in [0, 6] is in [0, 6])."""
+
+    g = GraphBuilder()
+    x = v1_models.relu6(g, g.conv("input", "conv1", 3, 8), "relu1")
+    x = g.op("MaxPool", [x], "pool1", kernel_shape=[2, 2], strides=[2, 2])
+    model = g.model(g.classifier(x, 8), (3, 8, 8), [10])
+    lowered, reference, actual = _keras_vs_onnx(model)
+    assert np.abs(reference - actual).max() < TOLERANCE
+    assert _layer_types(lowered) == ["InputLayer", "Conv2D", "ReLU", "MaxPooling2D", "Conv2D",
+                                     "GlobalAveragePooling2D", "ReLU", "Dense"]
+    assert lowered.keras_model.layers[-2].max_value == 6.0

@@ -116,3 +116,15 @@ def test_first_layer_must_be_an_image_convolution():
     x = relu6(g, g.op("Gemm", ["input", w, b], "fc1", transB=1), "relu1")
     w, b = g.weight("fc2_w", (10, 16)), g.weight("fc2_b", (10,), scale=0.1)
     assert _codes(g.model(g.op("Gemm", [x, w, b], "logits", transB=1), (32,), [10])) == [("AK1113", "fc1")]
+
+
+def test_global_pool_after_max_pooling_of_a_bounded_relu_passes():
+    g = GraphBuilder()
+    x = relu6(g, g.conv("input", "conv1", 3, 8), "relu1")
+    x = g.op("MaxPool", [x], "pool1", kernel_shape=[2, 2], strides=[2, 2])
+    assert _codes(g.model(g.classifier(x, 8), (3, 8, 8), [10])) == []
+    g = GraphBuilder()
+    x = g.op("MaxPool", [relu6(g, g.conv("input", "conv1", 3, 8), "relu1")], "pool1", kernel_shape=[2, 2],
+             strides=[2, 2])
+    x = g.relu(x, "relu2")  # unbounded: nothing bounds the identity conv's pooling
+    assert _codes(g.model(g.classifier(x, 8), (3, 8, 8), [10])) == [("AK1104", "relu2"), ("AK1114", "head_gap")]

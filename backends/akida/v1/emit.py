@@ -47,8 +47,8 @@ COMPILED_FILE = "model.fbz"
 QUANTIZED_FILE = "quantized.h5"
 QUANTIZED = "quantized"
 DEFAULT_AGREEMENT_SAMPLES = 32
-# The Akida model and the quantized Keras model compute the same integer pipeline; what differs is rounding
-# at the output scale (measured: identical top-1 on the digits CNN, SQNR above 30 dB).
+# The Akida model and the quantized Keras model compute the same integer pipeline up to rounding at the
+# activation levels (docs/akida-v1.md: 100 % top-1 and 45 dB at 4/4 bits on the digits CNN, 84 % at 2/2).
 STRICT = Thresholds(min_top1_agreement=0.99, min_sqnr_db=20.0)
 
 

@@ -122,7 +122,7 @@ def _plan(graph: gs.Graph) -> list[_Step]:
     steps: list[_Step] = []
     fused: set[str] = set()
     conv_padding: dict[str, str] = {}  # a convolution's output (and its ReLU's): its Keras padding
-    bounded: dict[str, float] = {}  # the output of a bounded ReLU after a convolution: the bound
+    bounded: dict[str, float] = {}  # the output of a bounded ReLU (and of max pooling of one): the bound
     for node in graph.nodes:
         if node.name in fused:
             continue
@@ -174,8 +174,10 @@ def _plan(graph: gs.Graph) -> list[_Step]:
             conv_padding[step.result.name] = step.params["padding"]
         elif step.kind == "relu" and source.name in conv_padding:
             conv_padding[step.result.name] = conv_padding[source.name]
-            if step.params["max_value"] is not None:
-                bounded[step.result.name] = step.params["max_value"]
+        if step.kind == "relu" and step.params["max_value"] is not None:
+            bounded[step.result.name] = step.params["max_value"]
+        elif step.kind == "maxpool" and source.name in bounded:
+            bounded[step.result.name] = bounded[source.name]
         kinds[step.result.name] = step.params.pop("kind")
         if "chw" in step.params:
             chw[step.result.name] = step.params["chw"]

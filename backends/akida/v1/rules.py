@@ -343,6 +343,19 @@ def input_layer_form(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
+def _bounded(tensor: gs.Tensor, ctx: LintContext) -> bool:
+    """``tensor`` is a bounded ReLU's output, possibly max pooled or copied: the lowering pools it in an identity
+    convolution of its own (exact, since the mean of values in [0, b] is in [0, b])."""
+
+    producer = ctx.producer(tensor)
+    while producer is not None and (producer.op in ("MaxPool", *PASSIVE_OPS) or is_identity_conv(producer)):
+        producer = ctx.producer(producer.inputs[0])
+    if producer is None or producer.op not in ACTIVATION_OPS:
+        return False
+    low, high = (0.0, None) if producer.op == "Relu" else _clip_bounds(producer)
+    return low == 0.0 and high is not None
+
+
 def global_pool(node: gs.Node, ctx: LintContext) -> str | None:
     if node.op != "GlobalAveragePool":
         return None
@@ -352,13 +365,11 @@ def global_pool(node: gs.Node, ctx: LintContext) -> str | None:
                 f"(at most {MAX_GAP_PIXELS})")
     tensor = node.inputs[0]
     producer = ctx.producer(tensor)
-    if producer is not None and producer.op in ACTIVATION_OPS:
-        tensor = producer.inputs[0]
-        producer = ctx.producer(tensor)
-    if producer is None or producer.op != "Conv" or _single_reader(tensor, ctx) is None:
-        what = "the model input" if producer is None else f"{producer.op} '{producer.name}'"
-        return f"global average pooling of {what} (it must follow a convolution that feeds nothing else)"
-    return None
+    if _bounded(tensor, ctx) or (producer is not None and producer.op == "Conv" and _single_reader(tensor, ctx)):
+        return None
+    what = "the model input" if producer is None else f"{producer.op} '{producer.name}'"
+    return (f"global average pooling of {what} (it must follow a convolution that feeds nothing else, or a "
+            "bounded ReLU)")
 
 
 AKIDA_V1_RULES = RuleSet(rules=(
