@@ -35,7 +35,7 @@ import onnx
 
 from qanac.diagnostics import UsageError
 from qanac.frontends.finish import check_export, first_line, set_source_names
-from qanac.native_output import import_tensorflow_quietly
+from qanac.native_output import import_quietly
 
 OPSET = 17
 SUFFIXES = {".keras", ".h5", ".hdf5"}
@@ -124,7 +124,7 @@ def _quiet_tensorflow() -> None:
 
 def _import(module: str, what: str) -> Any:
     try:
-        import_tensorflow_quietly()
+        import_quietly("tensorflow")  # _quiet_tensorflow set its log level first
         return __import__(module)
     except ImportError as exc:
         raise UsageError(f"{what} is not installed", hint="pip install 'qanac[keras]'") from exc

@@ -1,17 +1,20 @@
 """Output that native libraries write straight to file descriptors, past Python's sys.stdout/sys.stderr.
 
-TensorFlow 2.19 prints, on import, absl log lines about cuDNN/cuBLAS factories and computation placers
-"already registered" (E0000 / W0000 lines, before absl is initialised, so TF_CPP_MIN_LOG_LEVEL does not
-silence them). They are harmless on a CPU machine and would otherwise precede every Akida compile;
-``import_tensorflow_quietly`` discards them. An import that fails still raises its Python exception.
+Some frameworks print on import: TensorFlow 2.19, for one, writes absl log lines about cuDNN/cuBLAS
+factories "already registered" (E0000 / W0000 lines, before absl is initialised, so its log-level variable
+does not silence them). They are harmless on a CPU machine and would otherwise precede every compile that
+needs the framework; ``import_quietly`` discards them. An import that fails still raises its Python
+exception.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator, Mapping
+from types import ModuleType
 
 
 @contextlib.contextmanager
@@ -31,11 +34,13 @@ def native_output_discarded(fd: int) -> Iterator[None]:
         os.close(saved)
 
 
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow (once) with its native start-up log lines discarded."""
+def import_quietly(module: str, environ: Mapping[str, str] | None = None) -> ModuleType:
+    """Import ``module`` (once) with what native code writes to stderr during the import discarded;
+    ``environ`` (a library's own log-level switches) is set first where the user has not set it."""
 
-    if "tensorflow" in sys.modules:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if module in sys.modules:
+        return sys.modules[module]
+    for key, value in (environ or {}).items():
+        os.environ.setdefault(key, value)
     with native_output_discarded(2):
-        import tensorflow  # noqa: F401
+        return importlib.import_module(module)

@@ -59,10 +59,10 @@ import onnx_graphsurgeon as gs
 
 from qanac.backends.akida import patterns
 from qanac.backends.akida.patterns import BRAINCHIP_DOMAIN
+from qanac.backends.akida.tensorflow_import import import_tensorflow_quietly
 from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
 from qanac.execution import run_onnx
-from qanac.native_output import import_tensorflow_quietly
 
 DEFAULT_NUM_SAMPLES = 1024  # quantizeml's own default
 CALIBRATION_BATCH = 32

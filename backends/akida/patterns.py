@@ -81,7 +81,7 @@ class VendorTable:
 def vendor() -> VendorTable:
     """The installed quantizeml's pattern table (imports quantizeml, and TensorFlow with it, once)."""
 
-    from qanac.native_output import import_tensorflow_quietly
+    from qanac.backends.akida.tensorflow_import import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     from quantizeml.onnx_support.layers.subgraph_ops import activation

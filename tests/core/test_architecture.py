@@ -127,23 +127,6 @@ def test_the_import_check_sees_every_form_of_import():
     assert "qanac.passes.akida" in TARGET_PASS_PACKAGES
 
 
-# Core modules that still break the layout (issue #12): (file, what it imports or names). The lists are exact:
-# no module may join them, a fixed one leaves them, and when both are empty the xfail marks go.
-IMPORT_OFFENDERS = {("qanac/native_output.py", "tensorflow")}
-NAMING_OFFENDERS: set[tuple[str, str]] = set()
-
-
-def test_the_offender_lists_are_exact():
-    imports, names = import_offenders(), target_names_in_core()
-    new_imports = {k: v for k, v in imports.items() if k not in IMPORT_OFFENDERS}
-    new_names = {k: v for k, v in names.items() if k not in NAMING_OFFENDERS}
-    assert not new_imports, "the core reaches targets only through qanac.targets:\n" + _listing(new_imports)
-    assert not new_names, "the core names no target (its name belongs in its own package):\n" + _listing(new_names)
-    fixed = (IMPORT_OFFENDERS - set(imports)) | (NAMING_OFFENDERS - set(names))
-    assert not fixed, f"fixed, remove from the offender lists: {sorted(fixed)}"
-
-
-@pytest.mark.xfail(strict=True, reason=", ".join(f"{path} imports {name}" for path, name in sorted(IMPORT_OFFENDERS)))
 def test_core_imports_no_target_zoo_or_vendor_stack():
     offenders = import_offenders()
     assert not offenders, "the core reaches targets only through qanac.targets:\n" + _listing(offenders)

@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qanac.backends.akida.tensorflow_import import import_tensorflow_quietly
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.graph import constant_value
-from qanac.native_output import import_tensorflow_quietly
 
 AFFINE_OPS = ("Sub", "Div", "Mul", "Add")
 PASS_THROUGH_OPS = ("Identity", "Dropout")

@@ -22,9 +22,9 @@ from typing import Any, Callable
 import numpy as np
 
 from qanac.backends.akida.runners import AkidaHardwareRunner, AkidaSoftwareRunner
+from qanac.backends.akida.tensorflow_import import import_tensorflow_quietly
 from qanac.diagnostics import UsageError
 from qanac.execution import DEFAULT_BATCH
-from qanac.native_output import import_tensorflow_quietly
 
 from .lowering import from_nhwc, to_nhwc
 
