@@ -273,3 +273,23 @@ def test_a_broken_registration_is_a_one_line_usage_error(registry, target, args,
     result = invoke(*args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_running_an_onnxruntime_bundle_imports_only_what_running_needs(small_model_path, small_calib_path, tmp_path):
+    from qanac.compiler import CompileRequest, compile_model
+
+    bundle = tmp_path / "bundle"
+    compile_model(CompileRequest(source=str(small_model_path), target="onnxruntime", output=bundle,
+                                 calibration=str(small_calib_path)))
+    code = (
+        "import sys\n"
+        "from qanac.cli import cli\n"
+        f"cli.main(['run', {str(bundle)!r}, '--input', {str(small_calib_path)!r}], prog_name='qanac',"
+        " standalone_mode=False)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorflow', 'akida', 'quantizeml')\n"
+        "               or m == 'onnxruntime.quantization')\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr
