@@ -8,6 +8,9 @@ Each of these ops clamps its input to an interval (Relu to [0, inf), Max(c) to [
 intervals. ``bounded-relu-to-clip`` writes every chain whose interval is [0, b] as one Clip(0, b) with
 constant min/max inputs and every chain whose interval is [0, inf) as one Relu, so backends and lint see
 one form.
+
+Keras writes hard_sigmoid as relu6(x + 3) / 6 and hard_swish as x * hard_sigmoid(x) (tf2onnx: Add, Clip,
+Mul, Mul); ``hard-sigmoid-and-swish`` writes them as the HardSigmoid and HardSwish ops PyTorch exports.
 """
 
 from __future__ import annotations
@@ -202,4 +205,126 @@ class BoundedReluToClip(Rule):
         rw.count(RULE)
 
 
+# How far from 1 the product of the Clip's bound and the scale after it may be (float32 rounding of 1/b).
+UNIT_TOLERANCE = 1e-6
+HARD_RULE = "hard-sigmoid-and-swish"
+
+
+def _only_reader(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
+    out = node.outputs[0]
+    return None if is_graph_output(graph, out) else single_consumer(out)
+
+
+def _scalar_operand(node: gs.Node, data: gs.Tensor) -> float | None:
+    """The one-element constant a two-input ``node`` combines with ``data``, or None."""
+
+    if len(node.inputs) != 2 or not any(t is data for t in node.inputs):
+        return None
+    other = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+    return None if other is data else _bound(other, known_rank(data))
+
+
+def _factor(scale: gs.Node, data: gs.Tensor) -> float | None:
+    """What Mul(data, k) or Div(data, d) multiplies ``data`` by (k, 1/d), or None."""
+
+    if scale.op not in ("Mul", "Div"):
+        return None
+    factor = _scalar_operand(scale, data)
+    if scale.op == "Div":
+        return 1.0 / factor if factor and scale.inputs[0] is data else None
+    return factor
+
+
+def _is_hard_swish(alpha: float, beta: float) -> bool:
+    return abs(alpha - 1.0 / 6.0) <= UNIT_TOLERANCE and abs(beta - 0.5) <= UNIT_TOLERANCE
+
+
+class HardSigmoidFromClip(Rule):
+    """Add(x, c) -> Clip(0, b) -> Mul(1/b) (or Div(b)): HardSigmoid(x, alpha=1/b, beta=c/b), the form
+    PyTorch exports nn.Hardsigmoid to (Keras writes hard_sigmoid as relu6(x + 3) / 6); and
+    x * Clip(x + 3, 0, 6) -> Mul(1/6) (or Div(6)), PyTorch's hand-written hard-swish: HardSwish(x)."""
+
+    name = "hard-sigmoid"
+    ops = ("Add",)
+
+    def match(self, rw: Rewriter, add: gs.Node) -> bool:
+        clip = _only_reader(rw.graph, add)
+        if clip is None or clip.op != "Clip" or not _is_canonical(clip) or clip.inputs[0] is not add.outputs[0]:
+            return False
+        scale = _only_reader(rw.graph, clip)
+        return scale is not None and scale.op in ("Mul", "Div")
+
+    def check(self, rw: Rewriter, add: gs.Node) -> NoMatch | tuple:
+        x = add.inputs[0] if constant_value(add.inputs[0]) is None else add.inputs[1]
+        shift = _scalar_operand(add, x)
+        if shift is None:
+            return NoMatch("adds a tensor, not one constant")
+        clip = _only_reader(rw.graph, add)
+        bound = float(constant_value(clip.inputs[2]).reshape(()))
+        scale = _only_reader(rw.graph, clip)
+        chain = [add, clip, scale]
+        if scale.op == "Mul" and any(t is x for t in scale.inputs) and not _scalar_operand(scale, clip.outputs[0]):
+            product = scale  # x * Clip(x + c, 0, b), scaled after the product
+            scale = _only_reader(rw.graph, product)
+            factor = _factor(scale, product.outputs[0]) if scale is not None else None
+            if factor is None or abs(factor * bound - 1.0) > UNIT_TOLERANCE or not _is_hard_swish(factor,
+                                                                                                   shift * factor):
+                return NoMatch(f"x * Clip(x + {shift:g}, 0, {bound:g}) is not scaled into a HardSwish")
+            return "HardSwish", x, [*chain, scale], {}
+        factor = _factor(scale, clip.outputs[0])
+        if factor is None or abs(factor * bound - 1.0) > UNIT_TOLERANCE:
+            return NoMatch(f"Clip(0, {bound:g}) is not scaled by 1/{bound:g} after it")
+        return "HardSigmoid", x, chain, {"alpha": factor, "beta": shift * factor}
+
+    def rewrite(self, rw: Rewriter, add: gs.Node, found: tuple) -> None:
+        op, x, chain, attrs = found
+        y = chain[-1].outputs[0]
+        for node in chain:
+            rw.remove(node)
+        rw.graph.nodes.append(gs.Node(op, name=rw.name(add), attrs=attrs, inputs=[x], outputs=[y]))
+        rw.count("hard-swish" if op == "HardSwish" else self.name)
+
+
+class HardSwishFromHardSigmoid(Rule):
+    """x * HardSigmoid(x, alpha=1/6, beta=0.5): HardSwish(x), the form PyTorch exports nn.Hardswish to."""
+
+    name = "hard-swish"
+    ops = ("HardSigmoid",)
+
+    def match(self, rw: Rewriter, node: gs.Node) -> bool:
+        mul = _only_reader(rw.graph, node)
+        return mul is not None and mul.op == "Mul" and any(t is node.inputs[0] for t in mul.inputs)
+
+    def check(self, rw: Rewriter, node: gs.Node) -> NoMatch | None:
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        if not _is_hard_swish(alpha, beta):
+            return NoMatch(f"HardSigmoid(alpha={alpha:g}, beta={beta:g}) is not HardSwish's (1/6, 0.5)")
+        return None
+
+    def rewrite(self, rw: Rewriter, node: gs.Node, found: None) -> None:
+        mul = _only_reader(rw.graph, node)
+        x, y = node.inputs[0], mul.outputs[0]
+        rw.remove(node)
+        rw.remove(mul)
+        rw.graph.nodes.append(gs.Node("HardSwish", name=rw.name(mul), inputs=[x], outputs=[y]))
+
+
 register_rules(RULE, BoundedReluToClip())
+register_rules(
+    HARD_RULE,
+    HardSigmoidFromClip(),
+    HardSwishFromHardSigmoid(),
+    doc="""Write hard-sigmoid and hard-swish as the HardSigmoid and HardSwish ops PyTorch exports.
+
+    Rewrites:
+        hard-sigmoid   Add(x, c) -> Clip(0, b) -> Mul(1/b) or Div(b) (Keras' relu6(x + 3) / 6, as tf2onnx
+                       writes it): HardSigmoid(x, alpha=1/b, beta=c/b), when the Clip's bound times the
+                       scale is 1 within float32 rounding
+        hard-swish     x * HardSigmoid(x, alpha=1/6, beta=0.5), the HardSigmoid read by nothing else,
+                       and x * Clip(x + 3, 0, 6) -> Mul(1/6) or Div(6) (PyTorch's hand-written
+                       hard-swish): HardSwish(x)
+    Every intermediate tensor must be read only by the next node; the new node writes the last node's
+    output and is named after the first. Left with the reason: an Add of a tensor, a Clip not scaled by
+    the inverse of its bound, a HardSigmoid with other parameters. Exact up to float rounding.
+    """,
+)

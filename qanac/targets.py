@@ -40,6 +40,7 @@ CANONICALIZE: tuple[str, ...] = (
     "flatten-dense-to-gemm",
     "reduce-mean-to-global-pool",
     "bounded-relu-to-clip",
+    "hard-sigmoid-and-swish",
     "explicit-pads",
     "fuse-pad-into-conv",
     "fuse-pad-into-maxpool",

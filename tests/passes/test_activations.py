@@ -141,3 +141,61 @@ def test_torch_relu6_hardtanh_and_clamp_become_clips_through_canonicalize():
     bounds = [float(n.inputs[2].values.reshape(())) for n in compiled.graph.nodes if n.op == "Clip"]
     assert bounds == [6.0, 4.5, 2.0]
     assert all(float(n.inputs[1].values.reshape(())) == 0.0 for n in compiled.graph.nodes if n.op == "Clip")
+
+
+# --- hard-sigmoid-and-swish -------------------------------------------------------------------------------
+
+HARD = "hard-sigmoid-and-swish"
+
+
+def hard_model(scale: tuple[str, float], gate_of: str = "c") -> onnx.ModelProto:
+    """x -> Conv -> c; Add(gate_of, 3) -> Clip(0, 6) -> Mul or Div by ``scale`` -> Mul(c, that) -> y."""
+
+    op, value = scale
+    return chain_model(
+        [("Add", [gate_of, "three"]), ("Clip", ["$", "zero", "six"]), (op, ["$", "k"]), ("Mul", ["c", "$"])],
+        {"three": 3.0, "zero": 0.0, "six": 6.0, "k": value},
+    )
+
+
+@pytest.mark.parametrize("scale", [("Mul", 1 / 6), ("Div", 6.0)])
+def test_keras_hard_swish_becomes_one_op(scale):
+    model = hard_model(scale)
+    compiled, report = verify_pipeline(model, ["infer-shapes", HARD], random_inputs(model, seed=1))
+    assert report.totals()[HARD]["counts"] == {"hard-sigmoid": 1, "hard-swish": 1}
+    assert ops(compiled) == ["Conv", "HardSwish"] and compiled.graph.nodes[1].outputs[0].name == "y"
+
+
+def test_a_hard_sigmoid_gate_of_another_tensor_stays_a_hard_sigmoid():
+    model = hard_model(("Mul", 1 / 6), gate_of="x")
+    compiled, counts, _ = rewrite_and_compare(model, HARD)
+    assert counts == {"hard-sigmoid": 1}
+    assert ops(compiled) == ["Conv", "HardSigmoid", "Mul"]
+    gate = compiled.graph.nodes[1]
+    assert gate.attrs["alpha"] == pytest.approx(1 / 6) and gate.attrs["beta"] == pytest.approx(0.5)
+
+
+def test_a_clip_scaled_by_something_else_stays_with_the_reason():
+    compiled, result = apply_pass(hard_model(("Mul", 0.2)), HARD)
+    assert not result.changed and ops(compiled) == ["Conv", "Add", "Clip", "Mul", "Mul"]
+    assert result.details["skipped"] == {"add0": "Clip(0, 6) is not scaled by 1/6 after it"}
+
+
+class TorchHandWrittenHardSwish(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x * torch.nn.functional.relu6(x + 3) / 6
+
+
+def test_torch_hand_written_hard_swish_becomes_one_op():
+    buffer = io.BytesIO()
+    torch.manual_seed(0)
+    torch.onnx.export(TorchHandWrittenHardSwish().eval(), torch.randn(1, C, 8, 8), buffer, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "N"}}, opset_version=17, dynamo=False)
+    model = onnx.load_from_string(buffer.getvalue())
+    compiled, _ = verify_pipeline(model, list(CANONICALIZE), {"x": random_inputs(model)["x"] * 4})
+    assert ops(compiled) == ["Conv", "HardSwish"]

@@ -1,6 +1,6 @@
 """Keras models through qanac's Keras frontend (tf2onnx) and the canonical pipeline: the zoo's
 Conv -> MaxPool -> BatchNorm -> ReLU(6) block, ReLU(max_value), ZeroPadding2D + MaxPooling2D, and
-MobileNetV3-Small's layout Transposes. Outputs equal the imported model within the ``--verify-each``
+MobileNetV3-Small's layout Transposes and hard-swish. Outputs equal the imported model within the ``--verify-each``
 tolerance (max abs error <= 1e-4 * (1 + max |reference|))."""
 
 from __future__ import annotations
@@ -68,4 +68,6 @@ def test_keras_mobilenet_v3_keeps_no_layout_transpose(tmp_path):
     compiled, report = verify_pipeline(imported, list(CANONICALIZE), random_inputs(imported, batch=2))
     assert ops(compiled).count("Transpose") == 0
     assert ops(compiled).count("GlobalAveragePool") == 10  # 9 squeeze-and-excitation blocks and the head
+    # Keras' relu6(x + 3) / 6 spellings, as PyTorch's MobileNetV3 exports them
+    assert ops(compiled).count("HardSwish") == 19 and ops(compiled).count("HardSigmoid") == 9
     assert_outputs_equal(imported, compiled, random_inputs(imported, batch=3, seed=4))
