@@ -683,6 +683,45 @@ class ReduceMeanToGlobalPool(Rule):
                                           outputs=[y]))
 
 
+class PointwiseConvToGemm(Rule):
+    """Conv 1x1 (no padding, one group, constant weights) over a 1x1 map, read only by Flatten(axis=1): the
+    Flatten moves before it and the Conv becomes a Gemm (a Keras head writes the classifier as a 1x1
+    Conv then Flatten; PyTorch as Flatten then Linear)."""
+
+    name = "pointwise-conv-to-gemm"
+    ops = ("Conv",)
+
+    def match(self, rw: Rewriter, conv: gs.Node) -> bool:
+        out = conv.outputs[0]
+        flatten = single_consumer(out)
+        return (flatten is not None and flatten.op == "Flatten" and int(flatten.attrs.get("axis", 1)) == 1
+                and not is_graph_output(rw.graph, out) and static_dims(conv.inputs[0], [2, 3]) == (1, 1))
+
+    def check(self, rw: Rewriter, conv: gs.Node) -> NoMatch | np.ndarray:
+        weights = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        has_bias = len(conv.inputs) > 2 and not conv.inputs[2].is_empty()
+        if weights is None or weights.ndim != 4 or weights.shape[2:] != (1, 1):
+            return NoMatch("weights are not a constant 1x1 kernel")
+        if has_bias and constant_value(conv.inputs[2]) is None:
+            return NoMatch("bias is not constant")
+        if int(conv.attrs.get("group", 1)) != 1 or any(int(p) for p in conv.attrs.get("pads", [])):
+            return NoMatch("grouped or padded")
+        return weights
+
+    def rewrite(self, rw: Rewriter, conv: gs.Node, weights: np.ndarray) -> None:
+        flatten = single_consumer(conv.outputs[0])
+        x, y = conv.inputs[0], flatten.outputs[0]
+        flat = rw.variable(f"{rw.name(flatten)}/out", y)
+        flat.shape = [x.shape[0], int(weights.shape[1])]
+        inputs = [flat, rw.constant(f"{rw.name(conv)}/weight", weights.reshape(weights.shape[:2]))]
+        if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+            inputs.append(conv.inputs[2])
+        rw.remove(conv)
+        rw.remove(flatten)
+        rw.graph.nodes.append(gs.Node("Flatten", name=rw.name(flatten), attrs={"axis": 1}, inputs=[x], outputs=[flat]))
+        rw.graph.nodes.append(gs.Node("Gemm", name=rw.name(conv), attrs={"transB": 1}, inputs=inputs, outputs=[y]))
+
+
 def _is_flatten(node: gs.Node) -> bool:
     """Squeeze or Reshape whose output is [N, product of the other input dims] (so dim 0 is kept)."""
 
@@ -753,6 +792,7 @@ register_rules(
     FLATTEN_RULE,
     SqueezeToFlatten(),
     MatMulToGemm(),
+    PointwiseConvToGemm(),
     doc="""Write flattening as Flatten(axis=1) and a dense layer as Gemm, the forms PyTorch exports.
 
     Rewrites:
@@ -761,6 +801,9 @@ register_rules(
                               tf2onnx builds for a dynamic batch)
         matmul-to-gemm        MatMul of a 2-D tensor by a constant 2-D matrix, and the Add of a constant
                               [M] or [1, M] bias after it when there is one: a Gemm
+        pointwise-conv-to-gemm
+                              Conv 1x1 (no padding, one group, constant weights) over a 1x1 map read
+                              only by Flatten(axis=1) (a Keras head): Flatten, then a Gemm
     Not candidates: shapes unknown (run infer-shapes), weights not constant; when the MatMul's output is a
     graph output or has other consumers, or the Add's bias is not constant, only the MatMul becomes a
     Gemm. Invariant: outputs unchanged (exact), output names kept.

@@ -159,3 +159,23 @@ def test_reduce_mean_over_channels_stays():
     text = model("[mean] y = ReduceMean <axes = [1], keepdims = 1> (x)", outputs="float[N,1,6,6] y")
     _, result = apply_pass(apply_pass(parse(text), "infer-shapes")[0], "reduce-mean-to-global-pool")
     assert not result.changed
+
+
+def test_keras_pointwise_conv_head_becomes_flatten_and_gemm():
+    body = """
+          [pool] p = GlobalAveragePool (x)
+          [logits] c = Conv (p, w1, b)
+          [flatten] y = Flatten <axis = 1> (c)
+    """
+    text = model(body, outputs="float[N,4] y", extra=f", float[4] b = {{{values(4, seed=5)}}}")
+    compiled, counts, _ = rewrite_and_compare(parse(text), "flatten-dense-to-gemm")
+    assert counts == {"pointwise-conv-to-gemm": 1}
+    assert ops(compiled) == ["GlobalAveragePool", "Flatten", "Gemm"]
+    gemm = compiled.graph.nodes[-1]
+    assert gemm.name == "logits::flatten-dense-to-gemm" and gemm.outputs[0].name == "y"
+
+
+def test_pointwise_conv_over_a_larger_map_stays():
+    text = model("[logits] c = Conv (x, w1)\n [flatten] y = Flatten <axis = 1> (c)", outputs="float[N,144] y")
+    _, result = apply_pass(apply_pass(parse(text), "infer-shapes")[0], "flatten-dense-to-gemm")
+    assert not result.changed
