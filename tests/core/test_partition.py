@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qanac.execution import run_onnx
 from qanac.backends.akida.input_layer import with_identity_input_layer
+from qanac.execution import run_onnx
 from qanac.partition import DEVICE, HOST, extract_segment, plan_segments
 
 
@@ -26,7 +26,8 @@ def chain(gate: bool = True) -> onnx.ModelProto:
                   helper.make_node("Mul", ["r1", "s"], ["m"], name="mul")]
     nodes += [helper.make_node("Conv", ["m" if gate else "r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
               helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [numpy_helper.from_array(v, k) for k, v in w.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -50,7 +51,7 @@ def test_host_nodes_split_the_chain_with_single_tensor_boundaries():
     tensors = {"x": x}
     for segment in plan.segments:
         outputs = run_onnx(extract_segment(model, segment), {n: tensors[n] for n in segment.inputs})
-        tensors.update(zip(segment.outputs, outputs))
+        tensors.update(zip(segment.outputs, outputs, strict=True))
     np.testing.assert_allclose(tensors["y"], run_onnx(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
 
 
