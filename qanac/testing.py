@@ -78,6 +78,12 @@ def apply_pass(model: onnx.ModelProto | CompilationModel, name: str) -> tuple[Co
     return compiled, result
 
 
+def parse_with_shapes(text: str) -> CompilationModel:
+    """The model of ``text`` after infer-shapes, for rules that read shapes (they run after it in a pipeline)."""
+
+    return apply_pass(parse(text), "infer-shapes")[0]
+
+
 def ops(model: CompilationModel | onnx.ModelProto) -> list[str]:
     """The op types of the model's nodes, in graph order."""
 

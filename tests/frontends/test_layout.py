@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from qanac.graph import CompilationModel
-from qanac.testing import apply_pass, assert_outputs_equal, ops, parse, random_inputs, verify_pipeline
+from qanac.testing import (
+    apply_pass,
+    assert_outputs_equal,
+    ops,
+    parse,
+    parse_with_shapes,
+    random_inputs,
+    verify_pipeline,
+)
 
 LAYOUT = "remove-layout-transposes"
 HEAD = "flatten-dense-to-gemm"
@@ -17,16 +24,11 @@ def values(*shape: int, seed: int = 0) -> str:
     return ", ".join(f"{v:.4f}" for v in data.reshape(-1))
 
 
-def with_shapes(text: str) -> CompilationModel:
-    """The parsed model after infer-shapes (the layout rewrites read shapes, as in CANONICALIZE)."""
-
-    compiled, _ = apply_pass(parse(text), "infer-shapes")
-    return compiled
 
 
 def run_layout(text: str, name: str = LAYOUT):
     model = parse(text)
-    compiled, result = apply_pass(with_shapes(text), name)
+    compiled, result = apply_pass(parse_with_shapes(text), name)
     assert_outputs_equal(model, compiled, random_inputs(model))
     return compiled, result
 
@@ -124,7 +126,7 @@ def test_transpose_before_flatten_stays_when_the_dense_weights_are_not_constant(
           [fc] y = MatMul (f, fc)
         }
         """
-    compiled, result = apply_pass(with_shapes(text), LAYOUT)
+    compiled, result = apply_pass(parse_with_shapes(text), LAYOUT)
     assert not result.changed
     assert "not a constant" in result.details["skipped"]["to_nhwc"]
     assert ops(compiled) == ["Transpose", "Reshape", "MatMul"]
@@ -139,7 +141,7 @@ def test_transpose_with_a_second_consumer_stays():
           [back] z = Transpose <perm = [0, 3, 1, 2]> (y)
         }
         """
-    compiled, result = apply_pass(with_shapes(text), LAYOUT)
+    compiled, result = apply_pass(parse_with_shapes(text), LAYOUT)
     assert not result.changed
     assert result.details["skipped"]["to_nhwc"] == "its output is a graph output"
 
@@ -154,7 +156,7 @@ def test_transpose_before_a_conv_stays():
           [conv] y = Conv (t, w)
         }}
         """
-    _, result = apply_pass(with_shapes(text), LAYOUT)
+    _, result = apply_pass(parse_with_shapes(text), LAYOUT)
     assert not result.changed
     assert result.details["skipped"]["to_nchw"] == "followed by Conv"
 
@@ -185,7 +187,7 @@ def test_reshape_that_changes_the_shape_stays():
           [reshape] y = Reshape (x, shape)
         }
         """
-    _, result = apply_pass(with_shapes(text), LAYOUT)
+    _, result = apply_pass(parse_with_shapes(text), LAYOUT)
     assert not result.changed
 
 
@@ -234,7 +236,7 @@ def test_matmul_of_a_rank_3_tensor_stays():
           [fc] y = MatMul (x, fc)
         }}
         """
-    _, result = apply_pass(with_shapes(text), HEAD)
+    _, result = apply_pass(parse_with_shapes(text), HEAD)
     assert not result.changed
 
 

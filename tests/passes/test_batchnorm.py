@@ -11,16 +11,11 @@ from qanac.testing import (
     assert_outputs_equal,
     ops,
     parse,
+    parse_with_shapes,
     random_inputs,
     rewrite_and_compare,
     verify_pipeline,
 )
-
-
-def with_shapes(text: str):
-    """The parsed model after infer-shapes (rules that read shapes run after it in CANONICALIZE)."""
-
-    return apply_pass(parse(text), "infer-shapes")[0]
 
 
 def values(*shape: int, low: float | None = None, seed: int = 0) -> str:
@@ -272,7 +267,7 @@ def test_batchnorm_after_maxpool_folds_into_the_conv_before_it(pool):
 
 def test_batchnorm_after_maxpool_with_a_negative_scale_stays_with_the_channel_named():
     model = parse(conv_pool_bn(NEGATIVE))
-    compiled, result = apply_pass(with_shapes(conv_pool_bn(NEGATIVE)), "fold-batchnorm-into-conv")
+    compiled, result = apply_pass(parse_with_shapes(conv_pool_bn(NEGATIVE)), "fold-batchnorm-into-conv")
     assert not result.changed and ops(compiled) == ["Conv", "MaxPool", "BatchNormalization", "Relu"]
     reason = result.details["skipped"]["bn"]
     assert reason.startswith("negative scale") and "on channel 2" in reason and "MaxPool 'pool'" in reason
@@ -294,7 +289,7 @@ def test_mul_add_after_maxpool_folds_into_the_conv_before_it():
 
 
 def test_mul_add_after_maxpool_with_a_negative_scale_stays():
-    compiled, result = apply_pass(with_shapes(conv_pool_bn(NEGATIVE, norm=MUL_ADD)), "fold-batchnorm-into-conv")
+    compiled, result = apply_pass(parse_with_shapes(conv_pool_bn(NEGATIVE, norm=MUL_ADD)), "fold-batchnorm-into-conv")
     assert not result.changed and "on channel 2" in result.details["skipped"]["mul"]
 
 
@@ -321,7 +316,7 @@ def test_a_scale_that_is_not_per_channel_stays():
     assert not result.changed
     text = conv_pool_bn(POSITIVE, norm="[mul] n = Mul (p, w33)").replace(
         "float[4,1,1] t3", f"float[1,1,3,3] w33 = {{{values(9)}}}, float[4,1,1] t3")
-    compiled, result = apply_pass(with_shapes(text), "fold-batchnorm-into-conv")
+    compiled, result = apply_pass(parse_with_shapes(text), "fold-batchnorm-into-conv")
     assert not result.changed and result.details["skipped"]["mul"] == "the scale is not one constant per channel"
 
 
@@ -369,7 +364,7 @@ def test_batchnorm_before_two_unpadded_convs_folds_into_both():
 
 def test_batchnorm_before_a_padded_conv_that_moves_zero_stays_with_the_padding_value():
     model = parse(bn_conv(SHIFTED))
-    compiled, result = apply_pass(with_shapes(bn_conv(SHIFTED)), "fold-batchnorm-into-conv")
+    compiled, result = apply_pass(parse_with_shapes(bn_conv(SHIFTED)), "fold-batchnorm-into-conv")
     assert not result.changed
     reason = result.details["skipped"]["bn"]
     assert "Conv 'conv' pads its input with zeros" in reason and "maps 0 to 0.25 on channel 0" in reason

@@ -12,15 +12,12 @@ from qanac.testing import (
     assert_outputs_equal,
     ops,
     parse,
+    parse_with_shapes,
     random_inputs,
     rewrite_and_compare,
     run,
     verify_pipeline,
 )
-
-
-def with_shapes(text: str):
-    return apply_pass(parse(text), "infer-shapes")[0]
 
 
 def values(*shape: int, seed: int = 0) -> str:
@@ -235,6 +232,6 @@ def test_keras_zero_padding_and_maxpool_reach_split_padded_maxpool():
     ({"pads": "0, 1, 1, 1, 0, 0, 1, 1"}, "batch or channel"),
 ])
 def test_pad_before_a_maxpool_left_with_reason(kwargs, reason):
-    compiled, result = apply_pass(with_shapes(pad_then_maxpool(**kwargs)), "fuse-pad-into-maxpool")
+    compiled, result = apply_pass(parse_with_shapes(pad_then_maxpool(**kwargs)), "fuse-pad-into-maxpool")
     assert result.counts == {} and "Pad" in ops(compiled)
     assert reason in result.details["skipped"]["pad"]
