@@ -16,12 +16,14 @@ statistics set from data), each step in its own subprocess:
    --json`` then ``qanac verify OUT --data heldout.npz --json``: exit code, segments, device MAC share,
    agreement and SQNR against float (and of the quantized model), compile seconds, peak RSS.
 
-Each subprocess has the per-step ``--timeout`` and PYTHONFAULTHANDLER set (a segfault names its Python
-frame); its peak RSS comes from ``os.wait4``'s rusage of that child (its ``ru_maxrss``, which covers the
-child and the descendants it waited for). A crash (exit 4 or a signal), any other exit and a timeout are
-rows of the table, never a failure of the benchmark.
+Each subprocess has the per-step ``--timeout`` and ``--max-rss-mb`` (the benchmark kills a child whose
+resident memory passes it, before the kernel's OOM killer picks a process of someone else on a shared
+machine) and PYTHONFAULTHANDLER set (a segfault names its Python frame); its peak RSS comes from
+``os.wait4``'s rusage of that child (its ``ru_maxrss``, which covers the child and the descendants it
+waited for). A crash (exit 4 or a signal), any other exit, a timeout and the memory limit are rows of the
+table, never a failure of the benchmark.
 
-    python bench/conformance.py [--only NAME[,NAME]] [--slice ci] [--timeout 600]
+    python bench/conformance.py [--only NAME[,NAME]] [--slice ci] [--timeout 600] [--max-rss-mb 8192]
                                 [--json-out PATH] [--workdir DIR] [--markdown]
     python bench/conformance.py --from-json PATH [--markdown]     # the table of an earlier run
 """
@@ -54,46 +56,57 @@ from bench.corpus import CORPUS, SLICES, build  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 DEFAULT_TIMEOUT = 600.0
+DEFAULT_MAX_RSS_MB = 8192.0
 _TRUNCATION_MARKERS = ("not quantized", "Conversion stops")
 
 
 # ------------------------------------------------------------------------------------------ processes
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one subprocess may use before the benchmark kills it: wall seconds and resident MB."""
+
+    seconds: float = DEFAULT_TIMEOUT
+    rss_mb: float = DEFAULT_MAX_RSS_MB
+
+
 @dataclasses.dataclass
 class Measured:
-    """How one subprocess ended: exit code (None when it timed out), wall seconds, peak RSS in MB."""
+    """How one subprocess ended: exit code (None when the benchmark stopped it, ``stopped`` saying why:
+    "timeout" or "memory"), wall seconds, peak RSS in MB."""
 
     returncode: int | None
     seconds: float
     peak_mb: float
     stdout: str
     stderr: str
-
-    @property
-    def timed_out(self) -> bool:
-        return self.returncode is None
+    stopped: str | None = None
 
 
-def run_measured(command: list[str], timeout: float, log: Path) -> Measured:
-    """Run ``command`` in its own session, killing the session after ``timeout`` seconds.
+def run_measured(command: list[str], limits: Limits, log: Path) -> Measured:
+    """Run ``command`` in its own session; kill the session when it passes ``limits``.
 
-    stdout and stderr go to ``log``.stdout / ``log``.stderr (and are returned). The peak RSS is the
-    ``ru_maxrss`` of this child's rusage from ``os.wait4`` (Linux: kB).
+    stdout and stderr go to ``log``.stdout / ``log``.stderr (and are returned). The child's resident
+    memory is read from /proc every 0.2 s; the peak RSS reported is the ``ru_maxrss`` of this child's
+    rusage from ``os.wait4`` (Linux: kB).
     """
 
     out_path, err_path = log.with_suffix(".stdout"), log.with_suffix(".stderr")
     started = time.perf_counter()
+    stopped = None
     with open(out_path, "w") as out, open(err_path, "w") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
-        timed_out = False
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() - started > timeout:
-                timed_out = True
+            if time.perf_counter() - started > limits.seconds:
+                stopped = "timeout"
+            elif _resident_mb(process.pid) > limits.rss_mb:
+                stopped = "memory"
+            if stopped:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 _, status, usage = os.wait4(process.pid, 0)
@@ -101,13 +114,33 @@ def run_measured(command: list[str], timeout: float, log: Path) -> Measured:
             time.sleep(0.2)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped above: Popen must not wait for it again
-    return Measured(returncode=None if timed_out else process.returncode, seconds=seconds,
-                    peak_mb=usage.ru_maxrss / 1024.0, stdout=out_path.read_text(), stderr=err_path.read_text())
+    return Measured(returncode=None if stopped else process.returncode, seconds=seconds,
+                    peak_mb=usage.ru_maxrss / 1024.0, stdout=out_path.read_text(), stderr=err_path.read_text(),
+                    stopped=stopped)
+
+
+def _resident_mb(pid: int) -> float:
+    """VmRSS of a running process in MB (0 when it is gone or /proc does not say)."""
+
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
 
 
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _stop_text(measured: Measured, limits: Limits) -> str:
+    if measured.stopped == "timeout":
+        return f"no result after {limits.seconds:.0f} s"
+    return f"stopped at {limits.rss_mb:.0f} MB resident after {measured.seconds:.0f} s"
 
 
 def _crash_text(measured: Measured) -> str:
@@ -132,7 +165,7 @@ def _json_from(text: str) -> Any:
 # ------------------------------------------------------------------------------------------ qanac rows
 
 
-def run_qanac(folder: Path, model_file: str, timeout: float) -> dict[str, Any]:
+def run_qanac(folder: Path, model_file: str, limits: Limits) -> dict[str, Any]:
     """``qanac compile`` then ``qanac verify`` in subprocesses, as a user runs them."""
 
     qanac = str(Path(sys.executable).with_name("qanac"))
@@ -140,11 +173,11 @@ def run_qanac(folder: Path, model_file: str, timeout: float) -> dict[str, Any]:
     shutil.rmtree(bundle, ignore_errors=True)
     compile_cmd = [qanac, "compile", str(folder / model_file), "--target", "akida", "--calib",
                    str(folder / "calib.npy"), "-o", str(bundle), "--json"]
-    compiled = run_measured(compile_cmd, timeout, folder / "compile")
+    compiled = run_measured(compile_cmd, limits, folder / "compile")
     result: dict[str, Any] = {"command": " ".join(compile_cmd), "compile_seconds": compiled.seconds,
                               "peak_mb": compiled.peak_mb}
-    if compiled.timed_out:
-        result.update(exit="timeout", error=f"no result after {timeout:.0f} s")
+    if compiled.stopped:
+        result.update(exit=compiled.stopped, error=_stop_text(compiled, limits))
         return result
     result["exit"] = compiled.returncode
     try:
@@ -158,10 +191,10 @@ def run_qanac(folder: Path, model_file: str, timeout: float) -> dict[str, Any]:
     result.update(_bundle_facts(document["manifest"], document["report"]))
 
     verify_cmd = [qanac, "verify", str(bundle), "--data", str(folder / "heldout.npz"), "--json"]
-    verified = run_measured(verify_cmd, timeout, folder / "verify")
+    verified = run_measured(verify_cmd, limits, folder / "verify")
     result["verify_seconds"] = verified.seconds
-    if verified.timed_out:
-        result.update(verify_exit="timeout")
+    if verified.stopped:
+        result.update(verify_exit=verified.stopped, verify_error=_stop_text(verified, limits))
         return result
     result["verify_exit"] = verified.returncode
     try:
@@ -308,7 +341,7 @@ def _head(text: str, lines: int = 3, chars: int = 300) -> str:
 # ----------------------------------------------------------------------------------------- one model
 
 
-def run_model(name: str, workdir: Path, timeout: float) -> dict[str, Any]:
+def run_model(name: str, workdir: Path, limits: Limits) -> dict[str, Any]:
     """Every step for ``name`` (each a subprocess); always returns a row."""
 
     entry = CORPUS[name]
@@ -318,21 +351,21 @@ def run_model(name: str, workdir: Path, timeout: float) -> dict[str, Any]:
                            "description": entry.description}
     script = str(Path(__file__).resolve())
     built = run_measured([sys.executable, script, "--step", "build", name, "--workdir", str(workdir)],
-                         timeout, folder / "build")
+                         limits, folder / "build")
     if built.returncode != 0:
-        row["error"] = "build " + ("timed out" if built.timed_out else f"failed: {_last_line(built.stderr)}")
+        row["error"] = "build " + (_stop_text(built, limits) if built.stopped else f"failed: {_crash_text(built)}")
         return row
     row["build"] = json.loads((folder / "build.json").read_text())
     if entry.is_keras:
         vendor = run_measured([sys.executable, script, "--step", "vendor", name, "--workdir", str(workdir)],
-                              timeout, folder / "vendor")
+                              limits, folder / "vendor")
         if vendor.returncode == 0:
             row["vendor"] = json.loads((folder / "vendor.json").read_text())
         else:
-            row["vendor"] = {"outcome": "timeout" if vendor.timed_out else "crashed",
-                             "error": _last_line(vendor.stderr)}
+            row["vendor"] = {"outcome": vendor.stopped or "crashed",
+                             "error": _stop_text(vendor, limits) if vendor.stopped else _crash_text(vendor)}
         row["vendor"]["peak_mb"] = vendor.peak_mb
-    row["qanac"] = {"code": code_version(), **run_qanac(folder, row["build"]["model_file"], timeout)}
+    row["qanac"] = {"code": code_version(), **run_qanac(folder, row["build"]["model_file"], limits)}
     return row
 
 
@@ -417,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated model names, from: {', '.join(CORPUS)}")
     parser.add_argument("--slice", choices=sorted(SLICES), help="a named subset (ci: the CI-sized slice)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per step and model")
+    parser.add_argument("--max-rss-mb", type=float, default=DEFAULT_MAX_RSS_MB,
+                        help="resident MB per step and model; the step is killed past it")
     parser.add_argument("--json-out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--workdir", type=Path, help="models, data and bundles (default: a new temp dir)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -442,27 +477,28 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in names:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
-        row = run_model(name, workdir, args.timeout)
+        row = run_model(name, workdir, Limits(args.timeout, args.max_rss_mb))
         rows.append(row)
         q = row.get("qanac", {})
         print(f"[{name}] qanac exit {q.get('exit', '-')} in {q.get('compile_seconds', 0):.0f} s", file=sys.stderr,
               flush=True)
         if args.json_out:  # after every row, so that an interrupted run keeps what it measured
-            _write_json(args.json_out, args.timeout, time.perf_counter() - started, rows)
+            _write_json(args.json_out, args, time.perf_counter() - started, rows)
     total = time.perf_counter() - started
     print("Conformance corpus, device SixNodesIPv2 (qanac: CLI compile + verify on 128 held-out samples; "
           "vendor: MetaTF Keras path quantize -> convert -> map)")
     print(format_table(rows, markdown=args.markdown))
     print(f"\ntotal {total:.0f} s; work files in {workdir}")
     if args.json_out:
-        _write_json(args.json_out, args.timeout, total, rows)
+        _write_json(args.json_out, args, total, rows)
         print(f"results: {args.json_out}")
     return 0
 
 
-def _write_json(path: Path, timeout: float, seconds: float, rows: list[dict[str, Any]]) -> None:
+def _write_json(path: Path, args: argparse.Namespace, seconds: float, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"timeout": timeout, "total_seconds": seconds, "code": code_version(), "rows": rows}
+    document = {"timeout": args.timeout, "max_rss_mb": args.max_rss_mb, "total_seconds": seconds,
+                "code": code_version(), "rows": rows}
     path.write_text(json.dumps(document, indent=2, default=str))
 
 

@@ -1,8 +1,8 @@
 """The CI slice of the conformance corpus (bench/conformance.py --slice ci), run once for the module.
 
 Three kinds of assertion:
-- the process machinery, fast: a timeout, a segfault and a plain failure are rows that say what
-  happened, with the peak memory of the child;
+- the process machinery, fast: a timeout, the memory limit, a segfault and a plain failure are rows
+  that say what happened, with the peak memory of the child;
 - the harness (slow): one row per model, with every field the table shows filled in;
 - the behaviour issue #10 requires of every model (its "Done when"): qanac compiles it (exit 0: never 4,
   never a refusal), the bundle verifies and runs, and the bundle is no worse than qanac's own quantized
@@ -49,15 +49,24 @@ XFAIL: dict[str, str] = {
 
 def test_a_timeout_is_a_row_with_the_peak_memory_of_the_child(tmp_path):
     command = [sys.executable, "-c", "import time; block = bytearray(200_000_000); time.sleep(60)"]
-    measured = HARNESS.run_measured(command, timeout=3.0, log=tmp_path / "sleeper")
-    assert measured.timed_out and measured.returncode is None
+    measured = HARNESS.run_measured(command, HARNESS.Limits(seconds=3.0), log=tmp_path / "sleeper")
+    assert measured.stopped == "timeout" and measured.returncode is None
     assert 3.0 <= measured.seconds < 30.0
     assert measured.peak_mb >= 190.0  # the child's 200 MB, not the harness's
 
 
+def test_a_child_past_the_memory_limit_is_stopped_before_it_grows_further(tmp_path):
+    grow = ("import time\nblocks = []\n"
+            "for _ in range(40):\n    blocks.append(bytearray(50_000_000))\n    time.sleep(0.1)")  # 2 GB in 4 s
+    limits = HARNESS.Limits(rss_mb=300.0)
+    measured = HARNESS.run_measured([sys.executable, "-c", grow], limits, log=tmp_path / "grower")
+    assert measured.stopped == "memory" and measured.returncode is None
+    assert 300.0 < measured.peak_mb < 1000.0  # stopped well before its 2 GB
+
+
 def test_a_segfault_is_named_with_its_python_frame(tmp_path):
     command = [sys.executable, "-c", "import ctypes\ndef crash():\n    ctypes.string_at(0)\ncrash()"]
-    measured = HARNESS.run_measured(command, timeout=60.0, log=tmp_path / "crasher")
+    measured = HARNESS.run_measured(command, HARNESS.Limits(seconds=60.0), log=tmp_path / "crasher")
     assert measured.returncode == -11
     text = HARNESS._crash_text(measured)
     assert text.startswith("killed by SIGSEGV in File ") and "ctypes" in text, text
@@ -65,7 +74,7 @@ def test_a_segfault_is_named_with_its_python_frame(tmp_path):
 
 def test_an_exit_without_json_keeps_the_last_line_of_output(tmp_path):
     command = [sys.executable, "-c", "import sys; print('first'); print('the reason', file=sys.stderr); sys.exit(3)"]
-    measured = HARNESS.run_measured(command, timeout=60.0, log=tmp_path / "failer")
+    measured = HARNESS.run_measured(command, HARNESS.Limits(seconds=60.0), log=tmp_path / "failer")
     assert measured.returncode == 3 and HARNESS._crash_text(measured) == "the reason"
 
 
@@ -74,6 +83,7 @@ def rows(tmp_path_factory) -> dict[str, dict]:
     workdir = tmp_path_factory.mktemp("conformance")
     out = workdir / "rows.json"
     command = [sys.executable, str(REPO / "bench" / "conformance.py"), "--slice", "ci", "--timeout", "600",
+               "--max-rss-mb", "6000",
                "--workdir", str(workdir), "--json-out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-3000:]
