@@ -41,9 +41,7 @@ SLICE = HARNESS.SLICES["ci"]
 UINT8_INPUT = "exit 4: ONNX Runtime 'Unexpected input data type ... expected tensor(uint8)' (the shipped uint8 input)"
 XFAIL: dict[str, str] = {
     "gxnor_mnist": UINT8_INPUT,
-    "ds_cnn_kws": UINT8_INPUT,
     "shufflenet_v2": "compile killed by SIGSEGV inside akida's Model.map (_map_search) on qanac's device segment",
-    "mobilevit_xxs": "exit 4: 'ValueError: need at least one array to concatenate' in the backend",
 }
 
 
