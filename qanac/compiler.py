@@ -321,6 +321,8 @@ class EmittedPlan:
     plan: PartitionPlan
     segments: list[EmittedSegment]
     diagnostics: list[Diagnostic]  # planning and refusals (PART00x), then each device segment's findings
+    attempts: int = 1  # plans tried: one more than the attempts with refusals
+    backend_calls: int = 1  # device segments the backend compiled (the others were reused)
 
 
 def emit_segments(
@@ -335,10 +337,11 @@ def emit_segments(
     device segments (UnsupportedModelError) or finds one disagreeing with its own reference
     (VerificationError), move the nodes each names to the host and plan again, until every device segment
     compiles (qanac/partition.py). Every device segment of an attempt is emitted before the next, so all
-    refusals of an attempt move at once. A device segment compiled in an earlier attempt (same nodes, so
-    same float input) is reused, and the float activations at segment inputs are computed once. Without
-    partitioning the first refusal is the error (exit 3, or exit 1 for a disagreement); a disagreement
-    that leaves nothing on the device is an error too (exit 1). ``request.progress`` hears of each step."""
+    refusals of an attempt move at once; host segments are written for the accepted plan only. A device
+    segment compiled in an earlier attempt (same nodes, so same float input) is reused, and the float
+    activations at segment inputs are computed once. Without partitioning the first refusal is the error
+    (exit 3, or exit 1 for a disagreement); a disagreement that leaves nothing on the device is an error
+    too (exit 1). ``request.progress`` hears of each step."""
 
     host_nodes = dict(host_nodes)
     refusals: list[Diagnostic] = []
@@ -357,21 +360,16 @@ def emit_segments(
                     diagnostics=refusals + [d for d in plan.diagnostics if d.code == "PART001"][:20],
                     hint=f"run `qanac lint {request.source} --target {request.target}`",
                 )
-            scratch = stage / f".attempt{attempt}"
-            scratch.mkdir()
-            segments, refused = emitter.emit_plan(plan, attempt, scratch)
+            refused = emitter.compile_device_segments(plan, attempt)
             if refused:
-                shutil.rmtree(scratch)
                 for one in refused:
                     refusals.append(_move_to_host(one, model, host_nodes, request.target))
                     emitter.report(attempt, plan, one.segment, "refused", refusals[-1].message)
                 disagreements = [r.cause for r in refused if isinstance(r.cause, VerificationError)]
                 continue
-            for child in scratch.iterdir():
-                shutil.move(str(child), str(stage / child.name))
-            scratch.rmdir()
+            segments = emitter.write(plan, attempt, stage)
             found = [d for s in segments if s.emitted is not None for d in s.emitted.diagnostics]
-            return EmittedPlan(plan, segments, plan.diagnostics + refusals + found)
+            return EmittedPlan(plan, segments, plan.diagnostics + refusals + found, attempt, emitter.backend_calls)
         raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
     finally:
         shutil.rmtree(emitter.cache.root, ignore_errors=True)
@@ -382,9 +380,10 @@ class EmitProgress:
     """A step of planning and emitting, as it starts (``refused``: as it ends), for a progress display.
 
     ``step`` is ``plan`` (a plan of ``segments`` segments), ``activations`` (float activations at segment
-    inputs), ``host`` (a host segment written), ``emit`` (the backend compiling a device segment),
-    ``reuse`` (a device segment compiled in an earlier attempt) or ``refused`` (a device segment refused:
-    its named nodes move to the host). ``segment`` is 1-based, 0 for steps about the whole plan."""
+    inputs), ``emit`` (the backend compiling a device segment), ``reuse`` (a device segment compiled in an
+    earlier attempt), ``refused`` (a device segment refused: its named nodes move to the host) or ``host``
+    (a host segment of the accepted plan written). ``segment`` is 1-based, 0 for steps about the whole
+    plan."""
 
     attempt: int
     step: str
@@ -442,28 +441,29 @@ def _named_upstream(model: onnx.ModelProto, inside: set[str], named: set[str]) -
 
 @dataclasses.dataclass
 class _SegmentCache:
-    """Emitted device segments by their node names, with a copy of their files."""
+    """Device segments the backend compiled, by their node names, each in a folder of its own under ``root``."""
 
     root: Path
     entries: dict[tuple[str, ...], tuple[Path, EmitResult]] = dataclasses.field(default_factory=dict)
+    folders: int = 0
 
-    def restore(self, segment: Segment, folder: Path) -> EmitResult | None:
-        hit = self.entries.get(tuple(segment.nodes))
-        if hit is None:
-            return None
-        shutil.copytree(hit[0], folder, dirs_exist_ok=True)
-        return hit[1]
+    def get(self, segment: Segment) -> tuple[Path, EmitResult] | None:
+        return self.entries.get(tuple(segment.nodes))
 
-    def store(self, segment: Segment, folder: Path, emitted: EmitResult) -> None:
-        kept = self.root / str(len(self.entries))
-        shutil.copytree(folder, kept)
-        self.entries[tuple(segment.nodes)] = (kept, emitted)
+    def new_folder(self) -> Path:
+        self.folders += 1
+        folder = self.root / str(self.folders)
+        folder.mkdir(parents=True)
+        return folder
+
+    def put(self, segment: Segment, folder: Path, emitted: EmitResult) -> None:
+        self.entries[tuple(segment.nodes)] = (folder, emitted)
 
 
 @dataclasses.dataclass
 class _Emitter:
-    """Writes plans of one model: what stays the same across attempts (the model with its shapes inferred,
-    float activations at segment inputs, compiled segments) is computed once."""
+    """Compiles and writes plans of one model: what stays the same across attempts (the model with its
+    shapes inferred, float activations at segment inputs, compiled device segments) is computed once."""
 
     model: onnx.ModelProto
     calibration: CalibrationData
@@ -471,6 +471,7 @@ class _Emitter:
     request: CompileRequest
     cache: _SegmentCache
     activations: dict[str, Any] = dataclasses.field(default_factory=dict)  # tensor -> float calibration values
+    backend_calls: int = 0
     _inferred: onnx.ModelProto | None = None
 
     def report(self, attempt: int, plan: PartitionPlan, segment: Segment | None, step: str, message: str) -> None:
@@ -478,18 +479,45 @@ class _Emitter:
             index = 0 if segment is None else next(i for i, s in enumerate(plan.segments, 1) if s is segment)
             self.request.progress(EmitProgress(attempt, step, index, len(plan.segments), message))
 
-    def emit_plan(self, plan: PartitionPlan, attempt: int, out: Path) -> tuple[list[EmittedSegment],
-                                                                                list[_SegmentRefused]]:
-        """Write every segment of ``plan`` into ``out``: the segments and the device segments the backend
-        refused (all of them, unless partitioning is off: then the first raises its error). A device
-        segment that is not the whole model calibrates on the float activations at its input."""
+    def compile_device_segments(self, plan: PartitionPlan, attempt: int) -> list[_SegmentRefused]:
+        """Compile every device segment of ``plan`` not compiled before (into the cache); the refusals, all
+        of them unless partitioning is off (then the first raises its error). A device segment that is not
+        the whole model calibrates on the float activations at its input."""
 
         single = len(plan.segments) == 1
         device = [s for s in plan.segments if s.kind == DEVICE]
         self.report(attempt, plan, None, "plan", f"{len(plan.segments)} segment(s), {len(device)} on the device")
         if not single:
             self._compute_activations(attempt, plan, [s.inputs[0] for s in device])
-        emitted, refused = [], []
+        refused = []
+        for segment in device:
+            if self.cache.get(segment) is not None:
+                self.report(attempt, plan, segment, "reuse", "device segment compiled in an earlier attempt")
+                continue
+            share = segment.macs / plan.total_macs if plan.total_macs else 1.0
+            self.report(attempt, plan, segment, "emit", f"compiling {len(segment.nodes)} node(s) "
+                        f"({share:.1%} of MACs) for {self.request.target}")
+            part, data = (self.model, self.calibration) if single else (
+                self._extract(segment), self._calibration_at(segment.inputs[0]))
+            folder = self.cache.new_folder()
+            self.backend_calls += 1
+            try:
+                result = self.backend.emit(part, data, self.request.backend_options, folder)
+            except (UnsupportedModelError, VerificationError) as exc:
+                shutil.rmtree(folder)
+                if not self.request.partition:
+                    raise
+                refused.append(_SegmentRefused(segment, exc))
+                continue
+            self.cache.put(segment, folder, result)
+        return refused
+
+    def write(self, plan: PartitionPlan, attempt: int, out: Path) -> list[EmittedSegment]:
+        """Write every segment of an accepted ``plan`` into ``out`` (its device segments are compiled):
+        ``out`` itself for a one-segment plan, else folder ``seg<i>`` per segment."""
+
+        single = len(plan.segments) == 1
+        emitted = []
         for index, segment in enumerate(plan.segments):
             name = f"seg{index}"
             folder = "." if single else name
@@ -499,25 +527,11 @@ class _Emitter:
                 save_onnx(self._extract(segment), out / folder / HOST_FILE)
                 emitted.append(EmittedSegment(name, folder, segment, {HOST_MODEL: HOST_FILE}))
                 continue
-            result = self.cache.restore(segment, out / folder)
-            if result is not None:
-                self.report(attempt, plan, segment, "reuse", "device segment compiled in an earlier attempt")
-            else:
-                share = segment.macs / plan.total_macs if plan.total_macs else 1.0
-                self.report(attempt, plan, segment, "emit", f"compiling {len(segment.nodes)} node(s) "
-                            f"({share:.1%} of MACs) for {self.request.target}")
-                part, data = (self.model, self.calibration) if single else (
-                    self._extract(segment), self._calibration_at(segment.inputs[0]))
-                try:
-                    result = self.backend.emit(part, data, self.request.backend_options, out / folder)
-                except (UnsupportedModelError, VerificationError) as exc:
-                    if not self.request.partition:
-                        raise
-                    refused.append(_SegmentRefused(segment, exc))
-                    continue
-                self.cache.store(segment, out / folder, result)
+            compiled, result = self.cache.entries.pop(tuple(segment.nodes))
+            for child in compiled.iterdir():
+                shutil.move(str(child), str(out / folder / child.name))
             emitted.append(EmittedSegment(name, folder, segment, dict(result.files), result))
-        return emitted, refused
+        return emitted
 
     def _compute_activations(self, attempt: int, plan: PartitionPlan, tensors: list[str]) -> None:
         missing = [t for t in tensors if t not in self.activations]
@@ -662,6 +676,7 @@ def compile_report(
                                                *emitted.diagnostics]],
         "model": summary.to_dict(),
         "partition": partition.to_dict(),
+        "partition_attempts": {"plans": emitted.attempts, "backend_calls": emitted.backend_calls},
         "segments": segment_reports,
         **({"backend": segment_reports[0]["backend"]} if len(segment_reports) == 1 else {}),
         "backend_summary": format_segments(prepared.target.name, emitted, partition),

@@ -79,24 +79,39 @@ def _runs(order: list[onnx.NodeProto], placement: dict[str, str]) -> list[list[o
     return runs
 
 
-def _boundaries(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
-    """Tensors a run reads from outside (not constants) and tensors it writes that are used outside."""
+@dataclasses.dataclass
+class _Tensors:
+    """A model's tensors as boundaries ask about them, indexed once: its constants, the nodes reading each
+    tensor, its outputs."""
 
-    constants = initializer_names(model)
-    inside = {n.name for n in nodes}
-    produced = {out for n in nodes for out in n.output}
-    inputs: list[str] = []
-    for n in nodes:
-        for name in n.input:
-            if name and name not in produced and name not in constants and name not in inputs:
-                inputs.append(name)
-    graph_outputs = {o.name for o in model.graph.output}
-    used_outside = {name for n in model.graph.node if n.name not in inside for name in n.input}
-    outputs = [name for n in nodes for name in n.output if name in used_outside or name in graph_outputs]
-    return inputs, outputs
+    constants: set[str]
+    readers: dict[str, set[str]]
+    graph_outputs: set[str]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _Tensors:
+        readers: dict[str, set[str]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(node.name)
+        return cls(initializer_names(model), readers, {o.name for o in model.graph.output})
+
+    def boundaries(self, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str]]:
+        """Tensors a run reads from outside (not constants) and tensors it writes that are used outside."""
+
+        inside = {n.name for n in nodes}
+        produced = {out for n in nodes for out in n.output}
+        inputs: list[str] = []
+        for n in nodes:
+            for name in n.input:
+                if name and name not in produced and name not in self.constants and name not in inputs:
+                    inputs.append(name)
+        outputs = [name for n in nodes for name in n.output
+                   if name in self.graph_outputs or not self.readers.get(name, set()) <= inside]
+        return inputs, outputs
 
 
-def _largest_single_tensor_part(model: onnx.ModelProto, run: list[onnx.NodeProto],
+def _largest_single_tensor_part(tensors: _Tensors, run: list[onnx.NodeProto],
                                 macs: dict[str, int]) -> tuple[int, int] | None:
     """(first, last) index of the contiguous part of ``run`` with one input and one output tensor and the
     most MACs (at least one), or None."""
@@ -110,7 +125,7 @@ def _largest_single_tensor_part(model: onnx.ModelProto, run: list[onnx.NodeProto
     candidates = [c for c in candidates if c != (0, n - 1) and cumulative[c[1] + 1] > cumulative[c[0]]]
     candidates.sort(key=lambda c: (-(cumulative[c[1] + 1] - cumulative[c[0]]), c[0] - c[1]))  # longer on ties
     for first, last in candidates:
-        inputs, outputs = _boundaries(model, run[first:last + 1])
+        inputs, outputs = tensors.boundaries(run[first:last + 1])
         if len(inputs) == 1 and len(outputs) == 1:
             return first, last
     return None
@@ -129,6 +144,7 @@ def plan_segments(
     order = list(model.graph.node)
     placement = {n.name: (HOST if n.name in host_nodes else DEVICE) for n in order}
     macs = macs_by_node(model)
+    tensors = _Tensors.of(model)
     total = sum(macs.values())
     diagnostics = [
         Diagnostic(Level.INFO, "PART001", f"node '{name}' runs on the host: {reason}", nodes=[name], rule="partition")
@@ -142,14 +158,14 @@ def plan_segments(
             if placement[run[0].name] != DEVICE:
                 continue
             run_macs = sum(macs.get(n.name, 0) for n in run)
-            inputs, outputs = _boundaries(model, run)
+            inputs, outputs = tensors.boundaries(run)
             reason = None
             if total and run_macs < min_device_share * total and len(run) < len(order):
                 reason = (f"a device segment of {run_macs:,} MACs ({run_macs / total:.2%} of the model) is not "
                           f"worth its transfers (--min-device-share {min_device_share})")
                 code = "PART002"
             elif len(inputs) != 1 or len(outputs) != 1:
-                kept = _largest_single_tensor_part(model, run, macs)
+                kept = _largest_single_tensor_part(tensors, run, macs)
                 reason = (f"a device segment needs one input and one output tensor; these nodes would need "
                           f"inputs {inputs} and outputs {outputs}")
                 if kept is not None:
@@ -169,7 +185,7 @@ def plan_segments(
 
     segments = []
     for run in _runs(order, placement):
-        inputs, outputs = _boundaries(model, run)
+        inputs, outputs = tensors.boundaries(run)
         segments.append(Segment(placement[run[0].name], [n.name for n in run], inputs, outputs,
                                 sum(macs.get(n.name, 0) for n in run)))
     return PartitionPlan(segments, total, diagnostics)

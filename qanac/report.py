@@ -69,7 +69,7 @@ def format_segments(target: str, emitted: EmittedPlan, partition: PartitionRecor
     lines = [
         f"partition: {partition.segments} segments ({partition.device_segments} on {target}), "
         f"{partition.transfers} host<->device transfers, {partition.device_mac_share:.1%} of MACs on "
-        f"the device hardware"
+        f"the device hardware; {emitted.attempts} plan(s) tried, {emitted.backend_calls} device segment(s) compiled"
     ]
     for s in emitted.segments:
         nodes, macs = s.segment.nodes, s.segment.macs
