@@ -62,6 +62,15 @@ def test_a_child_past_the_memory_limit_is_stopped_before_it_grows_further(tmp_pa
     assert 300.0 < measured.peak_mb < 1500.0  # stopped well before its 2 GB (the sampler may lag on a busy machine)
 
 
+def test_the_peak_is_the_childs_own_not_the_large_harness_it_was_forked_from(tmp_path):
+    harness_memory = bytearray(1_000_000_000)  # ru_maxrss after execve would report this (CI: 2.5 GB for 0.4 GB)
+    harness_memory[::4096] = b"x" * len(harness_memory[::4096])  # touched: resident
+    command = [sys.executable, "-c", "import time; block = bytearray(100_000_000); time.sleep(1.0)"]
+    measured = HARNESS.run_measured(command, HARNESS.Limits(seconds=60.0), log=tmp_path / "small")
+    assert measured.returncode == 0
+    assert 90.0 < measured.peak_mb < 400.0, measured.peak_mb
+
+
 def test_a_segfault_is_named_with_its_python_frame(tmp_path):
     command = [sys.executable, "-c", "import ctypes\ndef crash():\n    ctypes.string_at(0)\ncrash()"]
     measured = HARNESS.run_measured(command, HARNESS.Limits(seconds=60.0), log=tmp_path / "crasher")
