@@ -257,20 +257,31 @@ def export_command(source: str, output: Path, input_shape: str | None, weights: 
 @click.option("--data", required=True, help="Data to compare on: X.npy, X.npz (optional 'labels') or an image folder.")
 @click.option("--min-agreement", type=float, default=0.95, show_default=True, help="Minimum top-1 agreement.")
 @click.option("--min-sqnr", type=float, default=15.0, show_default=True, help="Minimum SQNR in dB.")
+@click.option("--output-kind", multiple=True, metavar="NAME=KIND",
+              help="Compare output NAME as classification, dense or value instead of what its shape says "
+                   "(repeatable).")
 @json_option
 @handle_errors
-def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: float, as_json: bool) -> None:
-    """Compare a bundle's compiled model with its float reference on DATA; exit 1 below the thresholds."""
+def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: float, output_kind: tuple[str, ...],
+                   as_json: bool) -> None:
+    """Compare a bundle's compiled model with its float reference on DATA; exit 1 below the thresholds.
+
+    Each output is compared by what it is: classification outputs by top-1 agreement and SQNR, dense ones
+    (detection grids, maps) by SQNR with per-cell argmax agreement shown, single values by SQNR. Warnings
+    say when the float model's predictions make agreement no evidence (one class for nearly every input,
+    or mostly near ties); they leave the exit code alone.
+    """
 
     from qanac.bundle import Bundle
     from qanac.compare import Thresholds
-    from qanac.verify import compiled_runners, load_bundle_data, verify_bundle
+    from qanac.verify import compiled_runners, load_bundle_data, parse_output_kinds, verify_bundle
 
     opened = Bundle.open(bundle)
     samples = load_bundle_data(opened, data)
     models = 1 + len(compiled_runners(opened, {}))
     with progress_bar("verifying", samples.num_samples * models, enabled=not as_json) as bar:
-        result = verify_bundle(opened, samples, Thresholds(min_agreement, min_sqnr), progress=bar.update)
+        result = verify_bundle(opened, samples, Thresholds(min_agreement, min_sqnr), progress=bar.update,
+                               kinds=parse_output_kinds(output_kind))
     if as_json:
         emit_json(result.to_dict())
     else:
