@@ -132,6 +132,29 @@ def test_global_pooling_after_a_max_pooled_layer_is_refused():
     assert "no pattern Conv -> MaxPool -> Relu -> GlobalAveragePool" in gap.message
 
 
+def _input_read_twice(scale: str) -> onnx.ModelProto:
+    """The input feeds two convolutions whose Concat goes through a per-channel affine (a BatchNorm after the
+    Concat, as batchnorm-to-affine leaves it) and a ReLU: the QANA paper variant's first block."""
+
+    g = GraphBuilder()
+    x = g.op("Concat", [g.conv("input", "left", 3, 8), g.conv("input", "right", 3, 8)], "cat", axis=1)
+    gain = g.constant("gain", np.linspace(0.5, 1.5, 16).reshape(1, 16, 1, 1))
+    other = g.relu(g.conv("input", "other", 3, 16), "other_relu")
+    x = g.op("Mul", [x, gain if scale == "constant" else other], "affine_mul")
+    x = g.op("Add", [x, g.constant("shift", np.full((1, 16, 1, 1), 0.1))], "affine_add")
+    x = g.relu(g.conv(g.relu(x, "r1"), "c2", 16, 16), "r2")
+    return g.model(g.classifier(x, 16), (3, 8, 8), [10])
+
+
+def test_an_input_read_by_several_nodes_is_judged_with_the_backend_first_layer():
+    # quantizeml's sanitizer refuses an input with several readers; the backend gives every such segment an
+    # identity first layer, after which the sanitizer folds the affine into an identity conv after the Concat
+    assert lint(_input_read_twice("constant")) == []
+    findings = lint(_input_read_twice("tensor"))  # the view is used, not bypassed: a real gate is still found
+    assert [(f.code, f.nodes) for f in findings if f.code == "AKD103"] == [("AKD103", ["affine_mul"])], \
+        [f.format() for f in findings]
+
+
 def test_sanitizer_equivalences_the_table_relies_on():
     # Relu -> Min -> Max is one Clip(0, 6); PyTorch's Conv -> Relu -> MaxPool becomes Conv -> MaxPool -> Relu;
     # a PRelu with one slope becomes a LUT activation.

@@ -81,11 +81,6 @@ def test_qat_export_of_native_variant_compiles_and_agrees_with_float(tmp_path):
     assert correlation > 0.9, correlation
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "regression (open): with attention-freeze the paper variant now splits into 10 segments (5 on the device, "
-    "58 % of MACs) instead of one: lint (quantizeml's sanitized view) reports AKD101 on the Mul/Add that "
-    "batchnorm-to-affine leaves after each block's Concat and on the Clip after it, where the old "
-    "hand-written lint accepted them; scale-to-depthwise skips them as 'foldable by quantizeml'"))
 def test_paper_variant_runs_partly_on_the_host_and_maps_more_with_attention_freeze(tmp_path):
     raw = _images(16, 2)
     model = _with_statistics(qana("paper", width_mult=0.25, input_size=SIZE), raw)
