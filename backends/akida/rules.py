@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from qanac.backends.akida import device_fit, patterns
+from qanac.backends.akida import patterns
 from qanac.backends.akida.input_layer import with_identity_input_layer
 from qanac.backends.akida.padding import accepted_forms, form_pads, pads_form
 from qanac.backends.akida.patterns import QANAC, NodeFacts, Refusal
@@ -303,65 +303,6 @@ def dense_too_wide(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
-def _fit_device(ctx: LintContext) -> str | None:
-    """The device whose NPs the layers must fit: the device option, else the default device; None for
-    ``auto`` (akida sizes that device to the model) and for IP v1 devices (another path maps those)."""
-
-    from qanac.backends.akida.devices import AUTO, DEFAULT_DEVICE, MODEL_IP_VERSION, device_spec
-
-    name = ctx.device or DEFAULT_DEVICE
-    return None if name == AUTO or device_spec(name).ip_version != MODEL_IP_VERSION else name
-
-
-def cnp_need(node: gs.Node, ctx: LintContext) -> device_fit.Need | None:
-    """The CNPs the Akida layer that ``node`` heads needs (``device_fit``), or None when ``node`` heads no
-    layer on CNPs: the input convolution (it runs on the HRC), dense layers (one FNP), a layer whose shape
-    is unknown or whose kernel is not square."""
-
-    if node.op != "Conv":
-        return None
-    block = block_of(node, ctx)
-    shape = _weights_shape(node)
-    size = ctx.spatial(node.inputs[0])
-    if block is None or block[0] is not node or shape is None or size is None or len(shape) != 4:
-        return None
-    if shape[2] != shape[3]:
-        return None
-    if is_depthwise(node):
-        return device_fit.depthwise_need(size[0], size[1], shape[0])
-    if int(_attr(node, "group", 1)) != 1 or (node is input_layer(ctx) and shape[1] in (1, 3)):
-        return None
-    return device_fit.conv_need(size[0], size[1], shape[1], shape[0], shape[2])
-
-
-def too_large_for_device(node: gs.Node, ctx: LintContext) -> str | None:
-    device = _fit_device(ctx)
-    need = cnp_need(node, ctx) if device is not None else None
-    if need is None or need.filters_per_np == 0:  # a filter too big for any CNP is AKD203's
-        return None
-    available = device_fit.device_units(device)[0]
-    if need.count <= available:
-        return None
-    ways = [f"{name} ({device_fit.device_units(name)[0]} CNP1)" for name in device_fit.devices_with(need.count)]
-    if need.tiles <= available:
-        narrower = need.filters_per_np * (available // need.tiles)
-        ways.append(f"at most {narrower} {'channels' if is_depthwise(node) else 'filters'} on {device}")
-    return (f"needs about {need.count} CNP1 ({need.how}) but {device} has {available}"
-            + (f"; fits: {', '.join(ways)}" if ways else "; no IP v2 device has that many"))
-
-
-def gap_split(node: gs.Node, ctx: LintContext) -> str | None:
-    if node.op != "Conv" or not _fuses_gap(node, ctx):
-        return None
-    need = cnp_need(node, ctx)
-    size = ctx.spatial(node.inputs[0])
-    if need is None or need.tiles == 1:
-        return None
-    channels = _weights_shape(node)[1]
-    return (f"global average pooling fused into a convolution whose {size[0]}x{size[1]}x{channels} input is "
-            f"{size[0] * size[1] * channels} bytes (a CNP holds {device_fit.INPUT_BYTES})")
-
-
 def maxpool_last_in_sequence(node: gs.Node, ctx: LintContext) -> str | None:
     """A Conv whose layer fuses max pooling and feeds anything but convolutions (or the model output)."""
 
@@ -478,14 +419,6 @@ AKIDA_RULES = RuleSet(view=vendor_view, rules=(
     Rule("AKD205", "too many filters in the input layer", Level.WARNING, input_conv_filters,
          "map() puts the layer in a Software sequence: 'The filters number should be set between 1 and 512.'",
          "use at most 512 filters in the first convolution"),
-    Rule("AKM202", "layer too large for the device", Level.WARNING, too_large_for_device,
-         "map() puts the layer in a Software sequence: 'Not enough hardware components of type CNP1 available'",
-         "map on a larger device (`--device auto` picks the smallest that holds the model), or narrow the layer "
-         "(fewer filters or input channels) or shrink its input map"),
-    Rule("AKM203", "global pooling over a split map", Level.WARNING, gap_split,
-         "map() puts the layer in a Software sequence: 'When using Global Average Pooling, spatial split is "
-         "impossible.'",
-         "reduce the channels or the map before the global pooling so its input fits 64 KiB"),
 ))
 
 
