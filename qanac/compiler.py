@@ -18,6 +18,7 @@ checked first) that becomes the bundle only when every stage succeeded (qanac.bu
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 import warnings
@@ -32,7 +33,7 @@ from qanac.calibration import CalibrationData, Preprocessing, check_label_count,
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError, VerificationError
 from qanac.execution import tensor_values
 from qanac.frontends import ImportedModel, import_model
-from qanac.graph import CompilationModel, input_specs, save_onnx
+from qanac.graph import CompilationModel, input_specs, lookup_source, save_onnx, source_names_of
 from qanac.manifest import (
     FORMAT_VERSION,
     HOST,
@@ -48,12 +49,19 @@ from qanac.manifest import (
     SegmentRecord,
     SourceRecord,
 )
-from qanac.model_summary import ModelSummary, summarize
+from qanac.model_summary import (
+    ModelSummary,
+    format_macs,
+    format_share,
+    macs_by_node,
+    source_macs_by_segment,
+    summarize,
+)
 from qanac.partition import DEFAULT_MIN_DEVICE_SHARE, DEVICE, PartitionPlan, Segment, extract_segment, plan_segments
 from qanac.pipeline import PassContext, PassRecord, PipelineOptions, PipelineReport, run_pipeline
 from qanac.registry import load_passes
 from qanac.report import format_segments
-from qanac.targets import Target, get_target
+from qanac.targets import CANONICALIZE, Target, get_target
 
 HOST_FILE = "host.onnx"
 
@@ -213,6 +221,7 @@ class PreparedModel:
     context: PassContext  # its diagnostics: the calibration's, then the passes'
     pipeline: PipelineReport
     seconds: dict[str, float]  # import, pipeline
+    macs: MacAccount | None = None  # the source's MACs and what each pass added (None: not counted)
 
 
 def run_target_pipeline(
@@ -227,10 +236,80 @@ def run_target_pipeline(
         diagnostics=list(source.diagnostics),
     )
     started = time.perf_counter()
+    counter = _MacCounter(model)
+
+    def counted(record: PassRecord) -> None:
+        counter.after(record)
+        if on_pass is not None:
+            on_pass(record)
+
     report = run_pipeline(model, request.pipeline or list(source.target.pipeline), ctx, request.pipeline_options,
-                          on_pass=on_pass)
+                          on_pass=counted)
+    macs = counter.account()
+    ctx.diagnostics.extend(macs.growth_diagnostics())
     seconds = {"import": source.imported.seconds, "pipeline": time.perf_counter() - started}
-    return PreparedModel(source.target, source.imported, source.calibration, model, ctx, report, seconds)
+    return PreparedModel(source.target, source.imported, source.calibration, model, ctx, report, seconds, macs)
+
+
+# A legalization pass that adds more than this share of the source's MACs is reported (MAC001).
+GROWTH_WARNING_SHARE = 0.25
+
+
+@dataclasses.dataclass
+class MacAccount:
+    """The user's MAC count and what legalization did to it.
+
+    ``source`` is ``macs_by_node`` of the source model: the imported model after canonicalization (the
+    target-independent passes of ``qanac.targets.CANONICALIZE``), just before the first other pass
+    changed it. ``growth`` holds, per pass that changed the MAC count after that point, the MACs it added
+    (negative: removed), summed over sweeps; ``legalized`` is the total after the pipeline, the source's
+    total plus every growth."""
+
+    source: dict[str, int]
+    growth: dict[str, int]
+    legalized: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.source.values())
+
+    def growth_diagnostics(self) -> list[Diagnostic]:
+        """MAC001 for each pass that grew the model by more than ``GROWTH_WARNING_SHARE`` of the source."""
+
+        return [
+            Diagnostic(Level.WARNING, "MAC001",
+                       f"pass '{name}' adds {format_macs(added)} MACs ({added / self.total:.0%} of the source "
+                       f"model's {format_macs(self.total)}); the device share counts the source's MACs only",
+                       rule="legalization growth", pass_name=name,
+                       hint=f"if those layers run faster on the host, compile with --disable-pass {name}")
+            for name, added in self.growth.items()
+            if self.total and added > GROWTH_WARNING_SHARE * self.total
+        ]
+
+
+class _MacCounter:
+    """Counts the model's MACs after every pass that changed it (one export and shape inference each)."""
+
+    def __init__(self, model: CompilationModel):
+        self.model = model
+        self.current = macs_by_node(model.to_onnx())
+        self.source: dict[str, int] | None = None
+        self.growth: dict[str, int] = {}
+
+    def after(self, record: PassRecord) -> None:
+        if not record.changed:
+            return
+        if self.source is None and record.name not in CANONICALIZE:
+            self.source = self.current
+        now = macs_by_node(self.model.to_onnx())
+        added = sum(now.values()) - sum(self.current.values())
+        if self.source is not None and added:
+            self.growth[record.name] = self.growth.get(record.name, 0) + added
+        self.current = now
+
+    def account(self) -> MacAccount:
+        source = self.current if self.source is None else self.source
+        return MacAccount(source, self.growth, sum(self.current.values()))
 
 
 def write_partial(
@@ -369,7 +448,9 @@ def emit_segments(
                 continue
             segments = emitter.write(plan, attempt, stage)
             found = [d for s in segments if s.emitted is not None for d in s.emitted.diagnostics]
-            return EmittedPlan(plan, segments, plan.diagnostics + refusals + found, attempt, emitter.backend_calls)
+            moved = {n for d in refusals for n in d.nodes}  # a refusal is one finding: its PART004
+            planned = [d for d in plan.diagnostics if d.code != "PART001" or not set(d.nodes) <= moved]
+            return EmittedPlan(plan, segments, planned + refusals + found, attempt, emitter.backend_calls)
         raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
     finally:
         shutil.rmtree(emitter.cache.root, ignore_errors=True)
@@ -421,8 +502,8 @@ def _move_to_host(refused: _SegmentRefused, model: onnx.ModelProto, host_nodes: 
     moved = [n for n in nodes if n in causes] or nodes
     verb = "disagrees" if isinstance(cause, VerificationError) else "refused it"
     host_nodes.update({name: f"the {target} backend {verb}: {cause.message}" for name in moved})
-    return Diagnostic(Level.WARNING, "PART004", f"{len(moved)} node(s) from '{moved[0]}' moved to the host: "
-                      f"{cause.message}", nodes=moved[:5], rule="partition")
+    return Diagnostic(Level.WARNING, "PART004", f"moved to the host: {cause.message} ({len(moved)} node(s) from "
+                      f"'{moved[0]}')", nodes=moved, rule="partition")
 
 
 def _named_upstream(model: onnx.ModelProto, inside: set[str], named: set[str]) -> dict[str, set[str]]:
@@ -577,8 +658,10 @@ def assemble_bundle(
 
     save_onnx(linted.reference, stage / bundle_io.REFERENCE)
     summary = summarize(linted.reference)
-    segments = [segment_record(s, request.target, backend.variants) for s in emitted.segments]
-    partition = partition_record(emitted)
+    source_macs = source_macs_of(emitted, prepared.macs)
+    segments = [segment_record(s, request.target, backend.variants, m)
+                for s, m in zip(emitted.segments, source_macs, strict=True)]
+    partition = partition_record(emitted, prepared.macs)
     files = {REFERENCE_ROLE: bundle_io.REFERENCE}
     for record in segments:
         for role, name in record.files.items():
@@ -606,27 +689,57 @@ def assemble_bundle(
     return AssembledBundle(manifest, report)
 
 
-def segment_record(emitted: EmittedSegment, target: str, variants: tuple[str, ...]) -> SegmentRecord:
+def segment_record(emitted: EmittedSegment, target: str, variants: tuple[str, ...],
+                   source_macs: int | None = None) -> SegmentRecord:
+    """The manifest record of a segment; ``source_macs``: the source model's MACs it computes (default: its
+    own count), of which a device segment has the backend's hardware share on the hardware."""
+
     segment, result = emitted.segment, emitted.emitted
+    source_macs = segment.macs if source_macs is None else source_macs
     record = SegmentRecord(name=emitted.name, kind=segment.kind, dir=emitted.dir, target=HOST,
                            inputs=list(segment.inputs), outputs=list(segment.outputs), macs=segment.macs,
-                           nodes=len(segment.nodes), files=dict(emitted.files))
+                           nodes=len(segment.nodes), files=dict(emitted.files), source_macs=source_macs)
     if result is not None:
         record = dataclasses.replace(record, target=target, device=result.device, variants=list(variants),
-                                     backend=dict(result.record))
+                                     backend=dict(result.record),
+                                     hardware_macs=hardware_macs(source_macs, result.hardware_mac_share))
     return record
 
 
-def partition_record(emitted: EmittedPlan) -> PartitionRecord:
+def hardware_macs(source_macs: int, hardware_mac_share: float) -> int:
+    """A device segment's source MACs on the hardware: its share as the backend mapped it, rounded down
+    unless it is all of them."""
+
+    return source_macs if hardware_mac_share >= 1.0 else math.floor(source_macs * hardware_mac_share)
+
+
+def source_macs_of(emitted: EmittedPlan, macs: MacAccount | None) -> list[int]:
+    """The source model's MACs each segment computes (qanac.model_summary.source_macs_by_segment); without
+    an account, each segment's own count."""
+
+    if macs is None:
+        return [s.segment.macs for s in emitted.segments]
+    return source_macs_by_segment(macs.source, emitted.plan.macs_by_node, [s.segment.nodes for s in emitted.segments])
+
+
+def partition_record(emitted: EmittedPlan, macs: MacAccount | None = None) -> PartitionRecord:
+    """Where the source model's MACs run (without ``macs``: the planned model's own count)."""
+
     plan = emitted.plan
-    hardware_macs = sum(s.segment.macs * s.emitted.hardware_mac_share for s in emitted.segments if s.emitted)
+    source = source_macs_of(emitted, macs)
+    total = sum(source)
+    on_device = [(m, s.emitted) for m, s in zip(source, emitted.segments, strict=True) if s.emitted is not None]
+    hardware = sum(hardware_macs(m, result.hardware_mac_share) for m, result in on_device)
     return PartitionRecord(
         segments=len(plan.segments),
         device_segments=sum(1 for s in plan.segments if s.kind == DEVICE),
         transfers=plan.transfers,
-        total_macs=plan.total_macs,
-        device_macs=plan.device_macs,
-        device_mac_share=hardware_macs / plan.total_macs if plan.total_macs else 1.0,
+        total_macs=total,
+        device_macs=hardware,
+        device_mac_share=hardware / total if total else 1.0,
+        device_segment_macs=sum(m for m, _ in on_device),
+        legalized_macs=plan.total_macs,
+        mac_growth=dict(macs.growth) if macs is not None else {},
     )
 
 
@@ -666,18 +779,77 @@ def compile_report(
             entry["backend"] = s.emitted.report
         segment_reports.append(entry)
     report = prepared.pipeline
+    macs = prepared.macs
+    model = summary.to_dict() | {"legalized_macs": summary.macs}
+    if macs is not None:
+        model.update(macs=macs.total, macs_by_node={k: v for k, v in macs.source.items() if v},
+                     mac_growth=dict(macs.growth))
+    names = source_names_of(linted.model)
+    diagnostics = [with_sources(d, names) for d in [*prepared.context.diagnostics, *linted.diagnostics,
+                                                    *emitted.diagnostics]]
     return {
         "target": prepared.target.name,
         "seconds": seconds,
         "pipeline": [dataclasses.asdict(r) for r in report.records],
         "pipeline_string": report.pipeline_string(),
         "sweeps": report.iterations,
-        "diagnostics": [d.to_dict() for d in [*prepared.context.diagnostics, *linted.diagnostics,
-                                               *emitted.diagnostics]],
-        "model": summary.to_dict(),
+        "diagnostics": [d.to_dict() for d in diagnostics],
+        "model": model,
+        "device_share_warning": device_share_warning(prepared.target.name, emitted, partition, macs),
         "partition": partition.to_dict(),
         "partition_attempts": {"plans": emitted.attempts, "backend_calls": emitted.backend_calls},
         "segments": segment_reports,
         **({"backend": segment_reports[0]["backend"]} if len(segment_reports) == 1 else {}),
         "backend_summary": format_segments(prepared.target.name, emitted, partition),
     }
+
+
+# Below this share of the source's MACs on the device's hardware, compile ends with a warning.
+DEVICE_SHARE_WARNING = 0.9
+WARNING_REASONS = 3  # findings the warning names
+
+
+def device_share_warning(target: str, emitted: EmittedPlan, partition: PartitionRecord,
+                         macs: MacAccount | None) -> str | None:
+    """One line when less than ``DEVICE_SHARE_WARNING`` of the source's MACs run on the device's hardware,
+    naming the findings that moved the most source MACs off it: the partition's (PART001-PART004: nodes on
+    the host) and the device segments' backend warnings naming nodes there (layers in the backend's
+    software fallback), ranked by the source MACs of the nodes each code names; None otherwise."""
+
+    if not partition.total_macs or partition.device_mac_share >= DEVICE_SHARE_WARNING:
+        return None
+    nodes = [n for s in emitted.segments for n in s.segment.nodes]
+    source = macs.source if macs is not None else emitted.plan.macs_by_node
+    per_node = dict(zip(nodes, source_macs_by_segment(source, emitted.plan.macs_by_node, [[n] for n in nodes]),
+                        strict=True))
+    host = {n for s in emitted.segments if s.emitted is None for n in s.segment.nodes}
+    moved: dict[str, tuple[Diagnostic, set[str]]] = {}  # code -> (its first finding, the nodes it moved)
+    for d in emitted.diagnostics:
+        if d.code.startswith("PART"):
+            named = set(d.nodes) & host
+        elif d.level != Level.INFO:
+            named = set(d.nodes) & (set(per_node) - host)
+        else:
+            continue
+        if named:
+            first, so_far = moved.setdefault(d.code, (d, set()))
+            so_far.update(named)
+    ranked = sorted(((sum(per_node[n] for n in named), first) for first, named in moved.values()),
+                    key=lambda entry: -entry[0])
+    reasons = "; ".join(f"{first.code} {_shortened(first.message)} ({format_macs(m)} MACs)"
+                        for m, first in ranked[:WARNING_REASONS] if m)
+    return (f"only {format_share(partition.device_mac_share)} of the model's {format_macs(partition.total_macs)} "
+            f"MACs run on the {target} device hardware; " + (f"most moved off it by: {reasons}" if reasons else
+                                                             "no finding names the layers that do not"))
+
+
+def _shortened(text: str, limit: int = 90) -> str:
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def with_sources(diagnostic: Diagnostic, source_names: dict[str, str]) -> Diagnostic:
+    """``diagnostic`` with the source-framework name of each node, when it names nodes but not their sources."""
+
+    if not diagnostic.nodes or diagnostic.sources or not source_names:
+        return diagnostic
+    return dataclasses.replace(diagnostic, sources=[lookup_source(source_names, n) for n in diagnostic.nodes])

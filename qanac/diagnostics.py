@@ -32,6 +32,10 @@ class Level(str, enum.Enum):
     INFO = "info"
 
 
+_SEVERITY = (Level.ERROR, Level.WARNING, Level.INFO)
+SHOWN_NODES = 5  # nodes a human line names before "+N more"
+
+
 @dataclasses.dataclass
 class Diagnostic:
     """One finding about one or more nodes.
@@ -55,19 +59,66 @@ class Diagnostic:
         data["level"] = self.level.value
         return data
 
-    def format(self) -> str:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Diagnostic:
+        """The finding ``to_dict`` wrote (report.json keeps every finding so)."""
+
+        return cls(**{**data, "level": Level(data["level"])})
+
+    def located(self, limit: int = SHOWN_NODES) -> list[str]:
+        """The first ``limit`` nodes, each with its source-framework name when known (``node <- source``)."""
+
+        paired = len(self.sources) == len(self.nodes)
+        return [f"{node} <- {self.sources[i]}" if paired and self.sources[i] else node
+                for i, node in enumerate(self.nodes[:limit])]
+
+    def format(self, limit: int = SHOWN_NODES) -> str:
+        """The finding for people: level, code, its first ``limit`` nodes, message, rule and fix."""
+
         where = ""
         if self.nodes:
-            where = " [" + ", ".join(self.nodes)
-            if self.sources and any(self.sources):
-                where += " <- " + ", ".join(s for s in self.sources if s)
-            where += "]"
+            more = len(self.nodes) - limit
+            where = " [" + ", ".join(self.located(limit)) + (f", +{more} more" if more > 0 else "") + "]"
         text = f"{self.level.value}: {self.code}{where}: {self.message}"
         if self.rule:
             text += f"\n    rule: {self.rule}"
         if self.hint:
             text += f"\n    fix:  {self.hint}"
         return text
+
+
+def group_by_code(diagnostics: Iterable[Diagnostic]) -> list[list[Diagnostic]]:
+    """The findings by code, codes in order of their first finding, findings in their order."""
+
+    groups: dict[str, list[Diagnostic]] = {}
+    for d in diagnostics:
+        groups.setdefault(d.code, []).append(d)
+    return list(groups.values())
+
+
+def format_grouped(diagnostics: Iterable[Diagnostic], limit: int = SHOWN_NODES) -> list[str]:
+    """Human lines for ``diagnostics``, one group per code: a code found once is that finding
+    (``Diagnostic.format``); a code found several times is one line with the count and the first message,
+    a line with the first ``limit`` nodes (with their source-framework names) and how many more, and one
+    line of advice (the first hint, else the rule). `--json` output keeps every finding instead."""
+
+    lines: list[str] = []
+    for group in group_by_code(diagnostics):
+        first = group[0]
+        if len(group) == 1:
+            lines += first.format(limit).splitlines()
+            continue
+        level = min((d.level for d in group), key=_SEVERITY.index)
+        located = [entry for d in group for entry in d.located(len(d.nodes))]
+        nodes = sum(len(d.nodes) for d in group)
+        lines.append(f"{level.value}: {first.code} x{len(group)}, the first: {first.message}")
+        if located:
+            more = nodes - limit
+            lines.append("    nodes: " + ", ".join(located[:limit]) + (f", +{more} more" if more > 0 else ""))
+        advice = next((d.hint for d in group if d.hint), "") or first.rule
+        if advice:
+            lines.append(f"    fix:  {advice}")
+    return lines
 
 
 class QanacError(Exception):

@@ -12,8 +12,10 @@ A backend's own fields of a device segment live in ``SegmentRecord.backend``, a 
 looks into; the backend reads it through ``SegmentRecord.backend_record`` with its own record type, so its
 fields are validated the same way.
 
-Versions: ``FORMAT_VERSION`` is written. Format 1 (the backend's fields merged into each device segment and
-into the top level) is read by moving them into ``backend``; any other version is refused.
+Versions: ``FORMAT_VERSION`` is written. Format 2 (MACs counted on the legalized model, ``device_macs`` the
+MACs of device segments) is read with its counts kept and ``device_macs`` made the hardware MACs its share
+states; format 1 (the backend's fields merged into each device segment and into the top level) is read by
+moving them into ``backend``, then as format 2; any other version is refused.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import Any, Literal, TypeVar
 from qanac.calibration import Preprocessing
 from qanac.diagnostics import UsageError
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 DEVICE = "device"  # segment kinds
 HOST = "host"
@@ -125,12 +127,18 @@ class PassApplied(Record):
 
 @dataclasses.dataclass
 class PartitionRecord(Record):
+    """Where the model runs. MACs are the source model's (the user's count: the imported model after
+    canonicalization, ``qanac.model_summary.macs_by_node``), whatever legalization added to them."""
+
     segments: int
     device_segments: int
     transfers: int  # host <-> device hand-overs per run
-    total_macs: int
-    device_macs: int
-    device_mac_share: float  # share of the model's MACs on the device's hardware
+    total_macs: int  # the source model's
+    device_macs: int  # of those, on the device's hardware (not in a backend's software fallback)
+    device_mac_share: float  # device_macs / total_macs
+    device_segment_macs: int | None = None  # of total_macs, in device segments (hardware or software)
+    legalized_macs: int | None = None  # MACs of the model as compiled, after legalization
+    mac_growth: dict[str, int] = dataclasses.field(default_factory=dict)  # pass -> MACs it added
 
 
 @dataclasses.dataclass
@@ -150,6 +158,8 @@ class SegmentRecord(Record):
     device: str | None = None  # the device a device segment was compiled for
     variants: list[str] = dataclasses.field(default_factory=list)  # models the backend runs besides ``compiled``
     backend: dict[str, Any] = dataclasses.field(default_factory=dict)  # the backend's own fields
+    source_macs: int | None = None  # the source model's MACs this segment computes (``macs``: as compiled)
+    hardware_macs: int | None = None  # of ``source_macs``, on the device's hardware (device segments)
 
     def file(self, role: str) -> str:
         """The path (relative to ``dir``) of the file with ``role``; a missing role is a ManifestError."""
@@ -201,6 +211,8 @@ class Manifest(Record):
             )
         if version == 1:
             data = _upgrade_from_v1(data)
+        if version in (1, 2):
+            data = _upgrade_from_v2(data)
         manifest = _decode(data, cls, field)
         manifest.check()
         return manifest
@@ -301,6 +313,22 @@ def _upgrade_from_v1(data: dict[str, Any]) -> dict[str, Any]:
     for key, value in (first_extras or {}).items():
         if key != "device" and data.get(key) == value:
             del data[key]
+    return data
+
+
+def _upgrade_from_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 counted MACs on the legalized model and its ``device_macs`` were the device segments' MACs,
+    hardware or software; format 3 names those ``device_segment_macs`` and makes ``device_macs`` the MACs
+    on the hardware, as ``device_mac_share`` of ``total_macs``."""
+
+    data = dict(data, format_version=FORMAT_VERSION)
+    partition = data.get("partition")
+    if isinstance(partition, dict):
+        total, device, share = (partition.get(k) for k in ("total_macs", "device_macs", "device_mac_share"))
+        partition = dict(partition, legalized_macs=total, device_segment_macs=device)
+        if isinstance(total, int) and isinstance(share, (int, float)) and not isinstance(share, bool):
+            partition["device_macs"] = round(total * share)
+        data["partition"] = partition
     return data
 
 

@@ -1,18 +1,27 @@
 """What a model is made of: inputs, outputs, op histogram, parameter count and MACs per node.
 
 MACs are per sample (batch 1) and counted for the ops that dominate CNN compute: Conv, ConvTranspose,
-Gemm, MatMul. Shapes come from ONNX shape inference on a copy of the model.
+Gemm, MatMul. Shapes come from ONNX shape inference on a copy of the model. ``macs_by_node`` is the one
+MAC count of qanac: `qanac inspect`, the compile report, the partition and the manifest all use it.
+
+``source_macs_by_segment`` carries the source model's MACs (the imported model after canonicalization)
+over to the segments of the legalized model, through the node names the rewrites derive from the
+source's (``qanac.graph.derived_name``). ``format_share`` and ``format_macs`` are how shares and counts
+are printed: a share below 1 never prints as 100.0 %.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
+
+from qanac.graph import original_name
 
 
 @dataclasses.dataclass
@@ -118,3 +127,60 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         macs=sum(per_node.values()),
         macs_by_node={k: v for k, v in per_node.items() if v},
     )
+
+
+def source_macs_by_segment(source: dict[str, int], legalized: dict[str, int], segments: list[list[str]]) -> list[int]:
+    """The source model's MACs each segment computes, summing to the source's total.
+
+    ``source`` and ``legalized`` are ``macs_by_node`` of the source and of the legalized model; ``segments``
+    are the legalized model's node names by segment. A source node's MACs go to the legalized nodes that
+    carry its name or a name derived from it, split by their MACs (by their count when none has MACs); the
+    MACs of source nodes no legalized node derives from are split by the segments' legalized MACs of
+    nodes with no source, or else by all legalized MACs. Rewrites that add MACs (a grouped conv made
+    dense) therefore add none here.
+    """
+
+    source_by_base: dict[str, int] = collections.Counter()
+    for name, macs in source.items():
+        source_by_base[original_name(name)] += macs
+    legalized_by_base: dict[str, int] = collections.Counter()
+    nodes_by_base: dict[str, int] = collections.Counter()
+    for name in (n for nodes in segments for n in nodes):
+        legalized_by_base[original_name(name)] += legalized.get(name, 0)
+        nodes_by_base[original_name(name)] += 1
+    shares = [0.0] * len(segments)
+    orphans = [0] * len(segments)  # legalized MACs of nodes with no source node
+    for index, nodes in enumerate(segments):
+        for name in nodes:
+            b, macs = original_name(name), legalized.get(name, 0)
+            if b not in source_by_base:
+                orphans[index] += macs
+            elif legalized_by_base[b]:
+                shares[index] += source_by_base[b] * macs / legalized_by_base[b]
+            else:
+                shares[index] += source_by_base[b] / nodes_by_base[b]
+    unplaced = sum(m for b, m in source_by_base.items() if b not in nodes_by_base)
+    if unplaced:
+        weights = next(w for w in (orphans, [sum(legalized.get(n, 0) for n in nodes) for nodes in segments],
+                                   [len(nodes) for nodes in segments]) if sum(w))
+        shares = [s + unplaced * w / sum(weights) for s, w in zip(shares, weights, strict=True)]
+    counts = [math.floor(s) for s in shares]
+    remainder = sum(source.values()) - sum(counts)  # rounding: to the segments with the largest fractions
+    for index in sorted(range(len(counts)), key=lambda i: counts[i] - shares[i])[:max(remainder, 0)]:
+        counts[index] += 1
+    return counts
+
+
+def format_share(share: float) -> str:
+    """``share`` (0..1) as a percentage with one decimal, rounded down: only a share of 1 prints 100.0 %."""
+
+    return f"{math.floor(share * 1000 + 1e-9) / 10:.1f} %"
+
+
+def format_macs(macs: int) -> str:
+    """A MAC count as people read it: 94.3 M, 1.2 G, 812 k, 37."""
+
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(macs) >= scale:
+            return f"{macs / scale:.1f} {unit}"
+    return str(macs)

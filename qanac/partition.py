@@ -16,7 +16,8 @@ Planning (``plan_segments``):
 Neighbouring host runs are merged after each step. ``compile_model`` then compiles each device segment;
 the nodes a refusal names (UnsupportedModelError: the backend cannot compile them; VerificationError: the
 compiled segment disagrees with its own quantized model there) move to the host with the backend's reason,
-and planning repeats. Every move is reported as a diagnostic (code PART001/PART002/PART003/PART004).
+and planning repeats. Every move is reported as a diagnostic (code PART001/PART002/PART003/PART004), one
+per reason listing every node it moves.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class PartitionPlan:
     segments: list[Segment]
     total_macs: int
     diagnostics: list[Diagnostic]
+    macs_by_node: dict[str, int] = dataclasses.field(default_factory=dict)  # the planned model's
 
     @property
     def transfers(self) -> int:
@@ -146,9 +148,14 @@ def plan_segments(
     macs = macs_by_node(model)
     tensors = _Tensors.of(model)
     total = sum(macs.values())
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in host_nodes.items():
+        by_reason.setdefault(reason, []).append(name)
     diagnostics = [
-        Diagnostic(Level.INFO, "PART001", f"node '{name}' runs on the host: {reason}", nodes=[name], rule="partition")
-        for name, reason in host_nodes.items()
+        Diagnostic(Level.INFO, "PART001", f"on the host: {reason} ("
+                   + (f"node '{names[0]}')" if len(names) == 1 else f"{len(names)} nodes from '{names[0]}')"),
+                   nodes=names, rule="partition")
+        for reason, names in by_reason.items()
     ]
 
     changed = True
@@ -177,8 +184,8 @@ def plan_segments(
                 for n in run:
                     placement[n.name] = HOST
                 names = [n.name for n in run]
-                diagnostics.append(Diagnostic(Level.INFO, code, f"{len(run)} node(s) from '{names[0]}' to "
-                                              f"'{names[-1]}' run on the host: {reason}", nodes=names,
+                diagnostics.append(Diagnostic(Level.INFO, code, f"on the host: {reason} ({len(run)} node(s) "
+                                              f"from '{names[0]}' to '{names[-1]}')", nodes=names,
                                               rule="partition"))
                 changed = True
                 break
@@ -188,7 +195,7 @@ def plan_segments(
         inputs, outputs = tensors.boundaries(run)
         segments.append(Segment(placement[run[0].name], [n.name for n in run], inputs, outputs,
                                 sum(macs.get(n.name, 0) for n in run)))
-    return PartitionPlan(segments, total, diagnostics)
+    return PartitionPlan(segments, total, diagnostics, macs)
 
 
 def extract_segment(model: onnx.ModelProto, segment: Segment, shapes_inferred: bool = False) -> onnx.ModelProto:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qanac.diagnostics import Diagnostic, format_grouped
 from qanac.manifest import PartitionRecord
+from qanac.model_summary import format_macs, format_share
 from qanac.registry import PassInfo
 from qanac.targets import all_targets
 
@@ -37,10 +39,11 @@ def format_compile_result(result: CompileResult, time_passes: bool = False) -> s
     lines = [
         f"bundle      {result.output}",
         f"target      {manifest.target}" + (f" (device {manifest.device})" if manifest.device else ""),
-        f"model       {model['parameters']:,} parameters, {model['macs']:,} MACs/sample, "
-        f"{sum(model['ops'].values())} nodes",
-        f"calibration {manifest.calibration.num_samples} samples from {manifest.calibration.source}",
+        f"model       {format_macs(model['macs'])} MACs/sample ({model['macs']:,}); as compiled: "
+        f"{sum(model['ops'].values())} nodes, {model['parameters']:,} parameters",
     ]
+    lines += format_mac_growth(model)
+    lines.append(f"calibration {manifest.calibration.num_samples} samples from {manifest.calibration.source}")
     if manifest.calibration.warning:
         lines.append(f"WARNING     {manifest.calibration.warning}")
     if manifest.post_processing:
@@ -50,13 +53,30 @@ def format_compile_result(result: CompileResult, time_passes: bool = False) -> s
     lines += format_pass_table(totals, time_passes)
     if report.get("backend_summary"):
         lines.append(report["backend_summary"])
-    for d in report["diagnostics"]:
-        lines.append(("  " if d["level"] == "info" else "") + f"{d['level']}: {d['code']}: {d['message']}")
+    partition = manifest.partition
+    lines.append(f"on device   {format_share(partition.device_mac_share)} of the model's "
+                 f"{format_macs(partition.total_macs)} MACs run on the device hardware")
+    lines += format_grouped(Diagnostic.from_dict(d) for d in report["diagnostics"])
     seconds = result.seconds
     lines.append(
         "time        " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
     )
+    if report.get("device_share_warning"):
+        lines.append(f"WARNING     {report['device_share_warning']}")
     return "\n".join(lines)
+
+
+def format_mac_growth(model: dict[str, Any]) -> list[str]:
+    """The MACs each pass added to the source model's (the count every share is taken of), and the total
+    compiled; nothing when legalization left the count as it was."""
+
+    growth = {name: added for name, added in model.get("mac_growth", {}).items() if added}
+    if not growth:
+        return []
+    lines = [f"            {name}: {'+' if added > 0 else '-'}{format_macs(abs(added))} MACs"
+             for name, added in growth.items()]
+    return lines + [f"            {format_macs(model['legalized_macs'])} MACs/sample as compiled; shares below are "
+                    "of the source's MACs"]
 
 
 def format_segments(target: str, emitted: EmittedPlan, partition: PartitionRecord) -> str:
@@ -68,16 +88,17 @@ def format_segments(target: str, emitted: EmittedPlan, partition: PartitionRecor
         return only.summary
     lines = [
         f"partition: {partition.segments} segments ({partition.device_segments} on {target}), "
-        f"{partition.transfers} host<->device transfers, {partition.device_mac_share:.1%} of MACs on "
-        f"the device hardware; {emitted.attempts} plan(s) tried, {emitted.backend_calls} device segment(s) compiled"
+        f"{partition.transfers} host<->device transfers, {format_share(partition.device_mac_share)} of the "
+        f"model's MACs on the device hardware; {emitted.attempts} plan(s) tried, {emitted.backend_calls} device "
+        "segment(s) compiled"
     ]
     for s in emitted.segments:
         nodes, macs = s.segment.nodes, s.segment.macs
         if s.emitted is None:
-            lines.append(f"  {s.name} host (ONNX Runtime): {len(nodes)} nodes, {macs:,} MACs, "
+            lines.append(f"  {s.name} host (ONNX Runtime): {len(nodes)} nodes, {macs:,} MACs as compiled, "
                          f"'{nodes[0]}' .. '{nodes[-1]}'")
         else:
-            lines.append(f"  {s.name} {target}: {len(nodes)} nodes, {macs:,} MACs\n"
+            lines.append(f"  {s.name} {target}: {len(nodes)} nodes, {macs:,} MACs as compiled\n"
                          + "\n".join("    " + line for line in s.emitted.summary.splitlines()))
     return "\n".join(lines)
 

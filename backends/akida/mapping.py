@@ -23,6 +23,7 @@ from typing import Any
 
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.graph import lookup_source
+from qanac.model_summary import format_share
 
 from .devices import describe_device, device_ip_version, virtual_device
 
@@ -108,16 +109,19 @@ def check_same_ip_version(model: Any, device: Any, device_name: str) -> None:
 
 
 def mapping_diagnostics(report: dict[str, Any]) -> list[Diagnostic]:
-    """One warning per layer with computation that runs on akida's software backend."""
+    """One warning per layer with computation that runs on akida's software backend, naming the layer (and
+    its source-framework name once ``annotate_sources`` ran), akida's reason first."""
 
     return [
         Diagnostic(
             Level.WARNING,
             "AKM201",
-            f"{entry['type']} layer runs in software on {report['device']['name']} "
-            f"({entry['macs']} MACs): {entry.get('software_reason') or 'akida gives no reason'}",
+            f"in software on {report['device']['name']}: {entry.get('software_reason') or 'akida gives no reason'} "
+            f"({entry['type']} layer, {entry['macs']:,} MACs as mapped)",
             nodes=[entry["name"]],
+            sources=[entry["source"]] if entry.get("source") else [],
             rule="akida-hardware-mapping",
+            hint="a larger device (--device auto, `qanac devices`), or fewer channels in the layer",
         )
         for entry in report["layers"]
         if entry["backend"] == "Software" and entry["type"] not in IO_LAYER_TYPES
@@ -138,8 +142,8 @@ def format_mapping_report(report: dict[str, Any]) -> str:
     lines = [
         f"Akida mapping on {device['name']} (IP {device['ip_version']}, {device['num_nps']} NPs, "
         f"{device['version']})",
-        f"  MACs: {report['total_macs']:,} total, {report['hardware_macs']:,} on hardware "
-        f"({100.0 * report['hardware_mac_share']:.1f} %)",
+        f"  MACs as mapped (akida's count of the compiled model): {report['total_macs']:,} total, "
+        f"{report['hardware_macs']:,} on hardware ({format_share(report['hardware_mac_share'])})",
         f"  external memory: {report['external_memory_bytes']:,} bytes; components: "
         + (", ".join(f"{n} {t}" for t, n in report["components"].items()) or "none"),
     ]

@@ -169,3 +169,13 @@ def test_progress_reports_every_step_of_every_attempt(tmp_path):
     assert emit.format() == "[attempt 1, segment 1/3] compiling 3 node(s) (40.0% of MACs) for test"
     assert emit.to_dict() == {"attempt": 1, "step": "emit", "segment": 1, "segments": 3,
                               "message": "compiling 3 node(s) (40.0% of MACs) for test"}
+
+
+def test_a_refusal_moving_several_nodes_is_one_finding_listing_them(tmp_path):
+    emitted, _ = compile_with(five_convs(), RefusingBackend({"conv1", "conv2", "conv3"}), tmp_path)
+
+    naming = [d for d in emitted.diagnostics if {"conv1", "conv2", "conv3"} & set(d.nodes)]
+    assert [(d.code, d.nodes) for d in naming] == [("PART004", ["conv1", "conv2", "conv3"])]
+    assert naming[0].message == "moved to the host: cannot convert 'conv1' (3 node(s) from 'conv1')"
+    host = [n for s in emitted.segments if s.emitted is None for n in s.segment.nodes]
+    assert {"conv1", "conv2", "conv3"} <= set(host)

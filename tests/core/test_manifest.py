@@ -3,6 +3,7 @@ crafted bundles that `qanac verify` and `qanac run` refuse with exit 2 before op
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -96,7 +97,7 @@ def set_compiled_path(path: str) -> Callable[[dict[str, Any]], None]:
 def test_manifest_round_trips_through_json_with_its_types(compiled):
     bundle, _ = compiled
     manifest = Bundle.open(bundle).manifest
-    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format_version == FORMAT_VERSION == 3
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     assert isinstance(manifest.segments[0], SegmentRecord) and manifest.segments[0].files == {
         "compiled": "model.qdq.onnx"}
@@ -141,16 +142,35 @@ def test_schema_violations_name_the_field(compiled, change, field, problem):
 
 def test_an_unknown_format_version_is_refused_with_the_way_out(compiled):
     data = json.loads((compiled[0] / MANIFEST).read_text())
-    with pytest.raises(UsageError, match="format 3; this qanac reads formats 1, 2") as caught:
-        Manifest.from_dict({**data, "format_version": 3})
+    with pytest.raises(UsageError, match="format 4; this qanac reads formats 1, 2, 3") as caught:
+        Manifest.from_dict({**data, "format_version": 4})
     assert caught.value.hint == "update qanac"
 
 
+def to_format_2(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-3 manifest as format 2 wrote it: no per-segment source and hardware MACs, and the
+    partition's ``device_macs`` the MACs of its device segments."""
+
+    segments = [{k: v for k, v in s.items() if k not in ("source_macs", "hardware_macs")} for s in data["segments"]]
+    partition = {k: v for k, v in data["partition"].items()
+                 if k not in ("device_segment_macs", "legalized_macs", "mac_growth")}
+    partition["device_macs"] = data["partition"]["device_segment_macs"]
+    return {**data, "format_version": 2, "segments": segments, "partition": partition}
+
+
+def as_read_from_format_2(manifest: Manifest) -> Manifest:
+    """What reading ``manifest`` written as format 2 gives: no per-segment source or hardware MACs."""
+
+    segments = [dataclasses.replace(s, source_macs=None, hardware_macs=None) for s in manifest.segments]
+    return dataclasses.replace(manifest, segments=segments)
+
+
 def to_format_1(data: dict[str, Any]) -> dict[str, Any]:
-    """A format-2 manifest as the previous qanac wrote it: a device segment's device and backend fields
+    """A format-3 manifest as qanac before format 2 wrote it: a device segment's device and backend fields
     merged into the segment (the fields under the target's name), the first device segment's also at the
     top level; host segments without ``variants``."""
 
+    data = to_format_2(data)
     v1 = {**data, "format_version": 1}
     v1["segments"] = []
     for segment in data["segments"]:
@@ -175,9 +195,29 @@ def test_format_1_bundles_are_read_and_run_unchanged(compiled, tmp_path):
     v1 = json.loads((old / MANIFEST).read_text())
     assert v1["format_version"] == 1 and v1["segments"][0]["device"] == "cpu" and "backend" not in v1["segments"][0]
     opened = Bundle.open(old)
-    assert opened.manifest == Bundle.open(bundle).manifest
+    assert opened.manifest == as_read_from_format_2(Bundle.open(bundle).manifest)
     data = CalibrationData(arrays={"x": np.load(data_path)}, source="test", preprocessing=Preprocessing())
     np.testing.assert_array_equal(run_bundle(opened, data)[0], run_bundle(Bundle.open(bundle), data)[0])
+
+
+def test_format_2_bundles_are_read_with_device_macs_on_the_hardware(compiled, tmp_path):
+    """Format 2's device_macs were the device segments' MACs (a bundle with 88.4 % on the hardware said
+    device_macs == total_macs); format 3's are the hardware's, as device_mac_share states."""
+
+    bundle, _ = compiled
+    old = tmp_path / "v2"
+    shutil.copytree(bundle, old)
+
+    def gxnor_like(data: dict[str, Any]) -> dict[str, Any]:
+        v2 = to_format_2(data)
+        v2["partition"].update(total_macs=1000, device_macs=1000, device_mac_share=0.884)
+        return v2
+
+    edit_manifest(old, gxnor_like)
+    partition = Bundle.open(old).manifest.partition
+    assert partition.device_macs == 884 and partition.device_segment_macs == partition.total_macs == 1000
+    assert partition.legalized_macs == 1000 and partition.mac_growth == {}
+    assert partition.device_macs / partition.total_macs == partition.device_mac_share
 
 
 def test_format_1_backend_fields_move_into_the_backend_record():

@@ -1,0 +1,166 @@
+"""One MAC count, the user's: inspect, the compile report and the manifest agree; rewrites that add MACs are
+reported per pass and add nothing to the shares; a share below 1 never prints as 100.0 %; compile warns
+when less than 90 % of the source's MACs run on the device hardware, and only then."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from qanac import compiler
+from qanac.cli import cli
+from qanac.compiler import GROWTH_WARNING_SHARE, CompileRequest
+from qanac.model_summary import format_macs, format_share, macs_by_node, source_macs_by_segment, summarize
+from qanac.partition import DEVICE, HOST, plan_segments
+from qanac.report import format_compile_result, format_mac_growth, format_segments
+
+
+def regnet_like(width: int = 64, group_width: int = 16, size: int = 32) -> onnx.ModelProto:
+    """A RegNet-X style block: stem 3x3/2, 1x1 expand, 3x3 grouped conv (groups of ``group_width``
+    channels), 1x1 project, GAP, Gemm; ReLUs after the convs; random weights, 1x3xSIZExSIZE."""
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1) -> str:
+        w = rng.normal(0, (2.0 / (cin // group * k * k)) ** 0.5, (cout, cin // group, k, k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w"], [name], name=name, kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4, group=group))
+        nodes.append(helper.make_node("Relu", [name], [f"{name}_r"], name=f"{name}_relu"))
+        return f"{name}_r"
+
+    x = conv("stem", "x", 3, 32, 3, stride=2)
+    x = conv("expand", x, 32, width, 1)
+    x = conv("grouped", x, width, width, 3, group=width // group_width)
+    x = conv("project", x, width, width, 1)
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.2, (10, width)).astype(np.float32), "fc_w"))
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "regnet_like",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, size, size])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_inspect_the_compile_report_and_the_manifest_count_the_same_macs(small_model_path, small_calib_path,
+                                                                          tmp_path):
+    runner = CliRunner()
+    inspected = runner.invoke(cli, ["inspect", str(small_model_path), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    macs = json.loads(inspected.output)["macs"]
+    compiled = runner.invoke(cli, ["compile", str(small_model_path), "--target", "onnxruntime", "-o",
+                                   str(tmp_path / "bundle"), "--calib", str(small_calib_path), "--json"])
+    assert compiled.exit_code == 0, compiled.output
+    result = json.loads(compiled.output)
+    partition = result["manifest"]["partition"]
+    assert macs > 0 and result["report"]["model"]["macs"] == partition["total_macs"] == macs
+    assert sum(s["source_macs"] for s in result["manifest"]["segments"]) == macs
+    assert partition["device_macs"] == macs and partition["device_mac_share"] == 1.0  # all on the "device"
+
+
+def test_grouped_conv_growth_is_reported_per_pass_and_not_counted_as_the_users(tmp_path):
+    model = regnet_like()
+    path = tmp_path / "regnet.onnx"
+    onnx.save(model, str(path))
+    source = summarize(model).macs
+    grouped = macs_by_node(model)["grouped"]  # 16x16 outputs x 64 channels x (16 inputs x 3x3)
+    assert grouped == 16 * 16 * 64 * 16 * 9
+
+    prepared = compiler.prepare_model(CompileRequest(source=str(path), target="akida", output=tmp_path / "out"))
+    account = prepared.macs
+    assert account.total == source  # the user's count is the source's, as inspect counts it
+    assert account.growth["grouped-conv-to-dense"] == 3 * grouped  # 4 groups made one dense conv: 4x
+    assert account.legalized == source + sum(account.growth.values())
+    assert account.legalized == sum(macs_by_node(prepared.model.to_onnx()).values())
+    warnings = [d for d in prepared.context.diagnostics if d.code == "MAC001"]
+    assert [d.pass_name for d in warnings] == ["grouped-conv-to-dense"]  # +170 %; the others stay below 25 %
+    assert all(added <= GROWTH_WARNING_SHARE * source for name, added in account.growth.items()
+               if name != "grouped-conv-to-dense")
+    lines = format_mac_growth({"mac_growth": account.growth, "legalized_macs": account.legalized})
+    assert f"grouped-conv-to-dense: +{format_macs(3 * grouped)} MACs" in "\n".join(lines)
+
+    # the dense conv on the host: its segment holds the grouped conv's source MACs, not the dense conv's
+    legalized = prepared.model.to_onnx()
+    dense = next(n.name for n in legalized.graph.node if n.name.startswith("grouped::"))
+    plan = plan_segments(legalized, {dense: "test"}, min_device_share=0.0)
+    per_segment = source_macs_by_segment(account.source, plan.macs_by_node, [s.nodes for s in plan.segments])
+    host = [m for m, s in zip(per_segment, plan.segments, strict=True) if s.kind == HOST]
+    assert host == [grouped] and sum(per_segment) == source
+    assert plan.segments[[s.kind for s in plan.segments].index(HOST)].macs == 4 * grouped
+
+
+def test_source_macs_follow_derived_names_and_sum_to_the_source():
+    source = {"a": 100, "b": 50, "gone": 30, "relu": 0}
+    legalized = {"a::split:0": 150, "a::split:1": 50, "b": 50, "new::pad": 10, "relu": 0}
+    segments = [["a::split:0", "relu"], ["a::split:1", "new::pad"], ["b"]]
+    # a's 100 split 3:1; b stays; "gone" has no heir: its 30 go where the MACs without a source are (new::pad)
+    assert source_macs_by_segment(source, legalized, segments) == [75, 25 + 30, 50]
+
+
+@pytest.mark.parametrize("share, text", [(1.0, "100.0 %"), (0.9996, "99.9 %"), (0.99999, "99.9 %"),
+                                         (0.8849, "88.4 %"), (0.0, "0.0 %")])
+def test_a_share_below_one_never_prints_as_100_percent(share, text):
+    assert format_share(share) == text
+
+
+def test_a_split_model_summary_does_not_round_up_to_the_whole_model(small_model_path, small_calib_path, tmp_path):
+    request = CompileRequest(source=str(small_model_path), target="onnxruntime", output=tmp_path / "bundle",
+                             calibration=str(small_calib_path), min_device_share=0.0)
+    prepared = compiler.prepare_model(request)
+    linted = compiler.lint_prepared(request, prepared)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    emitted = compiler.emit_segments(linted.model, {"fc": "TEST001 on the host"}, prepared.calibration,
+                                     prepared.target.load_backend(), request, stage)
+    partition = compiler.partition_record(emitted, prepared.macs)
+    assert 0.99 < partition.device_mac_share < 1.0  # the Gemm's 40 of 13,864 MACs run on the host
+    assert partition.device_macs / partition.total_macs == partition.device_mac_share
+    text = format_segments("onnxruntime", emitted, partition)
+    assert "99.7 % of the model's MACs on the device hardware" in text and "100.0 %" not in text
+
+
+def compile_with_host_nodes(small_model_path, small_calib_path, tmp_path, host_nodes):
+    """Compile the small model for onnxruntime with the nodes of ``host_nodes`` (op type -> reason) on the
+    host; the assembled bundle and the compile output."""
+
+    request = CompileRequest(source=str(small_model_path), target="onnxruntime", output=tmp_path / "bundle",
+                             calibration=str(small_calib_path), min_device_share=0.0)
+    prepared = compiler.prepare_model(request)
+    linted = compiler.lint_prepared(request, prepared)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    backend = prepared.target.load_backend()
+    by_op = {n.op_type: n.name for n in linted.model.graph.node}
+    host_nodes = {by_op[op]: reason for op, reason in host_nodes.items()}
+    emitted = compiler.emit_segments(linted.model, host_nodes, prepared.calibration, backend, request, stage)
+    assembled = compiler.assemble_bundle(request, prepared, linted, emitted, backend, {"total": 1.0}, stage)
+    assembled.write(stage)
+    result = compiler.CompileResult(stage, assembled.manifest.to_dict(), assembled.report, prepared.pipeline,
+                                    {"total": 1.0}, bundle_manifest=assembled.manifest)
+    return assembled, format_compile_result(result)
+
+
+def test_compile_warns_when_less_than_90_percent_run_on_the_device(small_model_path, small_calib_path, tmp_path):
+    assembled, text = compile_with_host_nodes(small_model_path, small_calib_path, tmp_path,
+                                              {"Conv": "TEST001 the conv stays off the device"})
+    partition = assembled.manifest.partition
+    assert partition.device_mac_share < 0.01 and [s.kind for s in assembled.manifest.segments][0] == HOST
+    warning = assembled.report["device_share_warning"]
+    assert warning.startswith("only 0.2 % of the model's 13.9 k MACs run on the onnxruntime device hardware")
+    assert "PART001 on the host: TEST001 the conv stays off the device" in warning
+    assert text.splitlines()[-1] == f"WARNING     {warning}"  # the last line of the compile output
+
+
+def test_no_device_share_warning_when_the_model_runs_on_the_device(small_model_path, small_calib_path, tmp_path):
+    assembled, text = compile_with_host_nodes(small_model_path, small_calib_path, tmp_path, {})
+    assert [s.kind for s in assembled.manifest.segments] == [DEVICE]
+    assert assembled.manifest.partition.device_mac_share == 1.0
+    assert assembled.report["device_share_warning"] is None and "WARNING" not in text
+    assert "on device   100.0 % of the model's 13.9 k MACs run on the device hardware" in text
