@@ -274,6 +274,7 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
 
     from qanac.bundle import Bundle
     from qanac.compare import Thresholds
+    from qanac.report_html import update_report
     from qanac.verify import compiled_runners, load_bundle_data, parse_output_kinds, verify_bundle
 
     opened = Bundle.open(bundle)
@@ -282,10 +283,13 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
     with progress_bar("verifying", samples.num_samples * models, enabled=not as_json) as bar:
         result = verify_bundle(opened, samples, Thresholds(min_agreement, min_sqnr), progress=bar.update,
                                kinds=parse_output_kinds(output_kind))
+    note = update_report(opened, "verify", result.to_dict())
     if as_json:
         emit_json(result.to_dict())
     else:
         click.echo(result.format())
+    if note:
+        click.echo(f"note: {note}", err=True)
     if not result.passed:
         click.get_current_context().exit(EXIT_VERIFY_FAILED)
 
@@ -490,6 +494,7 @@ def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: flo
 
     from qanac.bundle import Bundle, prepare_directory
     from qanac.evaluate import evaluate_bundle, format_evaluation, load_labelled
+    from qanac.report_html import update_report
 
     opened = Bundle.open(bundle)
     out_dir = output or bundle / "eval"
@@ -497,10 +502,32 @@ def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: flo
     prepare_directory(out_dir, "-o")
     with progress_bar("evaluating", 2 * len(labelled.labels), enabled=not as_json) as bar:
         result = evaluate_bundle(opened, labelled, out_dir, recall_drop, progress=bar.update)
+    note = update_report(opened, "eval", result)
     if as_json:
         emit_json(result)
     else:
         click.echo(format_evaluation(result))
+    if note:
+        click.echo(f"note: {note}", err=True)
+
+
+@cli.command("report")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def report_command(bundle: Path, as_json: bool) -> None:
+    """Write BUNDLE/report.html again: the model graph coloured by where each layer runs, the segments and
+    transfers, the passes, the diagnostics, and the last verify and eval results. Self-contained: open it in
+    any browser, offline."""
+
+    from qanac.bundle import Bundle
+    from qanac.report_html import write_report
+
+    path = write_report(Bundle.open(bundle).path)
+    if as_json:
+        emit_json({"report": str(path)})
+    else:
+        click.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -61,6 +61,7 @@ from qanac.partition import DEFAULT_MIN_DEVICE_SHARE, DEVICE, PartitionPlan, Seg
 from qanac.pipeline import PassContext, PassRecord, PipelineOptions, PipelineReport, run_pipeline
 from qanac.registry import load_passes
 from qanac.report import format_segments
+from qanac.report_html import write_report
 from qanac.targets import CANONICALIZE, Target, get_target
 
 HOST_FILE = "host.onnx"
@@ -129,6 +130,7 @@ def compile_model(
                    "total": time.perf_counter() - started}
         assembled = assemble_bundle(request, prepared, linted, emitted, backend, seconds, stage)
         assembled.write(stage)
+        write_report(stage)
     return CompileResult(request.output, assembled.manifest.to_dict(), assembled.report, prepared.pipeline, seconds,
                          bundle_manifest=assembled.manifest)
 

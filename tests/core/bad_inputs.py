@@ -146,7 +146,7 @@ class Workspace:
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One kind of bad input: ``build`` makes the files in a Workspace and returns the command line (without
-    ``qanac``). ``leaves`` are paths (relative to the workspace) the command may create or read besides
+    ``qanac``). ``leaves`` are paths (relative to the workspace) the command may create, change or read besides
     the named ones (a dump folder, Python's bytecode cache beside a plugin);
     ``cwd`` is the working directory (relative) to run in; ``interrupt`` is a signal sent to the command
     once its staging directory exists (the case then runs as a process of its own)."""
@@ -501,7 +501,8 @@ CASES: list[Case] = [
          lambda ws: ["verify", ws.bundle(), "--data", ws.array("extra.npz", {
              "x": np.zeros((2, 3, 8, 8), np.float32), "y": np.zeros((2, 3, 8, 8), np.float32)})]),
     Case("verify-below-threshold", 1, "the compiled model disagrees beyond a threshold (not a user error)",
-         "--min-sqnr", lambda ws: ["verify", ws.bundle(), "--data", ws.calib(), "--min-sqnr", "200"]),
+         "--min-sqnr", lambda ws: ["verify", ws.bundle(), "--data", ws.calib(), "--min-sqnr", "200"],
+         leaves=("bundle/report.html", "bundle/.report.html.", "bundle/results.json", "bundle/.results.json.")),
     # run
     Case("run-image-missing", 2, "an image file that does not exist", "image not found",
          lambda ws: ["run", ws.bundle(), "--input", ws.path("missing.png")]),
