@@ -54,7 +54,7 @@ PLACEMENTS = {
     UNPLACED: ("in no segment", "#9e9e9e"),
 }
 
-BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 200, 42, 24, 34, 16
+BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN, SKIP_BULGE = 210, 42, 24, 34, 16, 18
 
 
 @dataclasses.dataclass
@@ -98,6 +98,7 @@ class ReportData:
     layers: list[Layer]
     transfers: list[Transfer]
     sequences: list[dict[str, Any]]
+    units: dict[str, dict[str, int]]  # segment -> processing units of all its backend's layers, by type
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -167,9 +168,14 @@ def collect(bundle: Bundle) -> ReportData:
     entries = {e.get("name"): e for e in report.get("segments", []) if isinstance(e, dict)}
     backend_layers: dict[str, dict[str, dict[str, Any]]] = {}
     sequences: list[dict[str, Any]] = []
+    units: dict[str, dict[str, int]] = {}
     for segment in segments:
         found, found_sequences = _backend_layers(entries.get(segment["name"], {}))
         backend_layers[segment["name"]] = {str(x["name"]): x for x in found}
+        totals = units.setdefault(segment["name"], {})
+        for entry in found:
+            for kind, count in (entry.get("nps") if isinstance(entry.get("nps"), dict) else {}).items():
+                totals[str(kind)] = totals.get(str(kind), 0) + int(count)
         sequences += [{**s, "segment": segment["name"]} for s in found_sequences if isinstance(s, dict)]
 
     layers: list[Layer] = []
@@ -192,7 +198,7 @@ def collect(bundle: Bundle) -> ReportData:
             seen.add((tensor, layer.segment or ""))
             transfers.append(Transfer(tensor, producer.segment or "-", layer.segment or "-", shapes.get(tensor)))
     _layout(layers, model)
-    return ReportData(manifest, report, results, layers, transfers, sequences)
+    return ReportData(manifest, report, results, layers, transfers, sequences, units)
 
 
 def _place(layer: Layer, kind: str | None, backend_layers: dict[str, dict[str, Any]],
@@ -293,13 +299,21 @@ def render_graph(layers: list[Layer]) -> str:
             source = producer.get(tensor)
             if source is None:
                 continue
-            x1, y1 = source.x + BOX_W / 2, source.y + BOX_H
-            x2, y2 = layer.x + BOX_W / 2, layer.y
-            bend = max(GAP_Y / 2, (y2 - y1) / 3)
+            span = layer.rank - source.rank
+            if span <= 1:  # to the next row: from the bottom of one box to the top of the other
+                x1, y1 = source.x + BOX_W / 2, source.y + BOX_H
+                x2, y2 = layer.x + BOX_W / 2, layer.y
+                bend = max(GAP_Y / 2, (y2 - y1) / 3)
+                route = f"M{x1:.1f},{y1:.1f} C{x1:.1f},{y1 + bend:.1f} {x2:.1f},{y2 - bend:.1f} {x2:.1f},{y2:.1f}"
+            else:  # past the rows between: out of the right side, around the boxes, the farther the longer
+                x1, y1 = source.x + BOX_W, source.y + BOX_H / 2
+                x2, y2 = layer.x + BOX_W, layer.y + BOX_H / 2
+                side = max(x1, x2) + SKIP_BULGE * min(span, 8)
+                width = max(width, side + MARGIN)
+                route = f"M{x1:.1f},{y1:.1f} C{side:.1f},{y1:.1f} {side:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
             crossing = source.segment != layer.segment
             edges.append(
-                f'<path class="edge{" transfer" if crossing else ""}" d="M{x1:.1f},{y1:.1f} '
-                f'C{x1:.1f},{y1 + bend:.1f} {x2:.1f},{y2 - bend:.1f} {x2:.1f},{y2:.1f}">'
+                f'<path class="edge{" transfer" if crossing else ""}" d="{route}">'
                 f"<title>{_e(tensor)}: {_e(source.segment)} \u2192 {_e(layer.segment)}</title></path>"
             )
     boxes = []
@@ -377,11 +391,7 @@ def _legend(layers: list[Layer]) -> str:
 def _segments(data: ReportData) -> str:
     rows = []
     for s in data.manifest.get("segments", []):
-        placed = [layer for layer in data.layers if layer.segment == s["name"]]
-        units: dict[str, int] = {}
-        for layer in placed:
-            for t, n in layer.units.items():
-                units[t] = units.get(t, 0) + n
+        units = data.units.get(s["name"], {})
         where = "host (ONNX Runtime)" if s.get("kind") == HOST else f"{s.get('target')} {s.get('device') or ''}"
         rows.append([_e(s["name"]), _e(where), _e(s.get("nodes")), f"{s.get('macs', 0):,}", _e(_units(units) or "-"),
                      _e(", ".join(s.get("inputs", []))), _e(", ".join(s.get("outputs", [])))])
@@ -428,8 +438,9 @@ def _diagnostics(data: ReportData) -> str:
             f"<li>{_e(d.get('message'))}" + (f" <span class=\"nodes\">[{_e(', '.join(map(str, d['nodes'])))}]</span>"
                                               if d.get("nodes") else "")
             + (f"<br><em>hint: {_e(d['hint'])}</em>" if d.get("hint") else "") + "</li>" for d in items)
-        parts.append(f'<details class="diag {_e(level)}"><summary><b>{_e(code)}</b> {_e(level)} \u00d7{len(items)}: '
-                     f"{_e(_short(str(items[0].get('message', '')), 120))}</summary><ul>{entries}</ul></details>")
+        first = _e(_short(str(items[0].get("message", "")), 120))
+        parts.append(f'<details class="diag level-{_e(level)}"><summary><b>{_e(code)}</b> {_e(level)} '
+                     f"\u00d7{len(items)}: {first}</summary><ul>{entries}</ul></details>")
     return "".join(parts)
 
 
@@ -438,8 +449,8 @@ def _verification(result: dict[str, Any]) -> str:
     thresholds = result.get("thresholds", {})
     passing = result.get("passing_thresholds") or {}
     lines = [f'<p class="verdict {verdict.lower()}">{verdict} on {_e(result.get("samples"))} samples '
-             f"(top-1 agreement \u2265 {_number(thresholds.get('min_top1_agreement'))}, SQNR \u2265 "
-             f"{_number(thresholds.get('min_sqnr_db'))} dB)</p>"]
+             f"(top-1 agreement \u2265 {_e(thresholds.get('min_top1_agreement'))}, SQNR \u2265 "
+             f"{_e(thresholds.get('min_sqnr_db'))} dB)</p>"]
     if passing:
         lines.append(f"<p>Strictest thresholds that pass: top-1 agreement {_number(passing.get('min_top1_agreement'))}"
                      f", SQNR {_number(passing.get('min_sqnr_db'))} dB</p>")
@@ -511,7 +522,8 @@ width:22px;border-radius:0;vertical-align:4px}
 .warning{background:#fff3e0;border-left:4px solid #ef6c00;padding:6px 10px;margin:6px 0}
 .failure{background:#ffebee;border-left:4px solid #c62828;padding:6px 10px;margin:6px 0}
 .verdict{font-weight:700;font-size:15px}.verdict.passed{color:#2e7d32}.verdict.failed{color:#c62828}
-details.diag{margin:4px 0}details.diag.error summary b{color:#c62828}details.diag.warning summary b{color:#ef6c00}
+details.diag{margin:4px 0}details.diag.level-error summary b{color:#c62828}
+details.diag.level-warning summary b{color:#ef6c00}
 .nodes{color:#546e7a;font-family:monospace}.matrices{display:flex;flex-wrap:wrap;gap:24px}
 table.matrix td{text-align:right;min-width:28px}
 """
