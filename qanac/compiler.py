@@ -126,6 +126,7 @@ def compile_model(
         backend = prepared.target.load_backend()
         emit_started = time.perf_counter()
         emitted = emit_segments(linted.model, linted.host_nodes, prepared.calibration, backend, request, stage)
+        prepared, linted, emitted = weigh_mac_growth(request, source, prepared, linted, emitted, backend, stage)
         seconds = {**prepared.seconds, "backend": time.perf_counter() - emit_started,
                    "total": time.perf_counter() - started}
         assembled = assemble_bundle(request, prepared, linted, emitted, backend, seconds, stage)
@@ -283,7 +284,8 @@ class MacAccount:
                        f"pass '{name}' adds {format_macs(added)} MACs ({added / self.total:.0%} of the source "
                        f"model's {format_macs(self.total)}); the device share counts the source's MACs only",
                        rule="legalization growth", pass_name=name,
-                       hint=f"if those layers run faster on the host, compile with --disable-pass {name}")
+                       hint=f"compile weighs it against leaving those layers to the host (MAC002); "
+                            f"--disable-pass {name} keeps them off the device without compiling twice")
             for name, added in self.growth.items()
             if self.total and added > GROWTH_WARNING_SHARE * self.total
         ]
@@ -456,6 +458,76 @@ def emit_segments(
         raise UnsupportedModelError("partitioning did not settle")  # unreachable: each retry moves nodes to the host
     finally:
         shutil.rmtree(emitter.cache.root, ignore_errors=True)
+
+
+def weigh_mac_growth(
+    request: CompileRequest,
+    source: ImportedSource,
+    prepared: PreparedModel,
+    linted: LintedModel,
+    emitted: EmittedPlan,
+    backend: Backend,
+    stage: Path,
+) -> tuple[PreparedModel, LintedModel, EmittedPlan]:
+    """When passes grew the model by more than ``GROWTH_WARNING_SHARE`` of the source's MACs each (and
+    partitioning is on), compile it again without them, so that the layers they rewrote go to the host
+    (lint or the backend then refuses them), and keep the compile that runs fewer MACs off the device
+    hardware (on the host or in the backend's software fallback, as each executes them); the first on a
+    tie. The choice is reported as MAC002 in the kept compile's diagnostics; the other compile's files are
+    removed from ``stage``."""
+
+    macs = prepared.macs
+    grown = [] if macs is None or not request.partition or not macs.total else [
+        name for name, added in macs.growth.items() if added > GROWTH_WARNING_SHARE * macs.total]
+    if not grown:
+        return prepared, linted, emitted
+    options = request.pipeline_options
+    without = dataclasses.replace(request, pipeline_options=dataclasses.replace(
+        options, disabled=options.disabled | frozenset(grown), dump_dir=None))
+    passes = ", ".join(f"'{name}' (+{format_macs(macs.growth[name])} MACs)" for name in grown)
+    scratch = stage / ".without-growth"
+    scratch.mkdir()
+    try:
+        other = run_target_pipeline(without, source)
+        other_linted = lint_prepared(without, other)
+        other_emitted = emit_segments(other_linted.model, other_linted.host_nodes, other.calibration, backend,
+                                      without, scratch)
+    except (UnsupportedModelError, VerificationError) as exc:
+        shutil.rmtree(scratch)
+        prepared.context.diagnostics.append(Diagnostic(
+            Level.INFO, "MAC002", f"kept {passes}: without, the model does not compile ({exc.message})",
+            rule="legalization growth"))
+        return prepared, linted, emitted
+    kept, dropped = off_hardware_macs(emitted), off_hardware_macs(other_emitted)
+    take_other = dropped < kept
+    choice = (f"without {passes}, {format_macs(dropped)} MACs run off the device hardware, with them "
+              f"{format_macs(kept)}")
+    if not take_other:
+        shutil.rmtree(scratch)
+        prepared.context.diagnostics.append(Diagnostic(
+            Level.INFO, "MAC002", f"kept the rewrites: {choice}", rule="legalization growth"))
+        return prepared, linted, emitted
+    for segment in emitted.segments:
+        if segment.dir == ".":
+            for name in segment.files.values():
+                (stage / name).unlink()
+        else:
+            shutil.rmtree(stage / segment.dir)
+    for child in scratch.iterdir():
+        shutil.move(str(child), str(stage / child.name))
+    scratch.rmdir()
+    other.context.diagnostics.append(Diagnostic(
+        Level.WARNING, "MAC002", f"compiled without the rewrites: {choice}", rule="legalization growth",
+        hint="compile with --disable-pass for each of them to skip the comparison"))
+    return other, other_linted, other_emitted
+
+
+def off_hardware_macs(emitted: EmittedPlan) -> int:
+    """MACs a plan executes off the device hardware, as compiled: its host segments', and the share of each
+    device segment's that its backend runs in software."""
+
+    return round(sum(s.segment.macs * (1.0 if s.emitted is None else 1.0 - s.emitted.hardware_mac_share)
+                     for s in emitted.segments))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,16 +8,21 @@ import json
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from qanac import compiler
+from qanac import compiler, registry
+from qanac.backend import EmitResult
 from qanac.cli import cli
 from qanac.compiler import GROWTH_WARNING_SHARE, CompileRequest
+from qanac.graph import derived_name
 from qanac.model_summary import format_macs, format_share, macs_by_node, source_macs_by_segment, summarize
 from qanac.partition import DEVICE, HOST, plan_segments
+from qanac.registry import PassResult, register_pass
 from qanac.report import format_compile_result, format_mac_growth, format_segments
+from qanac.targets import CANONICALIZE
 
 
 def regnet_like(width: int = 64, group_width: int = 16, size: int = 32) -> onnx.ModelProto:
@@ -164,3 +169,83 @@ def test_no_device_share_warning_when_the_model_runs_on_the_device(small_model_p
     assert assembled.manifest.partition.device_mac_share == 1.0
     assert assembled.report["device_share_warning"] is None and "WARNING" not in text
     assert "on device   100.0 % of the model's 13.9 k MACs run on the device hardware" in text
+
+
+@pytest.fixture
+def widening_pass():
+    """Pass ``test-widen-kernel``: each 3x3 Conv (pads 1) becomes the same Conv with a zero-bordered 5x5
+    kernel (pads 2), exact and 25/9 of its MACs, as a legalization growing the model would."""
+
+    registry.load_builtin_passes()
+    before = dict(registry._REGISTRY)
+
+    @register_pass("test-widen-kernel")
+    def widen(model, ctx) -> PassResult:
+        """Zero-border every 3x3 Conv kernel to 5x5 (test only)."""
+
+        result = PassResult()
+        for node in model.graph.nodes:
+            if node.op == "Conv" and tuple(node.inputs[1].values.shape[2:]) == (3, 3):
+                weights = np.pad(node.inputs[1].values, ((0, 0), (0, 0), (1, 1), (1, 1)))
+                node.name = derived_name(node.name, "test-widen-kernel")
+                node.inputs[1] = gs.Constant(f"{node.name}/weight", weights)
+                node.attrs.update(kernel_shape=[5, 5], pads=[2, 2, 2, 2])
+                result.count("widen")
+        return result
+
+    yield "test-widen-kernel"
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+
+
+class WideKernelsInSoftware:
+    """A backend that runs every 5x5 Conv in its software fallback (its hardware share is the rest)."""
+
+    variants = ()
+
+    def emit(self, model: onnx.ModelProto, data, options, folder) -> EmitResult:
+        macs = macs_by_node(model)
+        wide = sum(macs[n.name] for n in model.graph.node if n.op_type == "Conv"
+                   and onnx.numpy_helper.to_array(next(i for i in model.graph.initializer
+                                                       if i.name == n.input[1])).shape[2:] == (5, 5))
+        (folder / "model.bin").write_bytes(b"compiled")
+        total = sum(macs.values())
+        return EmitResult(files={"compiled": "model.bin"}, hardware_mac_share=1 - wide / total if total else 1.0)
+
+
+def compile_both_ways(widening_pass, small_model_path, small_calib_path, tmp_path, backend):
+    request = CompileRequest(source=str(small_model_path), target="onnxruntime", output=tmp_path / "bundle",
+                             calibration=str(small_calib_path), pipeline=[*CANONICALIZE, widening_pass])
+    source = compiler.import_source(request)
+    prepared = compiler.run_target_pipeline(request, source)
+    linted = compiler.lint_prepared(request, prepared)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    emitted = compiler.emit_segments(linted.model, linted.host_nodes, prepared.calibration, backend, request, stage)
+    return prepared, compiler.weigh_mac_growth(request, source, prepared, linted, emitted, backend, stage), stage
+
+
+def test_a_growth_over_a_quarter_is_weighed_against_compiling_without_it(widening_pass, small_model_path,
+                                                                         small_calib_path, tmp_path):
+    grown, (prepared, linted, emitted), stage = compile_both_ways(widening_pass, small_model_path,
+                                                                  small_calib_path, tmp_path, WideKernelsInSoftware())
+    assert grown.macs.growth == {widening_pass: 16 * 13_824 // 9}  # the 3x3 conv's 13,824 MACs, now 5x5
+    # with the wide kernel most MACs run in software; without the pass none: the compile without it is kept
+    assert prepared is not grown and prepared.macs.growth == {} and emitted.plan.total_macs == 13_864
+    choice = [d for d in prepared.context.diagnostics if d.code == "MAC002"]
+    assert len(choice) == 1 and choice[0].message == (
+        f"compiled without the rewrites: without '{widening_pass}' (+24.6 k MACs), 0 MACs run off the device "
+        "hardware, with them 38.4 k")  # the 5x5 conv, in software
+    assert sorted(p.name for p in stage.iterdir()) == ["model.bin"]  # the kept compile's files only
+    partition = compiler.partition_record(emitted, prepared.macs)
+    assert partition.device_mac_share == 1.0 and partition.total_macs == grown.macs.total
+
+
+def test_the_grown_compile_is_kept_when_it_runs_no_more_off_the_device(widening_pass, small_model_path,
+                                                                       small_calib_path, tmp_path):
+    grown, (prepared, _, emitted), stage = compile_both_ways(
+        widening_pass, small_model_path, small_calib_path, tmp_path, compiler.get_target("onnxruntime").load_backend())
+    assert prepared is grown and emitted.plan.total_macs == 13_864 + 16 * 13_824 // 9
+    assert [d.message.split(":")[0] for d in prepared.context.diagnostics if d.code == "MAC002"] == [
+        "kept the rewrites"]
+    assert not (stage / ".without-growth").exists()
