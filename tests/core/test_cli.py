@@ -36,7 +36,7 @@ def compiled(tmp_path, small_model_path, small_calib_path):
 
 def test_compile_writes_a_complete_bundle(compiled, small_calib_path):
     names = sorted(p.name for p in compiled.iterdir())
-    assert names == ["manifest.json", "model.qdq.onnx", "reference.onnx", "report.json"]
+    assert names == ["manifest.json", "model.qdq.onnx", "reference.onnx", "report.html", "report.json"]
     manifest = json.loads((compiled / "manifest.json").read_text())
     assert manifest["target"] == "onnxruntime"
     assert manifest["inputs"][0]["name"] == "x" and manifest["inputs"][0]["shape"][1:] == [3, 8, 8]
