@@ -20,6 +20,10 @@ Only single-input models are accepted.
 
 Input dtype (``QuantizationParams.input_dtype``) is the type the InputQuantizer produces, i.e. what the
 first Akida layer receives; the Akida model still takes float input and quantizes it in software.
+A model whose own input is uint8 or int8 (BrainChip's zoo as shipped) keeps that type, as MetaTF does:
+it calibrates on integer samples of that dtype, and its InputQuantizer is the identity (the input range
+pinned to the dtype's, scale 1 and zero point 0, ``integer_input_range``), so the first Akida layer
+receives the model's integers unchanged.
 ``uint8`` is asymmetric (scale 255 / (max - min), zero point from the calibrated minimum, per channel):
 for inputs in [0, 1] calibrated on full-range images this is exactly the raw image bytes. ``int8`` is
 symmetric without zero point. quantizeml builds a first Gemm or a first depthwise Conv only on int8
@@ -46,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import io
 import re
 import time
@@ -208,7 +213,61 @@ def calibration_samples(
     limit = DEFAULT_NUM_SAMPLES if num_samples is None else int(num_samples)
     if limit < 1:
         raise UsageError(f"num_samples must be at least 1, not {num_samples}")
-    return np.ascontiguousarray(samples[:limit], dtype=np.float32)
+    return np.ascontiguousarray(samples[:limit], dtype=integer_input_dtype(model) or np.float32)
+
+
+def integer_input_dtype(model: onnx.ModelProto) -> np.dtype | None:
+    """uint8 or int8 when the model's (single) input has that type, else None."""
+
+    input_name, _ = check_single_io(model)
+    spec = next(i for i in model.graph.input if i.name == input_name)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)
+    return dtype if dtype in (np.uint8, np.int8) else None
+
+
+# the calibrated range of an integer model input that makes quantizeml's InputQuantizer the identity:
+# uint8 [0, 255] gives scale 255 / 255 and zero point 0; int8 [-127, 127] gives scale 127 / 127
+_IDENTITY_RANGE = {np.dtype(np.uint8): (0.0, 255.0), np.dtype(np.int8): (-127.0, 127.0)}
+
+
+@contextlib.contextmanager
+def integer_input_range(dtype: np.dtype | None):
+    """While active, quantizeml's calibration of a model with an integer input of ``dtype`` records the
+    dtype's range for the input and the Cast/Transpose chain that reads it (what its InputQuantizer is
+    built from), so the quantizer passes the integers through unchanged. No effect for ``dtype`` None."""
+
+    if dtype is None:
+        yield
+        return
+    quantize_module = importlib.import_module("quantizeml.onnx_support.quantization.quantize")  # the module
+    calibrate = quantize_module.calibrate
+    low, high = _IDENTITY_RANGE[np.dtype(dtype)]
+
+    def pinned(model, *args, **kwargs):
+        ranges = calibrate(model, *args, **kwargs)
+        for name in _input_chain(model):
+            if name in ranges:
+                found = ranges[name]
+                ranges[name] = type(found)(lowest=np.full_like(found.lowest, low),
+                                           highest=np.full_like(found.highest, high))
+        return ranges
+
+    quantize_module.calibrate = pinned
+    try:
+        yield
+    finally:
+        quantize_module.calibrate = calibrate
+
+
+def _input_chain(model: onnx.ModelProto) -> list[str]:
+    """The graph input and the outputs of the Cast/Transpose nodes that follow it one reader at a time."""
+
+    names = [model.graph.input[0].name]
+    while True:
+        readers = [n for n in model.graph.node if names[-1] in n.input]
+        if len(readers) != 1 or readers[0].op_type not in ("Cast", "Transpose"):
+            return names
+        names.append(readers[0].output[0])
 
 
 def first_layer(model: onnx.ModelProto) -> onnx.NodeProto | None:
@@ -227,8 +286,12 @@ def is_depthwise(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
 
 
 def choose_input_dtype(model: onnx.ModelProto) -> str:
-    """uint8 when the model starts with a standard Conv (Akida's InputConv2D), int8 otherwise."""
+    """The model input's own type when it is uint8 or int8; else uint8 when the model starts with a
+    standard Conv (Akida's InputConv2D), int8 otherwise."""
 
+    own = integer_input_dtype(model)
+    if own is not None:
+        return np.dtype(own).name
     node = first_layer(model)
     if node is not None and node.op_type == "Conv" and _attribute(node, "group", 1) == 1:
         return "uint8"
@@ -250,7 +313,8 @@ def quantize_onnx(
 
     qparams = QuantizationParams(input_dtype=input_dtype)
     try:
-        with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()):
+        with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()), \
+                integer_input_range(integer_input_dtype(model)):
             quantized = quantize(
                 copy.deepcopy(model),
                 qparams=qparams,

@@ -162,3 +162,52 @@ def test_stride2_kernel5_rejected_with_a_hint():
     assert "node 'strided' (Conv)" in error.message
     assert "Stride 2 is only supported with kernel size 1 or 3" in error.message
     assert "3x3" in error.hint
+
+
+# -- integer model inputs (BrainChip's zoo as shipped: uint8 images, int8 events) -----------------------
+
+
+def integer_input_cnn(dtype: str, channels: int) -> onnx.ModelProto:
+    """An input of ``dtype`` (NCHW, 12x12) -> Cast to float -> Conv/ReLU -> Conv/ReLU -> GAP -> Gemm."""
+
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    g = akida_models.GraphBuilder(seed=3)
+    x = g.op("Cast", ["input"], "input_cast", to=TensorProto.FLOAT)
+    x = g.relu(g.conv(x, "stem", channels, 8), "stem_relu")
+    x = g.relu(g.conv(x, "features", 8, 8), "features_relu")
+    model = g.model(g.classifier(x, 8), (channels, 12, 12), [10])
+    model.graph.input[0].type.tensor_type.elem_type = getattr(TensorProto, dtype.upper())
+    onnx.checker.check_model(model, full_check=True)
+    return oh.make_model(model.graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, channels", [("uint8", 3), ("int8", 2)])
+def test_an_integer_input_keeps_its_type_and_passes_into_akida_unchanged(dtype, channels):
+    """As MetaTF: calibration on integers of the input's type, an identity InputQuantizer (scale 1, zero
+    point 0), and an Akida model equal to the quantized ONNX on those integers."""
+
+    from qanac.backends.akida.runners import AkidaSoftwareRunner, QuantizedOnnxRunner
+    from qanac.calibration import CalibrationData, Preprocessing
+    from qanac.execution import run_onnx
+
+    model = integer_input_cnn(dtype, channels)
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(0)
+    samples = rng.integers(info.min, info.max, size=(48, channels, 12, 12), endpoint=True).astype(dtype)
+    samples[:, :, :6] //= 2  # not the whole range: the input range is pinned, not calibrated
+    calibration = CalibrationData(arrays={"input": samples[:32]}, source="test", preprocessing=Preprocessing())
+    conversion = convert.compile_onnx(model, calibration)
+    assert conversion.input_dtype == dtype
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in conversion.quantized.graph.initializer}
+    np.testing.assert_array_equal(weights["quantize_scale"], np.ones(channels, np.float32))
+    np.testing.assert_array_equal(weights["quantize_zp"], np.zeros(channels))
+    held_out = {"input": samples[32:]}
+    quantized = QuantizedOnnxRunner(conversion.quantized).run(held_out)[0]
+    akida_out = AkidaSoftwareRunner(conversion.akida_model, "input", conversion.output_name,
+                                    conversion.float_output_shape).run(held_out)[0]
+    np.testing.assert_array_equal(akida_out, quantized)
+    reference = run_onnx(model, held_out)[0]
+    assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.9  # the quantized model tracks float

@@ -88,3 +88,59 @@ def test_without_partitioning_the_disagreement_fails_with_exit_1_naming_the_laye
     located = [d for d in error["diagnostics"] if d["code"] == "AKV302"]
     assert located[0]["nodes"] == ["features", "features_relu", "head_gap"]
     assert not out.exists()
+
+
+def _near_tie_inputs(conversion, data, count: int = 16) -> np.ndarray:
+    """Inputs whose every value lies within a few float32 ulps of a rounding tie of the input quantizer
+    (``x * scale = k + 0.5``), where Akida's Quantizer and the quantized ONNX's may round apart."""
+
+    scales = np.asarray(conversion.akida_model.layers[0].variables["scales"], np.float32)
+    shape = data.arrays["input"].shape[1:]
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 200, size=(count, *shape))
+    channel_scales = scales.reshape(-1, *([1] * (len(shape) - 1)))
+    ties = ((levels + 0.5) / channel_scales).astype(np.float32)
+    ulps = rng.integers(-2, 3, size=ties.shape)
+    return np.nextafter(ties, np.where(ulps > 0, np.inf, -np.inf).astype(np.float32)) * (ulps != 0) \
+        + ties * (ulps == 0)
+
+
+def test_input_quantizers_rounding_a_tie_apart_are_not_a_disagreement():
+    """The two input quantizers round ``x * scale`` a float ulp apart near a tie; the integer pipelines
+    after them are compared on the same integers (the quantized ONNX's), so only a real departure counts."""
+
+    from qanac.backends.akida.agreement import compare_akida_to_quantized
+    from qanac.backends.akida.runners import AkidaSoftwareRunner, QuantizedOnnxRunner
+
+    model = akida_models.conv_gap_classifier(size=8)
+    data = akida_models.image_calibration(model, count=32)
+    conversion = compile_onnx(model, data)
+    runner = AkidaSoftwareRunner(conversion.akida_model, conversion.input_name, conversion.output_name,
+                                 conversion.float_output_shape)
+    inputs = {conversion.input_name: _near_tie_inputs(conversion, data).astype(np.float32)}
+    agreement = compare_akida_to_quantized(runner, conversion.quantized, inputs)
+    rounding = agreement.input_rounding
+    assert rounding["layer"] == "quantize" and rounding["differing_values"] > 0 and rounding["max_difference"] == 1
+    assert not agreement.flagged and agreement.exact_share == 1.0, agreement.to_dict()
+    end_to_end = runner.run(inputs)[0]  # Akida's own quantizer: the outputs move with the rounded inputs
+    assert not np.array_equal(end_to_end, QuantizedOnnxRunner(conversion.quantized).run(inputs)[0])
+    assert divergent_layers(conversion.akida_model, conversion.quantized, inputs[conversion.input_name]) == []
+
+
+def test_an_input_quantizer_departing_by_more_than_rounding_is_a_disagreement():
+    from qanac.backends.akida.agreement import compare_akida_to_quantized
+    from qanac.backends.akida.runners import AkidaSoftwareRunner
+
+    model = akida_models.conv_gap_classifier(size=8)
+    data = akida_models.image_calibration(model, count=32)
+    conversion = compile_onnx(model, data)
+    quantizer = conversion.akida_model.layers[0]
+    quantizer.variables["scales"] = np.asarray(quantizer.variables["scales"], np.float32) * 1.5
+    runner = AkidaSoftwareRunner(conversion.akida_model, conversion.input_name, conversion.output_name,
+                                 conversion.float_output_shape)
+    inputs = {conversion.input_name: data.arrays["input"][:8]}
+    agreement = compare_akida_to_quantized(runner, conversion.quantized, inputs)
+    assert agreement.flagged and agreement.input_rounding["max_difference"] > 1
+    assert any("input Quantizer 'quantize'" in problem for problem in agreement.problems), agreement.problems
+    found = divergent_layers(conversion.akida_model, conversion.quantized, inputs[conversion.input_name])
+    assert [d.layer for d in found] == ["quantize"] and found[0].max_abs_difference > 1
