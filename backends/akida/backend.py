@@ -28,6 +28,11 @@ Options:
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ import onnx
 
 from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData
-from qanac.diagnostics import Diagnostic, UsageError, VerificationError
+from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError, VerificationError
 from qanac.graph import source_names_of
 from qanac.manifest import COMPILED, Record, SegmentRecord
 
@@ -93,6 +98,7 @@ class AkidaBackend:
         seconds = dict(conversion.seconds)
 
         t_map = time.perf_counter()
+        check_mapping_survives(conversion.akida_model, device_name)
         mapping = map_on_device(conversion.akida_model, device_name)
         annotate_sources(mapping, source_names_of(model))
         seconds["map"] = time.perf_counter() - t_map
@@ -159,6 +165,47 @@ class AkidaBackend:
         record = segment.backend_record(AkidaSegmentRecord)
         path = Path(segment_dir) / segment.file(QUANTIZED)
         return QuantizedOnnxRunner(path, output_names=[record.output_name])
+
+
+# maps the .fbz in argv[1] on the device argv[2] as ``mapping.map_on_device`` does
+_MAP_PROBE = """
+import sys
+import akida
+from qanac.backends.akida.devices import virtual_device
+model = akida.Model(sys.argv[1])
+model.map(virtual_device(sys.argv[2], model), hw_only=False)
+"""
+MAP_PROBE_SECONDS = 600.0
+
+
+def check_mapping_survives(akida_model: Any, device_name: str) -> None:
+    """Map ``akida_model`` in a child process first: akida's mapper (``Model.map``, native code) kills the
+    process on some graphs (SIGSEGV in ``_map_search`` on a ShuffleNetV2 unit: two branches of two or more
+    layers each joined by a Concatenate), which no Python handler can catch. A child killed by a signal is
+    an ``UnsupportedModelError`` (AKM210) naming no node, so the partitioner runs the segment on the host;
+    any other outcome leaves mapping to ``map_on_device`` in this process (its errors are its own)."""
+
+    with tempfile.TemporaryDirectory(prefix="qanac-map-") as folder:
+        path = Path(folder) / COMPILED_FILE
+        akida_model.save(str(path))
+        try:
+            probe = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(path), device_name],
+                                   capture_output=True, text=True, timeout=MAP_PROBE_SECONDS,
+                                   env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        except subprocess.TimeoutExpired:
+            return
+    if probe.returncode >= 0:
+        return
+    frames = [line.strip() for line in probe.stderr.splitlines() if line.strip().startswith("File ")]
+    where = f" ({frames[0]})" if frames else ""
+    message = (f"akida's mapper crashed (killed by {signal.Signals(-probe.returncode).name}) mapping this segment "
+               f"on {device_name}{where}")
+    raise UnsupportedModelError(
+        message,
+        diagnostics=[Diagnostic(Level.ERROR, "AKM210", message, rule="akida-maps",
+                                hint="the segment runs on the host; report the model to BrainChip")],
+        hint="the segment runs on the host (without --no-partition)",
+    )
 
 
 def _disagreement(conversion: AkidaConversion, model: onnx.ModelProto, agreement: Agreement, inputs: np.ndarray,
