@@ -95,6 +95,9 @@ def import_model(source: str, input_shape: str | None = None, weights: str | Non
             "--weights applies to a PyTorch module factory (pkg.module:factory) only",
             hint="ONNX, TorchScript, torch.export and Keras files carry their weights",
         )
+    if path.exists() and not path.is_dir() and not path.is_file():  # reading a FIFO or device may block forever
+        raise UsageError(f"{source} is not a regular file (a FIFO, socket or device)",
+                         hint="give a model file, a SavedModel directory, or pkg.module:factory")
     if torch_frontend.is_factory(source) or path.suffix in torch_frontend.SUFFIXES:
         model, notes = torch_frontend.load(source, shapes, weights)
         return ImportedModel(model, "torch", source, time.perf_counter() - started, notes)

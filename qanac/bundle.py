@@ -204,6 +204,19 @@ def _remove_empty(created: list[Path]) -> None:
             path.rmdir()
 
 
+LIVE_STAGING: dict[Path, list[Path]] = {}  # this process's staging directories not yet renamed or removed,
+# each with the parent folders made for it
+
+
+def remove_live_staging() -> None:
+    """Remove this process's staging directories and the parents made for them: what a forced exit
+    (``qanac.cli_support.force_exit``) does instead of the cleanups it does not wait for."""
+
+    for staging, created in list(LIVE_STAGING.items()):
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
+
+
 def _mark(directory: Path) -> None:
     """Write the marker that makes ``directory`` qanac's to remove once its process is gone (atomically:
     a marker that exists is complete)."""
@@ -292,6 +305,7 @@ def staged_directory(
         except OSError as exc:
             raise UsageError(f"cannot write output {out}: {exc.strerror} ({out.parent})",
                              hint="choose a writable place for -o") from None
+        LIVE_STAGING[staging] = created
         _mark(staging)
     except BaseException:
         _remove_empty(created)
@@ -303,6 +317,7 @@ def staged_directory(
         with _signals_held():
             shutil.rmtree(staging, ignore_errors=True)
             _remove_empty(created)
+            LIVE_STAGING.pop(staging, None)
         raise
     with _signals_held():
         (staging / STAGING_MARKER).unlink()
@@ -312,6 +327,7 @@ def staged_directory(
             _mark(parked)
             os.rename(out, parked / out.name)
         os.rename(staging, out)
+        LIVE_STAGING.pop(staging, None)
         if parked is not None:
             shutil.rmtree(parked, ignore_errors=True)
 

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qanac.cache import cache_file, load_arrays, save_arrays
 from qanac.diagnostics import UnsupportedModelError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
@@ -590,8 +591,9 @@ def read_ham10000_metadata(root: str | Path) -> list[dict[str, str]]:
 def read_ham10000(root: str | Path, size: Sequence[int], cache: bool = True) -> Ham10000:
     """All images of the HAM10000 directory ``root``, resized to ``size`` (height, width).
 
-    With ``cache`` the resized images are stored next to the metadata as ``.qanac_cache_<H>x<W>.npz``
-    and reused while the metadata lists the same images in the same order.
+    With ``cache`` the resized images are kept in qanac's cache folder (``qanac.cache``, never in ``root``),
+    keyed by ``root``'s resolved path and the size, and reused while the metadata lists the same images in
+    the same order.
     """
 
     root = Path(root)
@@ -605,16 +607,14 @@ def read_ham10000(root: str | Path, size: Sequence[int], cache: bool = True) -> 
     labels = np.array([index[r["dx"]] for r in rows], dtype=np.int64)
     image_ids = [r["image_id"] for r in rows]
 
-    cache_path = root / f".qanac_cache_{height}x{width}.npz"
+    cache_path = cache_file("ham10000", str(root.resolve()), f"{height}x{width}") if cache else None
+    stored = load_arrays(cache_path)
     images = None
-    if cache and cache_path.is_file():
-        with np.load(cache_path, allow_pickle=False) as stored:
-            if stored["image_ids"].tolist() == image_ids:
-                images = stored["images"]
+    if stored is not None and "images" in stored and stored.get("image_ids", np.array([])).tolist() == image_ids:
+        images = stored["images"]
     if images is None:
         images = load_images([_find_ham10000_image(root, i) for i in image_ids], (1, 3, height, width))
-        if cache:
-            np.savez(cache_path, images=images, image_ids=np.array(image_ids))
+        save_arrays(cache_path, images=images, image_ids=np.array(image_ids))
     return Ham10000(root, images, labels, tuple(r["lesion_id"] for r in rows))
 
 

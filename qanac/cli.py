@@ -27,6 +27,7 @@ from qanac.cli_support import (  # noqa: E402
     RegistryGroup,
     TargetOptionsCommand,
     emit_json,
+    exit_if_interrupted,
     handle_errors,
     install_signal_handlers,
     json_option,
@@ -535,7 +536,10 @@ def main() -> None:
     try:
         cli(prog_name="qanac")
     except Interrupted as exc:  # arrived outside a command's error handling
-        raise SystemExit(exc.exit_code) from None
+        exit_if_interrupted(exc.exit_code)
+    except SystemExit as exc:
+        exit_if_interrupted(exc.code)
+        raise
 
 
 if __name__ == "__main__":

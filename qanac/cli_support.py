@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import select
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator
 
@@ -36,14 +39,70 @@ class Interrupted(BaseException):
 EXIT_SIGINT = 128 + signal.SIGINT
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP raise ``Interrupted`` (SIGINT already raises KeyboardInterrupt)."""
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORCE_EXIT_GRACE = 5.0  # seconds an interrupted command has to unwind before it is ended at once
+_received: list[int] = []  # the signals that reached install_signal_handlers' handler, in order
 
-    def raise_interrupted(signum: int, frame: Any) -> None:
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise ``Interrupted`` and SIGINT ``KeyboardInterrupt`` in the main thread, so the
+    command's cleanups run. A second signal, or a first one the main thread has not answered within
+    ``FORCE_EXIT_GRACE`` seconds (it is inside native code that does not return to Python), ends the
+    process at once through ``force_exit``; a thread watching the signal wakeup pipe sees both even while
+    the main thread is busy, provided the native code releases the GIL."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if _received:
+            force_exit(signum)
+        _received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Interrupted(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, raise_interrupted)
+    for signum in HANDLED_SIGNALS:
+        signal.signal(signum, on_signal)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    threading.Thread(target=_watch_signals, args=(read_end,), name="qanac-signals", daemon=True).start()
+
+
+def _watch_signals(read_end: int) -> None:
+    """Wait for a handled signal on the wakeup pipe, then for a second one or ``FORCE_EXIT_GRACE`` seconds,
+    whichever comes first, and force the exit (the process normally ends well before)."""
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)  # delivered to the main thread, never here
+    while (first := os.read(read_end, 1)[0]) not in HANDLED_SIGNALS:
+        pass
+    deadline = time.monotonic() + FORCE_EXIT_GRACE
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([read_end], [], [], left)[0] and os.read(read_end, 1)[0] in HANDLED_SIGNALS:
+            break
+    force_exit(first)
+
+
+def force_exit(signum: int) -> None:
+    """Remove this process's staging directories, say so on stderr and exit with 128 + ``signum`` now,
+    without unwinding the main thread or the interpreter's teardown."""
+
+    from qanac.bundle import remove_live_staging
+
+    remove_live_staging()
+    with contextlib.suppress(OSError):
+        os.write(2, f"error: interrupted ({signal.Signals(signum).name}), exiting at once\n".encode())
+    os._exit(128 + signum)
+
+
+def exit_if_interrupted(code: Any) -> None:
+    """After a signal ended the command (its cleanups done), exit with ``code`` without the interpreter's
+    teardown, which takes seconds once TensorFlow is loaded; without a signal, return."""
+
+    if not _received:
+        return
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 128 + _received[0])
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -136,6 +136,9 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise UsageError(f"model not found: {path}", hint="check the path of the .onnx file")
     if path.is_dir():
         raise UsageError(f"{path} is a directory, not an ONNX file", hint="give the path of an .onnx file")
+    if not path.is_file():  # a FIFO, socket or device: reading it may block forever
+        raise UsageError(f"{path} is not a regular file (a FIFO, socket or device)",
+                         hint="give the path of an .onnx file")
     try:
         model = onnx.load(str(path))
     except (DecodeError, ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as exc:  # external data

@@ -16,6 +16,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _qanac_cache_dir(tmp_path_factory) -> None:
+    """qanac's cache folder (qanac.cache) in the session's temporary folder, not the user's ~/.cache."""
+
+    os.environ["QANAC_CACHE_DIR"] = str(tmp_path_factory.mktemp("qanac-cache"))
+
+
 def conv_bn_relu_softmax(seed: int = 0, batch: str = "N") -> onnx.ModelProto:
     """Conv -> BatchNorm -> Relu -> GAP -> Flatten -> Gemm -> Softmax, random weights, NCHW 1x3x8x8."""
 

@@ -93,7 +93,10 @@ def _run_interrupted(args: list[str], cwd: Path, signum: int) -> tuple[int, str]
         time.sleep(0.05)
     assert process.poll() is None, process.communicate()[0]
     process.send_signal(signum)
+    sent = time.monotonic()
     output, _ = process.communicate(timeout=300)
+    if signum != signal.SIGKILL:  # the cleanups run, and the process ends without the interpreter's teardown
+        assert time.monotonic() - sent < 10, output
     return process.returncode, output
 
 
@@ -284,3 +287,127 @@ def test_staging_directories_of_killed_compiles_are_removed_by_the_next_compile(
     assert f"left {foreign} alone" in result.output and f"left {running} alone" in result.output
     assert not killed.exists() and (foreign / "keep.txt").exists() and running.exists() and elsewhere.exists()
     assert not (tmp_path / "out").exists()
+
+
+IN_PASS = '''
+import ctypes
+import time
+from pathlib import Path
+
+from qanac.registry import register_pass
+
+
+@register_pass("bad-inputs-{name}")
+def run(model, ctx):
+    """{doc}"""
+    Path("started").touch()
+{body}
+'''
+STUCK_IN_NATIVE_CODE = IN_PASS.format(name="stuck", doc="Native code that never returns, whatever signal arrives "
+                                      "(a mutex locked twice), with the GIL released.", body='''
+    mutex = ctypes.create_string_buffer(64)
+    ctypes.CDLL(None).pthread_mutex_lock(mutex)
+    ctypes.CDLL(None).pthread_mutex_lock(mutex)
+''')
+SLOW_CLEANUP = IN_PASS.format(name="slow-cleanup", doc="A pass whose clean-up after an interruption takes minutes.",
+                              body='''
+    try:
+        time.sleep(300)
+    finally:
+        time.sleep(300)
+''')
+
+
+def _interrupt_a_pass(tmp_path: Path, model: Path, calib: Path, plugin: str, signals: int) -> tuple[int, str, float]:
+    """Compile with the plugin's pass as the pipeline; once the pass runs, send SIGTERM ``signals`` times (0.5 s
+    apart). Returns the exit code, the output and the seconds from the first signal to the exit."""
+
+    name = plugin.split('"bad-inputs-', 1)[1].split('"', 1)[0]
+    (tmp_path / "in_pass.py").write_text(plugin)
+    process = subprocess.Popen([sys.executable, "-m", "qanac.cli", "compile", str(model), "-t", "onnxruntime",
+                                "--calib", str(calib), "-o", "out", "--plugin", "in_pass.py", "--pipeline",
+                                f"bad-inputs-{name}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "started").exists():
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the pass did not start"
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".out.staging-*"))
+        time.sleep(2)  # from the pass's first line into its body (the native call, the sleep)
+        first = time.monotonic()
+        for i in range(signals):
+            if i:
+                time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        return process.returncode, output, time.monotonic() - first
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
+def test_sigterm_ends_a_compile_stuck_in_native_code_and_removes_its_staging(tmp_path, small_model_path,
+                                                                              small_calib_path):
+    """The main thread never returns to Python, so its SIGTERM handler cannot run: the signal watcher ends
+    the process after FORCE_EXIT_GRACE seconds, with the staging directory removed."""
+
+    from qanac.cli_support import FORCE_EXIT_GRACE
+
+    code, output, seconds = _interrupt_a_pass(tmp_path, small_model_path, small_calib_path,
+                                              STUCK_IN_NATIVE_CODE, signals=1)
+    assert code == 128 + signal.SIGTERM, output
+    assert "error: interrupted (SIGTERM), exiting at once" in output and "Traceback" not in output, output
+    assert FORCE_EXIT_GRACE - 0.5 <= seconds < 10, (seconds, output)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_second_sigterm_ends_a_slow_cleanup_at_once(tmp_path, small_model_path, small_calib_path):
+    """The first SIGTERM starts the cleanups (here one that would take minutes); the second ends the process
+    at once, staging directory removed, well before the watcher's grace period."""
+
+    from qanac.cli_support import FORCE_EXIT_GRACE
+
+    code, output, seconds = _interrupt_a_pass(tmp_path, small_model_path, small_calib_path, SLOW_CLEANUP,
+                                              signals=2)
+    assert code == 128 + signal.SIGTERM, output
+    assert "exiting at once" in output and "Traceback" not in output, output
+    assert seconds < FORCE_EXIT_GRACE, (seconds, output)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_eval_of_a_ham10000_folder_writes_nothing_into_it(tmp_path, monkeypatch):
+    """The resized images are cached in qanac's cache folder: the data folder stays as it was, and a second
+    eval reads the cache instead of the images."""
+
+    from onnx import numpy_helper
+
+    from qanac.calibration import write_ham10000_fixture
+
+    monkeypatch.setenv("QANAC_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_ham10000_fixture(tmp_path / "ham", images_per_class=12)
+    before = snapshot(data)
+    model = conv_bn_relu_softmax()  # with 7 classes, HAM10000's
+    rng = np.random.default_rng(3)
+    for init in model.graph.initializer:
+        if init.name in ("fc_w", "fc_b"):
+            shape = (7, 8) if init.name == "fc_w" else (7,)
+            init.CopyFrom(numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), init.name))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7
+    onnx.save(model, str(tmp_path / "ham7.onnx"))
+    bundle = tmp_path / "bundle"
+    compile_model(CompileRequest(source=str(tmp_path / "ham7.onnx"), target="onnxruntime", output=bundle,
+                                 calibration="random"))
+    for run in range(2):
+        RECORDER.start(data)
+        try:
+            result = CliRunner().invoke(cli, ["eval", str(bundle), "--data", str(data), "-o", str(tmp_path / "e")])
+        finally:
+            RECORDER.stop()
+        assert result.exit_code == 0, result.output
+        assert RECORDER.written == set()
+        assert any(p.endswith(".jpg") for p in RECORDER.read) == (run == 0)
+    assert snapshot(data) == before
+    assert len(list((tmp_path / "cache" / "ham10000").glob("*.npz"))) == 1

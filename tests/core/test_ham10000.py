@@ -71,8 +71,10 @@ def test_bad_fractions():
         grouped_stratified_split([0, 1], ["a", "b"], (0.5, 0.5, 0.5))
 
 
-def test_fixture_layout_and_reader(tmp_path):
+def test_fixture_layout_and_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("QANAC_CACHE_DIR", str(tmp_path / "cache"))
     root = write_ham10000_fixture(tmp_path / "ham", images_per_class=6)
+    files = sorted(root.rglob("*"))
     assert is_ham10000(root) and not is_ham10000(tmp_path)
     with open(root / HAM10000_METADATA, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -84,7 +86,8 @@ def test_fixture_layout_and_reader(tmp_path):
     assert data.images.shape == (42, 3, 24, 32) and data.images.dtype == np.uint8
     assert [HAM10000_CLASSES[i] for i in data.labels] == [r["dx"] for r in rows]
     assert data.lesion_ids == tuple(r["lesion_id"] for r in rows)
-    assert (root / ".qanac_cache_24x32.npz").is_file()
+    assert sorted(root.rglob("*")) == files  # the cache is qanac's, never in the user's data folder
+    assert len(list((tmp_path / "cache" / "ham10000").glob("*.npz"))) == 1
     again = read_ham10000(root, (24, 32))
     assert np.array_equal(again.images, data.images)
     train, val, test = data.split(fractions=(0.5, 0.25, 0.25), seed=0)
