@@ -285,6 +285,12 @@ def _short(text: str, limit: int = 30) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def _short_name(name: str, limit: int = 30) -> str:
+    """A node name that fits a box: its end, the most specific part of a framework's scoped name."""
+
+    return name if len(name) <= limit else "\u2026" + name[-(limit - 1):]
+
+
 def render_graph(layers: list[Layer]) -> str:
     """The model as inline SVG: one box per layer, edges between them, transfers dashed."""
 
@@ -340,7 +346,7 @@ def render_graph(layers: list[Layer]) -> str:
             f'data-segment="{_e(layer.segment or "")}" transform="translate({layer.x:.1f},{layer.y:.1f})">'
             f"<title>{_e(chr(10).join(tip))}</title>"
             f'<rect width="{BOX_W}" height="{BOX_H}" rx="6" fill="{fill}"/>'
-            f'<text x="8" y="17" class="name">{_e(_short(layer.name))}</text>'
+            f'<text x="8" y="17" class="name">{_e(_short_name(layer.name))}</text>'
             f'<text x="8" y="33" class="detail">{_e(detail)}</text></g>'
         )
     return (f'<svg class="graph" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '

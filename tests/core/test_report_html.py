@@ -233,3 +233,27 @@ def test_the_report_renders_in_headless_chromium(layered_bundle, tmp_path):
                                                                                        HOST_PLACEMENT)}
     for colour in colours:  # the graph's boxes were drawn in each placement's colour
         assert np.all(np.abs(pixels - colour) <= 2, axis=-1).sum() > 500, colour
+
+
+def test_a_bundle_without_report_json_still_gets_its_graph(layered_bundle, tmp_path):
+    bundle = Path(shutil.copytree(layered_bundle[0], tmp_path / "copy"))
+    (bundle / "report.json").unlink()
+    result = CliRunner().invoke(cli, ["report", str(bundle)])
+    assert result.exit_code == 0, result.output
+    page = (bundle / "report.html").read_text()
+    boxes = layer_boxes(page)
+    assert {placement for placement, _, _ in boxes.values()} == {HARDWARE, HOST_PLACEMENT}  # no backend layers
+    assert "<p>No diagnostics.</p>" in page
+
+
+def test_a_bundle_that_cannot_be_written_keeps_verify_s_verdict(layered_bundle, monkeypatch):
+    from qanac import report_html
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied")
+
+    bundle, data = layered_bundle
+    monkeypatch.setattr(report_html, "_replace", refuse)
+    result = CliRunner().invoke(cli, ["verify", str(bundle), "--data", str(data), "--min-sqnr", "500", "--json"])
+    assert result.exit_code == 1
+    assert f"note: report.html not updated: cannot write in {bundle} (Permission denied)" in result.output
