@@ -319,8 +319,20 @@ def _images(rng: np.random.Generator, n: int, shape: tuple[int, int, int]) -> np
     return np.clip(smooth + rng.normal(0, 0.1, size=smooth.shape), -1, 1).astype(np.float32)
 
 
-def write_case(case: Case, folder: Path) -> None:
-    """``folder``/model.onnx, calib.npy and held.npz (array named after the model's input)."""
+def readout_gain(model) -> float:
+    """The largest weight magnitude of the readout after ``_standardise_readout``: how far the standardisation
+    stretched class scores that barely vary between inputs. Quantization error in the features is multiplied
+    by it, so a large gain (a hundred and more) explains a verify failure as the model's conditioning."""
+
+    import torch.nn as nn
+
+    readout = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return float(readout.weight.abs().max())
+
+
+def write_case(case: Case, folder: Path) -> float:
+    """``folder``/model.onnx, calib.npy and held.npz (array named after the model's input); returns the
+    model's ``readout_gain``."""
 
     import torch
 
@@ -334,6 +346,7 @@ def write_case(case: Case, folder: Path) -> None:
     np.save(folder / "calib.npy", data[:CALIB_SAMPLES])
     np.savez(folder / "held.npz", input=data[CALIB_SAMPLES:])
     (folder / "case.json").write_text(json.dumps(asdict(case), indent=1))
+    return readout_gain(model)
 
 
 # ------------------------------------------------------------------------------------------ running qanac
@@ -486,7 +499,7 @@ def fuzz_seed(seed: int, targets: list[str], workdir: Path, timeout: float) -> l
     case = random_cnn(seed)
     base = {"seed": seed, "model": case.summary(), "folder": str(folder)}
     try:
-        write_case(case, folder)
+        base["readout_gain"] = round(write_case(case, folder), 1)
     except Exception as exc:  # the exporter's own failures are rows, not the end of the run
         return [{**base, "target": t, "outcome": "other", "stage": "export", "detail": f"{type(exc).__name__}: {exc}"}
                 for t in targets]
@@ -513,7 +526,8 @@ def format_report(rows: list[dict[str, Any]], targets: list[str]) -> str:
     for r in sorted(bad, key=lambda r: (OUTCOMES.index(r["outcome"]), r["target"], r["seed"])):
         lines.append(f"  seed {r['seed']} {r['target']}: {r['outcome']}"
                      + (f" [{r['stage']}]" if r.get("stage") else "") + f": {r.get('detail', '')}")
-        lines.append(f"    model {r['model']}")
+        gain = f" (readout gain {r['readout_gain']})" if "readout_gain" in r else ""
+        lines.append(f"    model {r['model']}{gain}")
         lines.append(f"    reproduce: {reproduce(r['seed'], r['target'])}")
     return "\n".join(lines)
 

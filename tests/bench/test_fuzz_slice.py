@@ -129,3 +129,15 @@ def test_wrong_bundle_is_the_compiled_model_below_its_quantized_variant():
                                                              "detail": "top-1 agreement 0.5 < 0.95"}
     # no quantized variant (onnxruntime): a low agreement is a verify failure
     assert FUZZ.verify_outcome(_verdict(0.5), 1)["outcome"] == "verify failure"
+
+
+def test_readout_gain_is_the_largest_readout_weight_after_standardisation(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    gain = FUZZ.write_case(FUZZ.random_cnn(3), tmp_path)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    readout = [n for n in model.graph.node if n.op_type in ("Gemm", "Conv", "MatMul")][-1]
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}[readout.input[1]]
+    assert gain == pytest.approx(float(abs(weights).max()), rel=1e-6)
+    assert gain > 0
