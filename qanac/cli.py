@@ -350,7 +350,7 @@ def lint_command(source: str, target: str, input_shape: str | None, weights: str
     """
 
     from qanac.compiler import CompileRequest, lint_for_target, prepare_model
-    from qanac.diagnostics import EXIT_UNSUPPORTED, Level
+    from qanac.diagnostics import EXIT_UNSUPPORTED, Level, format_grouped
     from qanac.targets import get_target
 
     target_info = get_target(target)
@@ -371,8 +371,8 @@ def lint_command(source: str, target: str, input_shape: str | None, weights: str
             "passes_applied": applied,
         })
     else:
-        for finding in findings:
-            click.echo(finding.format())
+        for line in format_grouped(findings):
+            click.echo(line)
         if applied:
             rewrites = ", ".join(f"{p['pass']} ({sum(p['counts'].values())})" for p in applied)
             click.echo(f"passes applied before linting: {rewrites}")

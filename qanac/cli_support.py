@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import click
 from click.core import ParameterSource
 
-from qanac.diagnostics import EXIT_INTERNAL, QanacError, UsageError
+from qanac.diagnostics import EXIT_INTERNAL, QanacError, UsageError, format_grouped
 from qanac.targets import TargetOption, all_targets, load_command, registered_commands
 
 
@@ -123,8 +123,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 emit_json(exc.to_dict())
             else:
                 click.echo(f"error: {exc.message}", err=True)
-                for diagnostic in exc.diagnostics:
-                    click.echo("  " + diagnostic.format().replace("\n", "\n  "), err=True)
+                for line in format_grouped(exc.diagnostics):
+                    click.echo("  " + line, err=True)
                 if exc.hint:
                     click.echo(f"hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
