@@ -121,11 +121,17 @@ def mapping_diagnostics(report: dict[str, Any]) -> list[Diagnostic]:
             nodes=[entry["name"]],
             sources=[entry["source"]] if entry.get("source") else [],
             rule="akida-hardware-mapping",
-            hint="a larger device (--device auto, `qanac devices`), or fewer channels in the layer",
+            hint=_software_hint(entry.get("software_reason") or ""),
         )
         for entry in report["layers"]
         if entry["backend"] == "Software" and entry["type"] not in IO_LAYER_TYPES
     ]
+
+
+def _software_hint(reason: str) -> str:
+    if "Not enough hardware components" in reason:
+        return "map on a larger device (--device auto picks the smallest that holds the model), or narrow the layer"
+    return "change the layer as akida's reason says; `qanac lint --device` names the rule and its way out"
 
 
 def annotate_sources(report: dict[str, Any], source_names: dict[str, str]) -> None:
