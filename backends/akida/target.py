@@ -2,7 +2,8 @@
 
 Declarative only: the pipeline (canonicalization, then the Akida legalization passes of
 ``qanac.passes.akida``), the lint rule table (``rules.py``), the device check, the command-line options
-(``--device`` for compile and lint, ``--hardware`` for run) and the ``devices`` command (``cli.py``).
+(``--device`` for compile and lint, ``--learnable`` for compile, ``--hardware`` for run) and the ``devices`` and
+``learn`` commands (``cli.py``).
 Importing this module imports neither the vendor stack nor TensorFlow.
 """
 
@@ -44,8 +45,12 @@ TARGET = Target(
                      help="weight bits on an IP v1 device (AKD1000, AKD1500): 1, 2 or 4 (default 4)"),
         TargetOption("--activation-bits", key="activation_bits", commands=("compile",), type=int,
                      help="activation bits on an IP v1 device (AKD1000, AKD1500): 1 to 4 (default 4)"),
+        TargetOption("--learnable", key="learnable", commands=("compile",), is_flag=True,
+                     help="prepare the bundle for `qanac learn` from labelled calibration data (--calib X.npz "
+                          "with 'labels'): on IP v1 a 1-bit feature layer and an edge-learning classifier primed "
+                          "with the known classes, on IP v2 the feature statistics of the known classes"),
         TargetOption("--hardware", key="hardware", commands=("run",), is_flag=True,
                      help="run on a connected Akida board instead of akida's software backend"),
     ),
-    commands={"devices": "qanac.backends.akida.cli:devices"},
+    commands={"devices": "qanac.backends.akida.cli:devices", "learn": "qanac.backends.akida.cli:learn"},
 )

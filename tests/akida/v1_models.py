@@ -86,9 +86,11 @@ def digits_splits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
 
 
-def train_digits_cnn(x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0) -> onnx.ModelProto:
+def train_digits_cnn(x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0, classes: int = 10
+                     ) -> onnx.ModelProto:
     """A sequential v1-shaped CNN (input normalisation, Conv/ReLU6/MaxPool, depthwise + pointwise/ReLU6/MaxPool,
-    Conv/ReLU6, Flatten, Linear) trained on ``x``, exported to ONNX (opset 17, input 'input', output 'logits')."""
+    Conv/ReLU6, Flatten, Linear to ``classes`` logits) trained on ``x``, exported to ONNX (opset 17, input 'input',
+    output 'logits')."""
 
     import torch
     from torch import nn
@@ -104,7 +106,7 @@ def train_digits_cnn(x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int =
                 nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 32, 1), nn.ReLU6(), nn.MaxPool2d(2),
                 nn.Conv2d(32, 32, 3, padding=1), nn.ReLU6(),
             )
-            self.classifier = nn.Linear(32 * 4 * 4, 10)
+            self.classifier = nn.Linear(32 * 4 * 4, classes)
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return self.classifier(torch.flatten(self.features((images - 0.5) / 0.5), 1))

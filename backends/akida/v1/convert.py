@@ -51,6 +51,9 @@ INPUT_WEIGHT_BITS = 8  # the v1 InputConvolutional takes 4 or 8 (rules.INPUT_WEI
 DEFAULT_WEIGHT_BITS = 4
 DEFAULT_ACTIVATION_BITS = 4
 CALIBRATION_BATCH = 32
+# quantizeml's configuration of a ReLU with 1-bit (spike) outputs, the input of an Akida v1 learning layer
+SPIKE_CONFIG = {"output_quantizer": {"bitwidth": 1, "signed": False, "axis": "per-tensor", "buffer_bitwidth": 32},
+                "buffer_bitwidth": 32}
 
 # cnn2snn's messages -> the way out
 _HINTS: tuple[tuple[str, str], ...] = (
@@ -127,8 +130,12 @@ def compile_v1(
     weight_bits: int | None = None,
     activation_bits: int | None = None,
     num_samples: int | None = None,
+    spike_features: bool = False,
 ) -> V1Conversion:
-    """Lower, quantize and convert ``model`` (never mutated) to an Akida IP v1 model; see the module docstring."""
+    """Lower, quantize and convert ``model`` (never mutated) to an Akida IP v1 model; see the module docstring.
+
+    ``spike_features`` quantizes the ReLU that feeds the final Dense layer to 1 bit (``spike_layer``): the input
+    an Akida v1 learning layer requires (``learning.py``)."""
 
     weight, activation = check_bit_widths(weight_bits, activation_bits)
     check_single_io(model)
@@ -146,11 +153,12 @@ def compile_v1(
     qparams = QuantizationParams(activation_bits=activation, weight_bits=weight, input_weight_bits=bits.input_weight,
                                  per_tensor_activations=True, input_dtype="uint8",
                                  last_output_bits=activation if _ends_with_relu(lowered) else None)
+    q_config = {spike_layer(lowered): SPIKE_CONFIG} if spike_features else None
     with cnn2snn.set_akida_version(cnn2snn.AkidaVersion.v1):
         started = time.perf_counter()
         with _vendor_messages() as messages:
             try:
-                quantized = quantize(lowered.keras_model, qparams=qparams, samples=to_nhwc(samples),
+                quantized = quantize(lowered.keras_model, q_config=q_config, qparams=qparams, samples=to_nhwc(samples),
                                      num_samples=len(samples), batch_size=CALIBRATION_BATCH)
             except (ValueError, RuntimeError, AssertionError) as exc:
                 raise _vendor_error("AK1302", "quantizeml cannot quantize the model for Akida v1", exc,
@@ -172,6 +180,23 @@ def compile_v1(
                    for m in [*messages, *convert_messages]]
     return V1Conversion(lowered, quantized, akida_model, bits, len(samples), akida_output_shape,
                         output_scale(quantized) if _ends_with_relu(lowered) else None, seconds, diagnostics)
+
+
+def spike_layer(lowered: LoweredModel) -> str:
+    """The Keras name of the ReLU whose output the final Dense layer reads (through an optional Flatten): the
+    feature layer that gets 1-bit outputs for edge learning. A model that does not end that way is refused."""
+
+    import tf_keras
+
+    layers = lowered.keras_model.layers
+    kinds = (tf_keras.layers.Flatten, tf_keras.layers.Reshape)
+    before = [layer for layer in layers[:-1] if not isinstance(layer, kinds)]
+    if not isinstance(layers[-1], tf_keras.layers.Dense) or not before or not isinstance(
+            before[-1], tf_keras.layers.ReLU):
+        raise UsageError("a learnable Akida v1 model ends with a dense classifier (Gemm) read from a ReLU: that "
+                         "ReLU becomes the 1-bit feature layer the learning layer needs",
+                         hint="end the model with ReLU6 > [Flatten] > Linear, or compile without --learnable")
+    return before[-1].name
 
 
 def _ends_with_relu(lowered: LoweredModel) -> bool:

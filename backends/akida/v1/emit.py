@@ -15,8 +15,11 @@ Files (roles as on v2, so ``qanac verify`` compares float vs quantized vs Akida 
     quantized.h5  quantizeml's quantized tf_keras model (role ``quantized``)
 
 Options read: ``weight_bits`` (1, 2 or 4; default 4), ``activation_bits`` (1 to 4; default 4),
-``num_samples`` (calibration samples, default all up to 1024), ``agreement_samples`` (default 32; 0 skips).
-The manifest's segment record is ``V1SegmentRecord``: ``ip_version`` is "v1" and the bit widths are recorded.
+``num_samples`` (calibration samples, default all up to 1024), ``agreement_samples`` (default 32; 0 skips),
+``learnable`` (the feature layer quantized to 1 bit and the classifier replaced by an edge-learning layer
+primed with the labelled calibration samples, ``learning.prime_v1``; step 4 is skipped, as the learning layer
+is not the quantized model's classifier). The manifest's segment record is ``V1SegmentRecord``: ``ip_version``
+is "v1", the bit widths are recorded, and ``learning`` describes a learnable model's learning layer.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import onnx
 
 from qanac.backend import EmitResult
+from qanac.backends.akida.learning import LearningRecord, prime_v1
 from qanac.backends.akida.mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
 from qanac.calibration import CalibrationData
 from qanac.compare import Thresholds, compare_outputs, failures
@@ -69,6 +73,7 @@ class V1SegmentRecord(Record):
     device: dict[str, Any]  # the device the model was mapped on (``devices.describe_device``)
     rewrites: list[dict[str, Any]]  # where the Keras model is not one layer per ONNX node (``lowering``)
     output_scale: float | None = None  # one output level in float when the model ends with a ReLU
+    learning: LearningRecord | None = None  # a learnable model's learning layer and what it learned
 
 
 def check_v1_rules(model: onnx.ModelProto) -> None:
@@ -85,26 +90,39 @@ def emit_v1(model: onnx.ModelProto, calibration: CalibrationData, options: dict[
             device_name: str) -> EmitResult:
     started = time.perf_counter()
     check_v1_rules(model)
+    learnable = bool(options.get("learnable"))
     conversion = compile_v1(model, calibration, weight_bits=options.get("weight_bits"),
-                            activation_bits=options.get("activation_bits"), num_samples=options.get("num_samples"))
+                            activation_bits=options.get("activation_bits"), num_samples=options.get("num_samples"),
+                            spike_features=learnable)
     seconds = dict(conversion.seconds)
+    akida_model, learning, learning_report = conversion.akida_model, None, None
+    macs = keras_layer_macs(conversion.lowered.keras_model)
+    if learnable:
+        t_learn = time.perf_counter()
+        akida_model, learning, learning_report = prime_v1(akida_model, model, calibration,
+                                                          conversion.lowered.input_name)
+        last = akida_model.layers[-1]
+        macs[last.name] = int(np.prod(learning.feature_shape)) * int(last.parameters.units)
+        seconds["prime"] = time.perf_counter() - t_learn
 
     t_map = time.perf_counter()
-    mapping = map_on_device(conversion.akida_model, device_name)
-    count_macs(mapping, keras_layer_macs(conversion.lowered.keras_model))
+    mapping = map_on_device(akida_model, device_name)
+    count_macs(mapping, macs)
     annotate_sources(mapping, source_names_of(model))
     seconds["map"] = time.perf_counter() - t_map
 
     out_dir = Path(out_dir)
-    conversion.akida_model.save(str(out_dir / COMPILED_FILE))
+    akida_model.save(str(out_dir / COMPILED_FILE))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
         conversion.quantized.save(str(out_dir / QUANTIZED_FILE))
 
     diagnostics = [*conversion.diagnostics, *mapping_diagnostics(mapping)]
     report: dict[str, Any] = {"conversion": conversion.describe(), "mapping": mapping}
+    if learning_report is not None:
+        report["learning"] = learning_report
     agreement_samples = int(options.get("agreement_samples", DEFAULT_AGREEMENT_SAMPLES))
-    if agreement_samples > 0:
+    if agreement_samples > 0 and not learnable:  # a learning layer is not the quantized model's classifier
         t_check = time.perf_counter()
         samples = calibration.arrays[conversion.lowered.input_name][:agreement_samples]
         report["agreement"], found = compare_akida_to_keras(conversion, samples)
@@ -113,8 +131,9 @@ def emit_v1(model: onnx.ModelProto, calibration: CalibrationData, options: dict[
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = seconds
 
-    record = V1SegmentRecord(ip_version=IP_VERSION, device=mapping["device"],
-                             **{k: v for k, v in conversion.describe().items() if k in _RECORD_FIELDS})
+    described = {k: v for k, v in conversion.describe().items() if k in _RECORD_FIELDS}
+    described["akida_output_shape"] = [int(d) for d in akida_model.output_shape]
+    record = V1SegmentRecord(ip_version=IP_VERSION, device=mapping["device"], learning=learning, **described)
     return EmitResult(
         files={COMPILED: COMPILED_FILE, QUANTIZED: QUANTIZED_FILE},
         device=device_name,
@@ -160,7 +179,7 @@ def count_macs(mapping: dict[str, Any], macs: dict[str, int]) -> None:
     mapping.update(total_macs=total, hardware_macs=hardware, hardware_mac_share=hardware / total if total else 1.0)
 
 
-_RECORD_FIELDS = {f.name for f in dataclasses.fields(V1SegmentRecord)} - {"ip_version", "device"}
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(V1SegmentRecord)} - {"ip_version", "device", "learning"}
 
 
 def compare_akida_to_keras(conversion: V1Conversion, samples: np.ndarray) -> tuple[dict[str, Any], list[Diagnostic]]:
@@ -187,9 +206,11 @@ def load_v1_runner(segment_dir: Path, segment: SegmentRecord, options: dict[str,
     record = segment.backend_record(V1SegmentRecord)
     args = (str(Path(segment_dir) / segment.file(COMPILED)), record.input_name, record.output_name,
             tuple(record.output_shape), record.output_scale)
+    neurons = record.learning.neurons_per_class or 1 if record.learning is not None else 1
     if options.get("hardware"):
-        return AkidaV1HardwareRunner(*args, device_index=int(options.get("device_index", 0)))
-    return AkidaV1SoftwareRunner(*args)
+        return AkidaV1HardwareRunner(*args, device_index=int(options.get("device_index", 0)),
+                                     neurons_per_class=neurons)
+    return AkidaV1SoftwareRunner(*args, neurons_per_class=neurons)
 
 
 def load_v1_quantized(segment_dir: Path, segment: SegmentRecord) -> QuantizedKerasRunner:

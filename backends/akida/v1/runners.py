@@ -39,13 +39,16 @@ def _input_array(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 class _V1Run:
     """``run`` of the Akida v1 runners: NCHW in, NHWC to akida, the float model's layout out. A model that ends
-    with a ReLU is run with ``forward`` (its levels) times ``output_scale``: akida's ``predict`` refuses it."""
+    with a ReLU is run with ``forward`` (its levels) times ``output_scale``: akida's ``predict`` refuses it. A
+    model that ends with a learning layer of ``neurons_per_class`` neurons per class outputs, per class, the
+    largest potential of its neurons (the class akida's ``predict_classes`` picks has the largest)."""
 
     model: Any
     input_name: str
     float_output_shape: tuple[int, ...]
     batch_size: int
     output_scale: float | None = None
+    neurons_per_class: int = 1
 
     def run(self, inputs: dict[str, np.ndarray], progress: Progress | None = None) -> list[np.ndarray]:
         data = to_nhwc(_input_array(inputs, self.input_name))
@@ -53,7 +56,8 @@ class _V1Run:
         for start in range(0, len(data), self.batch_size):
             batch = np.ascontiguousarray(data[start : start + self.batch_size])
             if self.output_scale is None:
-                chunks.append(self.model.predict(batch))
+                potentials = self.model.predict(batch)
+                chunks.append(potentials.reshape(len(batch), -1, self.neurons_per_class).max(-1))
             else:
                 chunks.append(self.model.forward(batch).astype(np.float32) * np.float32(self.output_scale))
             if progress is not None:
@@ -67,18 +71,21 @@ class AkidaV1SoftwareRunner(_V1Run, AkidaSoftwareRunner):
     """An Akida IP v1 model on akida's software backend (an unmapped copy)."""
 
     def __init__(self, model: Any, input_name: str, output_name: str, float_output_shape: tuple[int, ...],
-                 output_scale: float | None = None, batch_size: int = DEFAULT_BATCH):
+                 output_scale: float | None = None, batch_size: int = DEFAULT_BATCH, neurons_per_class: int = 1):
         super().__init__(model, input_name, output_name, float_output_shape, batch_size)
         self.output_scale = output_scale
+        self.neurons_per_class = neurons_per_class
 
 
 class AkidaV1HardwareRunner(_V1Run, AkidaHardwareRunner):
     """An Akida IP v1 model on an attached AKD1000/AKD1500 board. Not covered by tests (no hardware here)."""
 
     def __init__(self, model: Any, input_name: str, output_name: str, float_output_shape: tuple[int, ...],
-                 output_scale: float | None = None, device_index: int = 0, batch_size: int = DEFAULT_BATCH):
+                 output_scale: float | None = None, device_index: int = 0, batch_size: int = DEFAULT_BATCH,
+                 neurons_per_class: int = 1):
         super().__init__(model, input_name, output_name, float_output_shape, device_index, batch_size)
         self.output_scale = output_scale
+        self.neurons_per_class = neurons_per_class
 
 
 class QuantizedKerasRunner:
