@@ -211,7 +211,7 @@ def test_a_registered_target_is_listed_with_its_options_and_commands(registry):
     listed = {t["name"]: t for t in json.loads(result.output)}
     assert {"akida", "onnxruntime", "fake"} <= set(listed)
     assert [o["flag"] for o in listed["fake"]["options"]] == ["--fake-level", "--fake-trace", "--calibrate-method"]
-    assert listed["fake"]["commands"] == ["fake-hello"] and listed["akida"]["commands"] == ["devices"]
+    assert listed["fake"]["commands"] == ["fake-hello"] and listed["akida"]["commands"] == ["devices", "learn"]
     assert listed["fake"]["pipeline"] == list(CANONICALIZE)
 
     help_text = invoke("--help").output
