@@ -2,11 +2,14 @@
 
     CompileRequest
       -> import_source        ImportedSource   the target and plugins loaded, the model, its calibration data
-      -> run_target_pipeline  PreparedModel    the target's passes applied
+      -> run_target_pipeline  PreparedModel    the target's passes applied; the source's MACs and what each
+                                               pass added to them counted (MacAccount)
       -> lint_prepared        LintedModel      the legalized and reference ONNX; nodes the target rejects go
                                                to the host (or the compile stops, exit 3)
       -> emit_segments        EmittedPlan      plan the segments and emit each; a device segment the backend
                                                refuses moves to the host and planning repeats
+      -> weigh_mac_growth     (the same)       passes that grew the model by over 25 % weighed against
+                                               compiling without them; the cheaper compile kept
       -> assemble_bundle      AssembledBundle  the typed manifest and report.json, every file checksummed
       -> CompileResult
 
