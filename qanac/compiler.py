@@ -476,8 +476,9 @@ def weigh_mac_growth(
     partitioning is on), compile it again without them, so that the layers they rewrote go to the host
     (lint or the backend then refuses them), and keep the compile that runs fewer MACs off the device
     hardware (on the host or in the backend's software fallback, as each executes them); the first on a
-    tie. The choice is reported as MAC002 in the kept compile's diagnostics; the other compile's files are
-    removed from ``stage``."""
+    tie, so a first compile running every MAC on the hardware is kept without compiling again. The choice
+    is reported as MAC002 in the kept compile's diagnostics; the other compile's files are removed from
+    ``stage``."""
 
     macs = prepared.macs
     grown = [] if macs is None or not request.partition or not macs.total else [
@@ -488,6 +489,12 @@ def weigh_mac_growth(
     without = dataclasses.replace(request, pipeline_options=dataclasses.replace(
         options, disabled=options.disabled | frozenset(grown), dump_dir=None))
     passes = ", ".join(f"'{name}' (+{format_macs(macs.growth[name])} MACs)" for name in grown)
+    kept = off_hardware_macs(emitted)
+    if not kept:
+        prepared.context.diagnostics.append(Diagnostic(
+            Level.INFO, "MAC002", f"kept the rewrites: with {passes}, no MACs run off the device hardware",
+            rule="legalization growth"))
+        return prepared, linted, emitted
     scratch = stage / ".without-growth"
     scratch.mkdir()
     try:
@@ -501,7 +508,7 @@ def weigh_mac_growth(
             Level.INFO, "MAC002", f"kept {passes}: without, the model does not compile ({exc.message})",
             rule="legalization growth"))
         return prepared, linted, emitted
-    kept, dropped = off_hardware_macs(emitted), off_hardware_macs(other_emitted)
+    dropped = off_hardware_macs(other_emitted)
     take_other = dropped < kept
     choice = (f"without {passes}, {format_macs(dropped)} MACs run off the device hardware, with them "
               f"{format_macs(kept)}")
