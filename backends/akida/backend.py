@@ -21,6 +21,8 @@ Options:
     num_samples      calibration samples given to quantizeml (default: all, at most 1024)
     input_dtype      uint8 or int8 (default: ``convert.choose_input_dtype``)
     agreement_samples  samples for the Akida vs quantized ONNX check at compile time (default 32; 0 = skip)
+    learnable        record the feature statistics ``qanac learn`` needs (``learning.prime_v2``; IP v1:
+                     ``learning.prime_v1``), from labelled calibration data
     hardware         (load_runner) run on an attached board instead of the software backend
     device_index     (load_runner, hardware) which board, default 0
 """
@@ -50,6 +52,7 @@ from .agreement import Agreement, compare_akida_to_quantized, disagreement_error
 from .convert import AkidaConversion, compile_onnx
 from .devices import AUTO, DEFAULT_DEVICE, MODEL_IP_VERSION, V1_IP_VERSION, check_ip_version, device_spec
 from .input_layer import with_identity_input_layer
+from .learning import LearningRecord, prime_v2
 from .mapping import annotate_sources, format_mapping_report, map_on_device, mapping_diagnostics
 from .runners import AkidaHardwareRunner, AkidaSoftwareRunner, QuantizedOnnxRunner
 from .v1.emit import emit_v1, load_v1_quantized, load_v1_runner
@@ -74,6 +77,7 @@ class AkidaSegmentRecord(Record):
     akida_output_shape: list[int]
     device: dict[str, Any]  # the device the model was mapped on (``devices.describe_device``)
     identity_input: bool = False  # an identity input layer was inserted (``input_layer``)
+    learning: LearningRecord | None = None  # compiled --learnable: what ``learning.py`` learned from
 
 
 class AkidaBackend:
@@ -126,13 +130,19 @@ class AkidaBackend:
         out_dir = Path(out_dir)
         conversion.akida_model.save(str(out_dir / COMPILED_FILE))
         onnx.save(conversion.quantized, str(out_dir / QUANTIZED_FILE))
+        files = {COMPILED: COMPILED_FILE, QUANTIZED: QUANTIZED_FILE}
+        learning = None
+        if options.get("learnable"):
+            learning_files, learning, report["learning"] = prime_v2(
+                conversion.akida_model, model, calibration, conversion.input_name, out_dir)
+            files.update(learning_files)
         seconds["total"] = time.perf_counter() - started
         report["seconds"] = seconds
 
         record = AkidaSegmentRecord(ip_version=MODEL_IP_VERSION, **conversion.describe(), device=mapping["device"],
-                                    identity_input=identity_input)
+                                    identity_input=identity_input, learning=learning)
         return EmitResult(
-            files={COMPILED: COMPILED_FILE, QUANTIZED: QUANTIZED_FILE},
+            files=files,
             device=device_name,
             record=record.to_dict(),
             hardware_mac_share=mapping["hardware_mac_share"],
