@@ -78,7 +78,10 @@ class Diagnostic:
         where = ""
         if self.nodes:
             more = len(self.nodes) - limit
-            where = " [" + ", ".join(self.located(limit)) + (f", +{more} more" if more > 0 else "") + "]"
+            where = " [" + ", ".join(self.located(limit)) + (f", +{more} more" if more > 0 else "")
+            if len(self.sources) != len(self.nodes) and any(self.sources):  # not one source per node
+                where += " <- " + ", ".join(s for s in self.sources if s)
+            where += "]"
         text = f"{self.level.value}: {self.code}{where}: {self.message}"
         if self.rule:
             text += f"\n    rule: {self.rule}"
