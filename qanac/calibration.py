@@ -157,13 +157,15 @@ def load_data(
     num_random: int = 32,
     seed: int = 0,
     limit: int | None = None,
+    model: Any = None,
 ) -> CalibrationData:
     """Load data for ``inputs`` from ``source``: the first ``limit`` samples (all when None), checked and
     converted by :func:`prepare_array`, every size checked (:func:`check_size`) before anything is allocated.
 
     An ``.npz`` holds one array per input, named after it, plus optional ``labels`` (one class index per
     sample); a single-input model also takes an ``.npz`` holding one array of any name. Any other array is
-    refused."""
+    refused. ``synthetic`` or ``synthetic:METHOD`` synthesises data (:func:`synthetic_data`, given ``model``,
+    the onnx.ModelProto the data is for)."""
 
     preprocessing = preprocessing or Preprocessing()
     preprocessing.check()
@@ -172,6 +174,10 @@ def load_data(
             preprocessing.check(spec.shape[1])
     if str(source) == "random":
         return _random_data(inputs, preprocessing, num_random if limit is None else min(limit, num_random), seed)
+    kind, colon, method = str(source).partition(":")
+    if kind == SYNTHETIC:
+        count = SYNTHETIC_SAMPLES if limit is None else min(limit, SYNTHETIC_SAMPLES)
+        return synthetic_data(inputs, preprocessing, count, seed, model, method if colon else None)
     path = Path(source)
     if not path.exists():
         raise UsageError(f"data not found: {path}", hint="give a .npy/.npz file, an image folder, or 'random'")
@@ -350,20 +356,251 @@ def _random_data(inputs: Sequence[InputSpec], preprocessing: Preprocessing, n: i
     rng = np.random.default_rng(seed)
     arrays, raw = {}, {}
     for spec in inputs:
-        dtype = input_dtype(spec)
-        shape = (n, *spec.shape[1:])
-        if dtype.kind == "f":
-            drawn = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        elif dtype.kind == "b":
-            drawn = rng.integers(0, 2, size=shape, dtype=np.uint8).astype(bool)
-        else:
-            info = np.iinfo(dtype)
-            drawn = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-        arrays[spec.name], images = prepare_array(spec, drawn, "random", preprocessing)
+        arrays[spec.name], images = prepare_array(spec, _uniform(spec, n, rng), "random", preprocessing)
         if images is not None:
             raw[spec.name] = images
     return CalibrationData(arrays=arrays, source="random", preprocessing=preprocessing, random=True,
                            raw=raw or None)
+
+
+SYNTHETIC = "synthetic"
+SYNTHETIC_SAMPLES = 64
+SYNTHETIC_METHODS = ("batchnorm", "uniform")
+
+
+def synthetic_data(inputs: Sequence[InputSpec], preprocessing: Preprocessing, n: int = SYNTHETIC_SAMPLES,
+                   seed: int = 0, model: Any = None, method: str | None = None) -> CalibrationData:
+    """``n`` data-free calibration samples per input (seeded), ``source`` ``synthetic:<method>`` (methods
+    joined by ``+`` when inputs differ), ``random`` True.
+
+    Float image inputs (N, C, H, W) are synthesised as raw uint8 images and preprocessed like real ones:
+    ``batchnorm`` fits images with a 1/f^alpha spectrum, per-channel mean and contrast so that the first
+    convolution's outputs match the running mean and variance of the BatchNormalization after it (needs
+    ``model``, an onnx.ModelProto, with input -> Conv -> BatchNormalization); ``uniform`` draws every pixel
+    uniformly, as the vendor toolchains do without samples. Without a method: ``batchnorm`` where the model
+    allows it, else ``uniform``. Other inputs take uniform data in their dtype's range."""
+
+    for spec in inputs:
+        check_size(spec, n)
+    rng = np.random.default_rng(seed)
+    arrays, raw, methods = {}, {}, []
+    for spec in inputs:
+        chosen = method or ("batchnorm" if _first_conv_batchnorm(model, spec.name) else "uniform")
+        if chosen not in SYNTHETIC_METHODS:
+            raise UsageError(f"unknown synthetic calibration method '{chosen}'",
+                             hint=f"use one of {', '.join(SYNTHETIC_METHODS)}")
+        image = len(spec.shape) == 4 and input_dtype(spec).kind == "f"
+        if not image or chosen == "uniform":
+            drawn = _uniform(spec, n, rng)
+            chosen = "uniform"
+        else:
+            found = _first_conv_batchnorm(model, spec.name)
+            if found is None:
+                raise UsageError(f"synthetic calibration 'batchnorm' needs input '{spec.name}' to feed a Conv "
+                                 "followed by BatchNormalization", hint="use --calib synthetic:uniform")
+            drawn = _batchnorm_images(spec, n, rng, preprocessing, found)
+        methods.append(chosen)
+        arrays[spec.name], images = prepare_array(spec, drawn, SYNTHETIC, preprocessing)
+        if images is not None:
+            raw[spec.name] = images
+    source = f"{SYNTHETIC}:{'+'.join(dict.fromkeys(methods))}"
+    return CalibrationData(arrays=arrays, source=source, preprocessing=preprocessing, random=True, raw=raw or None)
+
+
+def _uniform(spec: InputSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    dtype = input_dtype(spec)
+    shape = (n, *spec.shape[1:])
+    if dtype.kind == "f":
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape, dtype=np.uint8).astype(bool)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+
+
+def _power_law_noise(shape: Sequence[int], alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Fields of shape (N, C, H, W) with amplitude spectrum 1/f^alpha, zero mean and unit variance each."""
+
+    height, width = shape[-2], shape[-1]
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    radius = np.sqrt(fy**2 + fx**2)
+    radius[0, 0] = 1.0
+    spectrum = np.fft.rfft2(rng.standard_normal(shape)) / radius**alpha
+    spectrum[..., 0, 0] = 0.0
+    fields = np.fft.irfft2(spectrum, s=(height, width))
+    fields -= fields.mean(axis=(-2, -1), keepdims=True)
+    return fields / np.maximum(fields.std(axis=(-2, -1), keepdims=True), 1e-12)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvBatchNorm:
+    weight: np.ndarray  # (C_out, C_in, kh, kw)
+    bias: np.ndarray  # (C_out,)
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+    mean: np.ndarray  # BatchNormalization running mean and variance, (C_out,)
+    var: np.ndarray
+
+
+def _first_conv_batchnorm(model: Any, input_name: str) -> _ConvBatchNorm | None:
+    """The Conv reading graph input ``input_name`` (group 1, constant weights, explicit or no padding) and
+    the BatchNormalization that alone reads its output, when ``model`` (an onnx.ModelProto) has them."""
+
+    if model is None:
+        return None
+    from onnx import helper, numpy_helper
+
+    constants = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[Any]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    for conv in readers.get(input_name, []):
+        if conv.op_type != "Conv" or conv.input[0] != input_name or conv.input[1] not in constants:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        after = readers.get(conv.output[0], [])
+        if len(after) != 1 or after[0].op_type != "BatchNormalization":
+            continue
+        bn = after[0]
+        if not all(name in constants for name in bn.input[1:5]):
+            continue
+        weight = numpy_helper.to_array(constants[conv.input[1]]).astype(np.float64)
+        if weight.ndim != 4:
+            continue
+        bias = (numpy_helper.to_array(constants[conv.input[2]]).astype(np.float64)
+                if len(conv.input) > 2 and conv.input[2] in constants else np.zeros(len(weight)))
+        mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64) for name in bn.input[3:5])
+        return _ConvBatchNorm(weight, bias, tuple(attrs.get("strides", (1, 1))), tuple(attrs.get("pads", (0,) * 4)),
+                              tuple(attrs.get("dilations", (1, 1))), mean, var)
+    return None
+
+
+def _conv_at(x: np.ndarray, layer: _ConvBatchNorm, where: tuple[np.ndarray, ...], per_channel: bool) -> np.ndarray:
+    """The convolution's outputs, without bias, at positions ``where`` (sample, row and column indices of the
+    output): (P, C_out), or with ``per_channel`` each input channel's contribution, (P, C_in, C_out)."""
+
+    top, left, bottom, right = layer.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    outputs, channels, kh, kw = layer.weight.shape
+    samples, rows, columns = where
+    rows = rows[:, None] * layer.strides[0] + np.arange(kh) * layer.dilations[0]  # (P, kh)
+    columns = columns[:, None] * layer.strides[1] + np.arange(kw) * layer.dilations[1]  # (P, kw)
+    gathered = padded[samples[:, None, None], :, rows[:, :, None], columns[:, None, :]]  # (P, kh, kw, C_in)
+    weight = layer.weight.transpose(2, 3, 1, 0)  # (kh, kw, C_in, C_out)
+    if not per_channel:
+        return gathered.reshape(len(samples), -1) @ weight.reshape(-1, outputs)
+    gathered = np.ascontiguousarray(gathered.reshape(len(samples), kh * kw, channels).transpose(2, 0, 1))
+    weight = np.ascontiguousarray(weight.reshape(kh * kw, channels, outputs).transpose(1, 0, 2))
+    return np.matmul(gathered, weight).transpose(1, 0, 2)
+
+
+def _output_size(size: int, kernel: int, stride: int, dilation: int, pads: int) -> int:
+    return (size + pads - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def _least_squares(residuals: Any, start: np.ndarray, args: tuple, iterations: int = 50) -> tuple[np.ndarray, float]:
+    """Levenberg-Marquardt: the parameters near ``start`` minimising the sum of squares of
+    ``residuals(theta, *args)`` (Jacobian by forward differences), and that sum."""
+
+    theta = np.array(start, np.float64)
+    r = residuals(theta, *args)
+    cost, damping = float(r @ r), 1e-3
+    for _ in range(iterations):
+        steps = 1e-6 * (1.0 + np.abs(theta))
+        jacobian = np.stack([(residuals(theta + np.eye(len(theta))[i] * steps[i], *args) - r) / steps[i]
+                             for i in range(len(theta))], axis=1)
+        normal, gradient = jacobian.T @ jacobian, jacobian.T @ r
+        while damping < 1e10:
+            delta = np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-12), -gradient)
+            trial = residuals(theta + delta, *args)
+            if float(trial @ trial) < cost:
+                break
+            damping *= 4.0
+        else:
+            break
+        improvement = cost - float(trial @ trial)
+        theta, r, cost, damping = theta + delta, trial, float(trial @ trial), max(damping / 3.0, 1e-9)
+        if improvement <= 1e-10 * (1.0 + cost):
+            break
+    return theta, cost
+
+
+def _moment_residuals(theta: np.ndarray, bias: np.ndarray, first: np.ndarray, second: np.ndarray,
+                      target_mean: np.ndarray, target_std: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of each output channel, linear in features with first and second
+    moments ``first`` (C_out, F) and ``second`` (C_out, F, F) under coefficients ``theta``, minus targets."""
+
+    mu = first @ theta
+    var = np.einsum("i,cij,j->c", theta, second, theta) - mu**2
+    sd = np.sqrt(np.maximum(var, 0.0))
+    return np.concatenate([(bias + mu - target_mean) / weight, (sd - target_std) / weight])
+
+
+POSITIONS = 2048  # first-convolution outputs (sample, row, column) the fit of its statistics looks at
+PROBE_ELEMENTS = 1 << 18  # input elements of the images those positions are drawn from (at least one image)
+
+
+def _batchnorm_images(spec: InputSpec, n: int, rng: np.random.Generator, preprocessing: Preprocessing,
+                      layer: _ConvBatchNorm) -> np.ndarray:
+    """Raw uint8 images x_k = clip(a_k + s_k z_k) (z: 1/f^alpha fields, clipped to what raw images can
+    hold) whose preprocessed values give the first convolution's outputs the mean and standard deviation its
+    BatchNormalization recorded. a_k, s_k are fitted by least squares from the outputs' moments (linear in
+    a and s) for alpha 0, 1 and 2; the best alpha's fit is then refined on clipped probe images."""
+
+    channels = spec.shape[1]
+    scale = np.float64(preprocessing.scale)
+    mean = np.broadcast_to(np.asarray(preprocessing.mean, np.float64), (channels,))
+    std = np.broadcast_to(np.asarray(preprocessing.std, np.float64), (channels,))
+    lo, hi = (0.0 - mean) / std, (255.0 * scale - mean) / std  # the preprocessed range of raw uint8 images
+    low, high = np.minimum(lo, hi), np.maximum(lo, hi)
+    target_std = np.sqrt(np.maximum(layer.var, 0.0))
+    weight = np.maximum(target_std, max(float(np.median(target_std)) * 1e-2, 1e-6))
+    targets = (layer.mean, target_std, weight)
+    probes = int(np.clip(PROBE_ELEMENTS // math.prod(spec.shape[1:]), 1, min(n, 8)))  # images the fit looks at
+    height, width = (_output_size(spec.shape[2 + i], layer.weight.shape[2 + i], layer.strides[i],
+                                  layer.dilations[i], layer.pads[i] + layer.pads[i + 2]) for i in range(2))
+    count = min(POSITIONS, probes * height * width)  # output positions the fit looks at
+    where = (rng.integers(0, probes, count), rng.integers(0, height, count), rng.integers(0, width, count))
+    ones = _conv_at(np.ones((probes, *spec.shape[1:])), layer, where, True)  # (P, C_in, C_out): offsets' part
+    start = np.concatenate([(low + high) / 2, (high - low) / 4])  # mid-grey, a quarter of the range as contrast
+    best = None
+    for alpha in (0.0, 1.0, 2.0):
+        probe = _power_law_noise((probes, *spec.shape[1:]), alpha, rng)
+        features = np.concatenate([ones, _conv_at(probe, layer, where, True)], axis=1)  # (P, 2 C_in, C_out)
+        first = features.mean(axis=0).T  # (C_out, 2 C_in)
+        second = np.einsum("pic,pjc->cij", features, features) / len(features)
+        theta, cost = _least_squares(_moment_residuals, start, (layer.bias, first, second, *targets))
+        if best is None or cost < best[0]:
+            best = (cost, alpha, probe, theta)
+    _, alpha, probe, theta = best
+    theta[channels:] = np.abs(theta[channels:])
+    theta, _ = _least_squares(_clipped_residuals, theta, (probe, where, layer, low, high, *targets), iterations=10)
+    offset, contrast = theta[:channels, None, None], np.abs(theta[channels:, None, None])
+    values = np.clip(offset + contrast * _power_law_noise((n, *spec.shape[1:]), alpha, rng), low[:, None, None],
+                     high[:, None, None])
+    return _to_uint8((values * std[:, None, None] + mean[:, None, None]) / scale)
+
+
+def _clipped_residuals(theta: np.ndarray, fields: np.ndarray, where: tuple[np.ndarray, ...],
+                       layer: _ConvBatchNorm, low: np.ndarray, high: np.ndarray, target_mean: np.ndarray,
+                       target_std: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of the convolution's output channels at ``where`` on clip(a + s fields),
+    minus targets."""
+
+    channels = fields.shape[1]
+    x = np.clip(theta[:channels, None, None] + theta[channels:, None, None] * fields, low[:, None, None],
+                high[:, None, None])
+    y = _conv_at(x, layer, where, False) + layer.bias
+    return np.concatenate([(y.mean(axis=0) - target_mean) / weight, (y.std(axis=0) - target_std) / weight])
 
 
 def _array_header(handle: Any, label: str) -> tuple[tuple[int, ...], np.dtype]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ import click  # noqa: E402
 from qanac import __version__  # noqa: E402
 from qanac.cli_support import (  # noqa: E402
     Interrupted,
+    ProgressPrinter,
     RegistryGroup,
     TargetOptionsCommand,
+    calibration_warning,
+    default_output,
     emit_json,
     exit_if_interrupted,
     handle_errors,
@@ -97,8 +100,10 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @cli.command("compile", cls=TargetOptionsCommand)
 @click.argument("source")
 @click.option("--target", "-t", required=True, help="Target to compile for (see `qanac targets`).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
-@click.option("--calib", help="Calibration data: X.npy, X.npz, an image folder, or 'random' (not advised).")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Bundle directory to write (default: <source stem>.<target> next to the source).")
+@click.option("--calib", help="Calibration data: X.npy, X.npz or an image folder (default: synthetic data, "
+              "see docs/cli.md; 'synthetic:METHOD' or 'random' choose it explicitly).")
 @click.option("--num-calib", type=click.IntRange(min=1), help="Use only the first N calibration samples.")
 @click.option("--input-shape", help="Fix input shapes: 1,3,64,64 or NAME:1,3,64,64;NAME2:... .")
 @click.option("--weights", type=click.Path(), help="state_dict for a PyTorch factory source.")
@@ -122,7 +127,7 @@ def _parse_floats(text: str | None, name: str) -> tuple[float, ...] | None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
 @handle_errors
-def compile_command(source: str, target: str, output: Path, calib: str | None, num_calib: int | None,
+def compile_command(source: str, target: str, output: Path | None, calib: str | None, num_calib: int | None,
                     input_shape: str | None, weights: str | None,
                     scale: float | None, mean: str | None, std: str | None, labels: str | None,
                     pipeline_text: str | None, disable_pass: tuple[str, ...], stop_after: str | None,
@@ -132,19 +137,24 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
                     force: bool, as_json: bool) -> None:
     """Compile SOURCE (an .onnx file, or a framework model) for a target into a bundle directory.
 
+    Without -o the bundle is written next to SOURCE as <stem>.<target> (model.onnx -> model.akida).
+    Without --calib the model is calibrated on synthetic data, with a warning here, in the manifest and
+    in every later verify and run: pass --calib with real samples for an accuracy you can trust.
     Options marked with a target's name are that target's own (`qanac targets` lists them).
     """
 
     from qanac.bundle import check_output_dir
-    from qanac.calibration import Preprocessing, read_labels
+    from qanac.calibration import SYNTHETIC, Preprocessing, read_labels
     from qanac.compiler import CompileRequest, compile_model
     from qanac.pipeline import PipelineOptions, parse_pipeline
+    from qanac.progress import Step, listening
     from qanac.registry import load_passes
     from qanac.report import format_compile_result
     from qanac.targets import get_target
 
     target_info = get_target(target)
     backend_options = target_options([target_info.name])
+    output = output if output is not None else default_output(source, target_info.name)
     load_passes(plugin)
     preprocessing = Preprocessing(
         scale=scale if scale is not None else 1.0 / 255.0,
@@ -161,7 +171,7 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         source=source,
         target=target,
         output=output,
-        calibration=calib,
+        calibration=calib if calib is not None else SYNTHETIC,
         num_calibration=num_calib,
         input_shape=input_shape,
         weights=weights,
@@ -185,7 +195,13 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         min_device_share=min_device_share,
     )
 
+    printer = ProgressPrinter(as_json)
+    sweeps = [0]
+
     def on_pass(record) -> None:
+        if record.iteration > sweeps[0]:
+            sweeps[0] = record.iteration
+            printer(Step("sweep", f"pipeline sweep {record.iteration}"))
         if not as_json and record.changed:
             counts = ", ".join(f"{k} x{v}" for k, v in record.counts.items())
             click.echo(f"  [{record.iteration}] {record.name}: {counts}", err=True)
@@ -194,30 +210,25 @@ def compile_command(source: str, target: str, output: Path, calib: str | None, n
         if not as_json:
             click.echo(f"note: {text}", err=True)
 
-    def on_progress(event) -> None:  # --json: JSON lines, only where stderr is an OS stream apart from stdout
-        if not as_json or _has_file_descriptor(sys.stderr):
-            click.echo(json.dumps({"progress": event.to_dict()}) if as_json else f"  {event.format()}", err=True)
-
-    request.progress = on_progress
+    request.progress = printer
 
     if not as_json:
-        click.echo(f"compiling {source} for {target} ...", err=True)
-    result = compile_model(request, on_pass=on_pass, on_note=on_note)
+        click.echo(f"compiling {source} for {target} into {output} ...", err=True)
+    with listening(printer):
+        result = compile_model(request, on_pass=on_pass, on_note=on_note)
     if not as_json:
         for note in result.manifest.get("source", {}).get("notes", []):
             click.echo(f"note: {note}", err=True)
     if as_json:
         emit_json({"output": str(result.output), "manifest": result.manifest, "report": result.report})
-    else:
-        click.echo(format_compile_result(result, time_passes=time_passes))
-
-
-def _has_file_descriptor(stream: Any) -> bool:
-    try:
-        stream.fileno()
-    except (OSError, ValueError):  # io.UnsupportedOperation: an in-memory stream (click's test runner)
-        return False
-    return True
+        return
+    click.echo(format_compile_result(result, time_passes=time_passes))
+    if result.bundle_manifest is not None and result.bundle_manifest.calibration.random:
+        real = shlex.join(["qanac", "compile", source, "--target", target, "--calib", "REAL_SAMPLES",
+                           "-o", str(output), "--force"])
+        click.echo(f"warning: {calibration_warning(result.bundle_manifest.calibration)}\n"
+                   f"hint: calibrate on real samples (X.npy, X.npz or an image folder, a few hundred inputs as "
+                   f"the model sees them):\n  {real}", err=True)
 
 
 @cli.command("export")
@@ -279,6 +290,7 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
     from qanac.verify import compiled_runners, load_bundle_data, parse_output_kinds, verify_bundle
 
     opened = Bundle.open(bundle)
+    warning = _calibration_warning(opened, as_json)
     samples = load_bundle_data(opened, data)
     models = 1 + len(compiled_runners(opened, {}))
     with progress_bar("verifying", samples.num_samples * models, enabled=not as_json) as bar:
@@ -286,13 +298,23 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
                                kinds=parse_output_kinds(output_kind))
     note = update_report(opened, "verify", result.to_dict())
     if as_json:
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), "warnings": [*([warning] if warning else []), *result.warnings]})
     else:
         click.echo(result.format())
     if note:
         click.echo(f"note: {note}", err=True)
     if not result.passed:
         click.get_current_context().exit(EXIT_VERIFY_FAILED)
+
+
+def _calibration_warning(opened: Any, as_json: bool) -> str | None:
+    """The bundle's warning about calibration without real data, printed on stderr unless --json (where the
+    command's JSON carries it under ``warnings``)."""
+
+    warning = calibration_warning(opened.manifest.calibration)
+    if warning and not as_json:
+        click.echo(f"warning: {warning}; recompile with --calib and real samples", err=True)
+    return warning
 
 
 @cli.command("run", cls=TargetOptionsCommand)
@@ -314,6 +336,7 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, top:
     from qanac.verify import run_bundle
 
     opened = Bundle.open(bundle)
+    warning = _calibration_warning(opened, as_json)
     runner_options = target_options([opened.target])
     if output is not None:
         check_run_output(opened, output)
@@ -324,7 +347,8 @@ def run_command(bundle: Path, inputs: tuple[str, ...], output: Path | None, top:
         save_outputs(opened, outputs, output)
     preds = predictions(outputs[0], opened.labels, names, top)
     if as_json:
-        emit_json({"predictions": preds, "output_file": str(output) if output else None})
+        emit_json({"predictions": preds, "output_file": str(output) if output else None,
+                   "warnings": [warning] if warning else []})
     else:
         for p in preds:
             classes = ", ".join(f"{c['label']} ({c['score']:.4g})" for c in p["top"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import select
 import signal
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import click
@@ -156,6 +158,59 @@ def progress_bar(label: str, total: int, enabled: bool = True):
     """A click progress bar on stderr (hidden when stderr is not a terminal or in --json mode)."""
 
     return click.progressbar(length=total, label=label, file=sys.stderr if enabled else open(os.devnull, "w"))
+
+
+class ProgressPrinter:
+    """Progress events on stderr (``qanac.progress.Step``, the compile driver's ``EmitProgress``: anything
+    with ``to_dict`` and ``format``), each with the seconds since the command started: one line of text, or
+    with --json one JSON object per line, ``{"progress": {...the event, "elapsed": seconds}}``. With --json
+    they are printed only where stderr is a terminal or a stream other than stdout's, so stdout stays one
+    JSON document also when both go to one file (``2>&1``)."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+        self.started = time.perf_counter()
+        self.enabled = not as_json or _stderr_apart_from_stdout()
+
+    def __call__(self, event: Any) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        if self.as_json:
+            click.echo(json.dumps({"progress": {**event.to_dict(), "elapsed": round(elapsed, 2)}}), err=True)
+        else:
+            click.echo(f"  [{elapsed:6.1f} s] {event.format()}", err=True)
+
+
+def _stderr_apart_from_stdout() -> bool:
+    try:
+        if sys.stderr.isatty():
+            return True
+        return not os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError):  # io.UnsupportedOperation: an in-memory stream (click's test runner)
+        return False
+
+
+def default_output(source: str, target: str) -> Path:
+    """Where `qanac compile` writes the bundle without -o: ``<stem>.<target>`` next to a model file or
+    folder (``model.onnx`` -> ``model.akida``), or in the working directory for a module factory
+    (``pkg.module:resnet18`` -> ``resnet18.akida``)."""
+
+    path = Path(source)
+    if not path.exists() and ":" in source:
+        return Path(f"{source.rpartition(':')[2]}.{target}")
+    name = path.stem if path.is_file() or path.suffix else path.name
+    return path.with_name(f"{name}.{target}")
+
+
+def calibration_warning(calibration: Any) -> str | None:
+    """The warning a bundle calibrated without real samples carries to every command that uses it
+    (``calibration`` is the manifest's ``CalibrationRecord``); None for real calibration data."""
+
+    if not calibration.random:
+        return None
+    return (f"this bundle was calibrated on {calibration.num_samples} {calibration.source} samples, not real "
+            "data: its quantization ranges are guesses and its accuracy is unknown")
 
 
 @contextlib.contextmanager

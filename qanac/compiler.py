@@ -62,6 +62,7 @@ from qanac.model_summary import (
 )
 from qanac.partition import DEFAULT_MIN_DEVICE_SHARE, DEVICE, PartitionPlan, Segment, extract_segment, plan_segments
 from qanac.pipeline import PassContext, PassRecord, PipelineOptions, PipelineReport, run_pipeline
+from qanac.progress import report as report_progress
 from qanac.registry import load_passes
 from qanac.report import format_segments
 from qanac.report_html import write_report
@@ -179,6 +180,7 @@ def import_source(request: CompileRequest, calibration: CalibrationData | None =
 
     target = get_target(request.target)
     load_passes(request.plugins)
+    report_progress("import", f"importing {request.source}")
     imported = import_model(request.source, request.input_shape, **_frontend_kwargs(request))
     if request.labels is not None:
         output = imported.model.graph.output[0]
@@ -200,10 +202,11 @@ def require_calibration(request: CompileRequest, source: ImportedSource) -> None
 
 def load_calibration(request: CompileRequest, model: onnx.ModelProto) -> tuple[CalibrationData, list[Diagnostic]]:
     diagnostics = []
+    report_progress("calibration", f"calibration data: {request.calibration}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = load_data(request.calibration, input_specs(model), request.preprocessing,
-                         limit=request.num_calibration)
+                         limit=request.num_calibration, model=model)
     for w in caught:
         diagnostics.append(Diagnostic(Level.WARNING, "CAL001", str(w.message), rule="calibration data"))
     return data, diagnostics
@@ -241,6 +244,7 @@ def run_target_pipeline(
         options=request.pass_options,
         diagnostics=list(source.diagnostics),
     )
+    report_progress("pipeline", f"running the {source.target.name} pipeline")
     started = time.perf_counter()
     counter = _MacCounter(model)
 
@@ -353,6 +357,7 @@ class LintedModel:
 def lint_prepared(request: CompileRequest, prepared: PreparedModel) -> LintedModel:
     """Lint the prepared model; errors without a node, or any error with partitioning off, stop the compile."""
 
+    report_progress("lint", f"checking the {prepared.target.name} rules")
     final = prepared.model.to_onnx()
     findings = lint_for_target(prepared.target, prepared.model, request.backend_options.get("device"),
                                prepared.pipeline)

@@ -167,12 +167,19 @@ class Case:
 
 def _compile(ws: Workspace, *extra: Any, model: Path | None = None, calib: Any = None, out: str = "out",
              target: str = "onnxruntime") -> list:
-    """A compile of ``model`` (default: the small model) with ``calib`` (default: 16 good samples; "" for
-    none) into ``out`` (relative to the workspace; "." as it is)."""
+    """A compile of ``model`` (default: the small model) with ``calib`` (default: 16 good samples) into
+    ``out`` (relative to the workspace; "." as it is)."""
 
-    calibration = [] if calib == "" else ["--calib", calib if calib is not None else ws.calib()]
-    return ["compile", model or ws.model(), "--target", target, *calibration,
+    return ["compile", model or ws.model(), "--target", target, "--calib", calib if calib is not None else ws.calib(),
             "-o", out if out == "." else ws.path(out), *extra]
+
+
+def _without_output(ws: Workspace, existing: dict[str, str]) -> list:
+    """A compile with --force and without -o whose default output, small.onnxruntime beside the model,
+    holds ``existing``."""
+
+    _mkdir(ws, "small.onnxruntime", existing)
+    return ["compile", ws.model(), "--target", "onnxruntime", "--calib", ws.calib(), "--force"]
 
 
 def _external_outside(ws: Workspace) -> Path:
@@ -353,8 +360,6 @@ CASES: list[Case] = [
          "above the limit of 4 GiB",
          lambda ws: _compile(ws, calib="random", model=ws.save(relu_model("1,3,100000,100000"), "huge.onnx"))),
     # compile: calibration data
-    Case("compile-no-calibration", 2, "no --calib for a target that quantizes", "needs calibration data",
-         lambda ws: _compile(ws, calib="")),
     Case("compile-calib-missing", 2, "--calib names no file", "data not found",
          lambda ws: _compile(ws, calib=ws.path("missing.npy"))),
     Case("compile-calib-unknown-kind", 2, "--calib of an unknown kind (.txt)", "unsupported data file",
@@ -425,6 +430,9 @@ CASES: list[Case] = [
          lambda ws: _compile(ws, "--force", out=_symlinked_dir(ws).name)),
     Case("compile-force-unrelated", 2, "--force on a folder of unrelated files", "is not a qanac bundle",
          lambda ws: _compile(ws, "--force", out=_mkdir(ws, "out", {"thesis.tex": "x"}).name)),
+    Case("compile-default-output-unrelated", 2, "no -o, --force, and the default output beside the model "
+         "(small.onnxruntime) holds unrelated files", "is not a qanac bundle",
+         lambda ws: _without_output(ws, {"thesis.tex": "x"}), leaves=("small.onnxruntime",)),
     Case("compile-force-source-folder", 2, "--force on the folder holding the source model", "which this command reads",
          lambda ws: _compile(ws, "--force", model=ws.model("project/small.onnx"), out="project")),
     Case("compile-force-labels-folder", 2, "--force on a bundle holding the --labels file",

@@ -95,7 +95,7 @@ def test_inspect_json(small_model_path):
         ("model", ["--disable-pass", "nope"], "unknown pass"),
         ("model", ["--calib", "MISSING"], "data not found"),
         ("model", ["--calib", "WRONGSHAPE"], "expects"),
-        ("model", ["--calib", None], "needs calibration data"),
+        ("model", ["--calib", "synthetic:nope"], "unknown synthetic calibration method"),
     ],
 )
 def test_bad_input_is_exit_2_without_traceback_or_output(tmp_path, small_model_path, small_calib_path, setup, args,
