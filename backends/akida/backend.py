@@ -47,6 +47,7 @@ from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError, VerificationError
 from qanac.graph import source_names_of
 from qanac.manifest import COMPILED, Record, SegmentRecord
+from qanac.progress import report as report_progress
 
 from .agreement import Agreement, compare_akida_to_quantized, disagreement_error, divergent_layers, float_nodes_of
 from .convert import AkidaConversion, compile_onnx
@@ -89,10 +90,13 @@ class AkidaBackend:
     ) -> EmitResult:
         device_name = options.get("device") or DEFAULT_DEVICE
         if device_name != AUTO and device_spec(device_name).ip_version == V1_IP_VERSION:
+            report_progress("quantize", f"quantizing, converting and mapping for {device_name} (IP v1)")
             return emit_v1(model, calibration, options, out_dir, device_name)
         check_ip_version(device_name)
         model, identity_input = with_identity_input_layer(model)
         started = time.perf_counter()
+        report_progress("quantize", f"quantizing ({calibration.num_samples} calibration samples) with quantizeml, "
+                        "converting with cnn2snn")
         conversion = compile_onnx(
             model,
             calibration,
@@ -102,6 +106,7 @@ class AkidaBackend:
         seconds = dict(conversion.seconds)
 
         t_map = time.perf_counter()
+        report_progress("map", f"mapping on {device_name}")
         check_mapping_survives(conversion.akida_model, device_name)
         mapping = map_on_device(conversion.akida_model, device_name)
         annotate_sources(mapping, source_names_of(model))
@@ -115,6 +120,8 @@ class AkidaBackend:
         agreement_samples = int(options.get("agreement_samples", DEFAULT_AGREEMENT_SAMPLES))
         if agreement_samples > 0:
             t_check = time.perf_counter()
+            report_progress("check", f"checking the Akida model against the quantized ONNX on {agreement_samples} "
+                            "samples")
             akida_runner = AkidaSoftwareRunner(
                 conversion.akida_model,
                 conversion.input_name,
