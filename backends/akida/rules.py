@@ -14,6 +14,9 @@ layer builders, cnn2snn and akida's map() refuse, as measured (quantizeml 1.2.5 
 - WARNING: the model converts, but the layer is mapped to a Software sequence (it runs on the host CPU,
   not on the neural processors).
 
+The device-fit rules (AKM202-AKM204) read ``device_fit.py`` instead: the CNPs each layer needs, from its
+shape, against the CNPs of the device lint is given (the default device when none is).
+
 The legalization passes ask the same questions of the graph they rewrite (``fused_chain``,
 ``maxpool_last_in_sequence``, ``input_layer``).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from qanac.backends.akida import patterns
+from qanac.backends.akida import device_fit, patterns
 from qanac.backends.akida.input_layer import with_identity_input_layer
 from qanac.backends.akida.padding import accepted_forms, form_pads, pads_form
 from qanac.backends.akida.patterns import QANAC, NodeFacts, Refusal
@@ -303,6 +306,144 @@ def dense_too_wide(node: gs.Node, ctx: LintContext) -> str | None:
     return None
 
 
+def _fit_device(ctx: LintContext) -> str | None:
+    """The device whose NPs the layers must fit: the device option, else the default device; None for
+    ``auto`` (akida sizes that device to the model) and for IP v1 devices (another path maps those)."""
+
+    from qanac.backends.akida.devices import AUTO, DEFAULT_DEVICE, MODEL_IP_VERSION, device_spec
+
+    name = ctx.device or DEFAULT_DEVICE
+    return None if name == AUTO or device_spec(name).ip_version != MODEL_IP_VERSION else name
+
+
+def cnp_need(node: gs.Node, ctx: LintContext) -> device_fit.Need | None:
+    """The CNPs the Akida layer that ``node`` heads needs (``device_fit``), or None when ``node`` heads no
+    layer on CNPs: the input convolution (it runs on the HRC), dense layers (one FNP), a layer whose shape
+    is unknown or whose kernel is not square."""
+
+    if node.op != "Conv":
+        return None
+    block = block_of(node, ctx)
+    shape = _weights_shape(node)
+    size = ctx.spatial(node.inputs[0])
+    if block is None or block[0] is not node or shape is None or size is None or len(shape) != 4:
+        return None
+    if shape[2] != shape[3]:
+        return None
+    if is_depthwise(node):
+        return device_fit.depthwise_need(size[0], size[1], shape[0])
+    if int(_attr(node, "group", 1)) != 1 or (node is input_layer(ctx) and shape[1] in (1, 3)):
+        return None
+    return device_fit.conv_need(size[0], size[1], shape[1], shape[0], shape[2])
+
+
+def too_large_for_device(node: gs.Node, ctx: LintContext) -> str | None:
+    device = _fit_device(ctx)
+    need = cnp_need(node, ctx) if device is not None else None
+    if need is None or need.filters_per_np == 0:  # a filter too big for any CNP is AKD203's
+        return None
+    available = device_fit.device_units(device)[0]
+    if need.count <= available:
+        return None
+    ways = [f"{name} ({device_fit.device_units(name)[0]} CNP1)" for name in device_fit.devices_with(need.count)]
+    if need.tiles <= available:
+        narrower = need.filters_per_np * (available // need.tiles)
+        ways.append(f"at most {narrower} {'channels' if is_depthwise(node) else 'filters'} on {device}")
+    return (f"needs about {need.count} CNP1 ({need.how}) but {device} has {available}"
+            + (f"; fits: {', '.join(ways)}" if ways else "; no IP v2 device has that many"))
+
+
+def residual_regions(ctx: LintContext) -> list[set[str]]:
+    """The model's residual regions, as sets of layer names (the first node of a quantizeml block): for every
+    layer that merges two branches (Add, Concat), the layers from the one both branches start at to the
+    merge, plus the layers that read the merge. Regions that share a layer are one region. akida cannot cut
+    a skip connection between two sequences, so a region maps as a whole or not at all."""
+
+    def compute() -> list[set[str]]:
+        producer: dict[str, str] = {}  # tensor -> layer that writes it (through nodes no block covers)
+        preds: dict[str, list[str]] = {}
+        for node in ctx.order:
+            block = block_of(node, ctx)
+            sources = [producer[t.name] for t in ctx.tensor_inputs(node) if t.name in producer]
+            if block is None:
+                for tensor in node.outputs:
+                    if sources:
+                        producer[tensor.name] = sources[0]
+                continue
+            head = block[0].name
+            layer_preds = preds.setdefault(head, [])
+            layer_preds.extend(p for p in sources if p != head and p not in layer_preds)
+            for tensor in node.outputs:
+                producer[tensor.name] = head
+        index = {name: i for i, name in enumerate(preds)}
+        ancestors: dict[str, set[str]] = {}
+        succs: dict[str, set[str]] = {name: set() for name in preds}
+        for name, layer_preds in preds.items():
+            ancestors[name] = set().union(*({p} | ancestors.get(p, set()) for p in layer_preds))
+            for p in layer_preds:
+                succs.setdefault(p, set()).add(name)
+        regions: list[set[str]] = []
+        for merge, layer_preds in preds.items():
+            if len(layer_preds) < 2:
+                continue
+            common = set.intersection(*({p} | ancestors.get(p, set()) for p in layer_preds))
+            if not common:
+                continue
+            fork = max(common, key=lambda n: index.get(n, -1))
+            inside = {n for n in ancestors[merge] if n == fork or fork in ancestors.get(n, set())}
+            region = inside | {merge} | succs[merge]
+            for other in [r for r in regions if r & region]:
+                regions.remove(other)
+                region |= other
+            regions.append(region)
+        return regions
+
+    return ctx.memo("akida.residual_regions", compute)
+
+
+def _too_large(ctx: LintContext) -> dict[str, str]:
+    """Layer name -> AKM202's message, for the layers too large for the device."""
+
+    def compute() -> dict[str, str]:
+        found = {}
+        for node in ctx.order:
+            message = too_large_for_device(node, ctx)
+            if message is not None:
+                found[node.name] = message
+        return found
+
+    return ctx.memo("akida.too_large", compute)
+
+
+def in_fallen_region(node: gs.Node, ctx: LintContext) -> str | None:
+    if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or block_of(node, ctx) is None:
+        return None
+    too_large = _too_large(ctx)
+    if node.name in too_large or not too_large:
+        return None
+    for region in residual_regions(ctx):
+        culprits = sorted(n for n in region if n in too_large)
+        if node.name in region and culprits:
+            named = ", ".join(f"'{ctx.names.get(n, n)}'" for n in culprits[:3])
+            more = f" and {len(culprits) - 3} more" if len(culprits) > 3 else ""
+            return (f"in a residual region of {len(region)} layers with {named}{more}, which the device cannot "
+                    "hold (AKM202): akida cannot cut the region's skip connections, so the whole region runs "
+                    "in software")
+    return None
+
+
+def gap_split(node: gs.Node, ctx: LintContext) -> str | None:
+    if node.op != "Conv" or not _fuses_gap(node, ctx):
+        return None
+    need = cnp_need(node, ctx)
+    size = ctx.spatial(node.inputs[0])
+    if need is None or need.tiles == 1:
+        return None
+    channels = _weights_shape(node)[1]
+    return (f"global average pooling fused into a convolution whose {size[0]}x{size[1]}x{channels} input is "
+            f"{size[0] * size[1] * channels} bytes (a CNP holds {device_fit.INPUT_BYTES})")
+
+
 def maxpool_last_in_sequence(node: gs.Node, ctx: LintContext) -> str | None:
     """A Conv whose layer fuses max pooling and feeds anything but convolutions (or the model output)."""
 
@@ -419,15 +560,27 @@ AKIDA_RULES = RuleSet(view=vendor_view, rules=(
     Rule("AKD205", "too many filters in the input layer", Level.WARNING, input_conv_filters,
          "map() puts the layer in a Software sequence: 'The filters number should be set between 1 and 512.'",
          "use at most 512 filters in the first convolution"),
+    Rule("AKM202", "layer too large for the device", Level.WARNING, too_large_for_device,
+         "map() puts the layer in a Software sequence: 'Not enough hardware components of type CNP1 available'",
+         "map on a larger device (`--device auto` picks the smallest that holds the model), or narrow the layer "
+         "(fewer filters or input channels) or shrink its input map"),
+    Rule("AKM203", "global pooling over a split map", Level.WARNING, gap_split,
+         "map() puts the layer in a Software sequence: 'When using Global Average Pooling, spatial split is "
+         "impossible.'",
+         "reduce the channels or the map before the global pooling so its input fits 64 KiB"),
+    Rule("AKM204", "in a residual region with a layer too large for the device", Level.WARNING, in_fallen_region,
+         "map() puts the whole region (fork to merge, and the layers that read the merge) in a Software sequence",
+         "make the too-large layer fit (see its AKM202), or map on a larger device (`--device auto`)"),
 ))
 
 
 def device_findings(device: str) -> list[Diagnostic]:
     """A model-level finding when the device cannot take an Akida IP v2 model at all."""
 
-    from qanac.backends.akida.devices import check_ip_version, device_spec
+    from qanac.backends.akida.devices import AUTO, check_ip_version, device_spec
 
-    device_spec(device)  # an unknown name is a usage error (exit 2), not a finding
+    if device != AUTO:
+        device_spec(device)  # an unknown name is a usage error (exit 2), not a finding
     try:
         check_ip_version(device)
     except UnsupportedModelError as exc:

@@ -65,6 +65,20 @@ class Join(nn.Module):
         return torch.cat([self.a(x), self.b(x)], 1) if self.how == "concat" else self.a(x) + x
 
 
+class WideResidual(nn.Module):
+    """f: 16 -> 256, then a: 256 -> inner, b: inner -> 256 added to f, at 8x8."""
+
+    def __init__(self, inner: int):
+        super().__init__()
+        self.f = nn.Sequential(*stem(), *cbr(16, 256))
+        self.ab = nn.Sequential(*cbr(256, inner), nn.Conv2d(inner, 256, 3, 1, 1))
+        self.t = nn.Sequential(nn.ReLU(), *cbr(256, 32), *head(32))
+
+    def forward(self, x):
+        y = self.f(x)
+        return self.t(y + self.ab(y))
+
+
 S = nn.Sequential
 CASES = {
     # must pass clean and map fully on hardware
@@ -116,7 +130,31 @@ CASES = {
     "dense_too_wide": (lambda: S(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 5)), {"AKD206"}),
     "input_conv_too_many_filters": (lambda: S(nn.Conv2d(3, 640, 3, 2, 1), nn.ReLU(), *cbr(640, 32, 1, 2), *cbr(32, 32),
                                               *head(32)), {"AKD205"}),
+    # device fit on SixNodesIPv2 (24 CNPs), at the edge: a 3x3 conv over 256 channels at 8x8 puts 16 filters in
+    # a CNP, so 384 filters need 24 and 392 need 25
+    "fits_device_filters": (lambda: S(*stem(), *cbr(16, 256), *cbr(256, 384), *cbr(384, 32, 1), *head(32)), set()),
+    "too_large_for_device_filters": (lambda: S(*stem(), *cbr(16, 256), *cbr(256, 392), *cbr(392, 32, 1), *head(32)),
+                                     {"AKM202"}),
+    # ... and over 128 channels at 32x32: 40 filters per CNP x 3 tiles of the map, so 320 filters need 24 and
+    # 384 need 30
+    "fits_device_tiles": (lambda: S(*cbr(3, 128), *cbr(128, 320), *cbr(320, 16, 1, 2), *cbr(16, 16, 3, 2),
+                                    *cbr(16, 32), *head(32)), set()),
+    "too_large_for_device_tiles": (lambda: S(*cbr(3, 128), *cbr(128, 384), *cbr(384, 16, 1, 2), *cbr(16, 16, 3, 2),
+                                             *cbr(16, 32), *head(32)), {"AKM202"}),
+    # a 3x3 conv over 256 channels with 256 filters at 8x8 needs 16 CNPs: SixNodesIPv2 has them, TwoNodesIPv2
+    # (8) does not (DEVICES)
+    "wide_conv": (lambda: S(*stem(), *cbr(16, 256), *cbr(256, 256), *cbr(256, 32, 1), *head(32)), set()),
+    "wide_conv_two_nodes": (lambda: S(*stem(), *cbr(16, 256), *cbr(256, 256), *cbr(256, 32, 1), *head(32)),
+                            {"AKM202"}),
+    # a residual block whose two convs need 32 CNPs each: the fork and the layer after the merge fall with them;
+    # with 8 and 7 CNPs the block maps
+    "residual_too_large": (lambda: WideResidual(512), {"AKM202", "AKM204"}),
+    "residual_fits": (lambda: WideResidual(128), set()),
+    # the global pooling fused into a 1x1 conv over 8x8x1088 = 69632 bytes (a CNP holds 65536)
+    "gap_over_split_map": (lambda: S(*stem(), *cbr(16, 1088, 1), *cbr(1088, 32, 1), *head(32)), {"AKM203"}),
 }
+# the device a case is linted and mapped on, when not the default (SixNodesIPv2)
+DEVICES = {"wide_conv_two_nodes": "TwoNodesIPv2"}
 
 # Cases whose rule an exact pass fixes. Each runs with that pass disabled (the rule itself must still
 # predict MetaTF) and again as "<case>+<pass>" with the whole pipeline, where lint must find nothing and

@@ -26,7 +26,7 @@ from qanac.compiler import CompileRequest, lint_for_target, prepare_model
 from qanac.diagnostics import Level, UnsupportedModelError
 from qanac.pipeline import PipelineOptions
 from qanac.targets import get_target
-from tests.akida.lint_cases import CASES, DISABLED_PASSES, ONNX_CASES, export
+from tests.akida.lint_cases import CASES, DEVICES, DISABLED_PASSES, ONNX_CASES, export
 
 pytestmark = pytest.mark.slow
 
@@ -46,24 +46,26 @@ def layer_of(model, node_name: str) -> str:
     return node.name
 
 
-def check_prediction(path, expected: set[str], disabled: frozenset[str], input_name: str, tmp_path) -> None:
+def check_prediction(path, expected: set[str], disabled: frozenset[str], input_name: str, tmp_path,
+                     device: str | None = None) -> None:
     request = CompileRequest(
         source=str(path), target="akida", output=tmp_path / "unused",
         pipeline_options=PipelineOptions(disabled=disabled),
     )
     prepared = prepare_model(request, calibration=None)
-    findings = lint_for_target(get_target("akida"), prepared.model)
+    findings = lint_for_target(get_target("akida"), prepared.model, device)
     codes = {f.code for f in findings}
     assert codes == expected, [f.format() for f in findings]
 
     errors = [f for f in findings if f.level == Level.ERROR]
     model = prepared.model.to_onnx()
     backend = AkidaBackend()
+    options = {"agreement_samples": 0} | ({"device": device} if device else {})
     if errors:
         with pytest.raises(UnsupportedModelError):
-            backend.emit(model, calibration(input_name), {"agreement_samples": 0}, tmp_path)
+            backend.emit(model, calibration(input_name), options, tmp_path)
         return
-    result = backend.emit(model, calibration(input_name), {"agreement_samples": 0}, tmp_path)
+    result = backend.emit(model, calibration(input_name), options, tmp_path)
     layers = {entry["name"]: entry["backend"] for entry in result.report["mapping"]["layers"]}
     if not findings:
         assert result.report["mapping"]["fully_on_hardware"], result.report["mapping_text"]
@@ -77,7 +79,7 @@ def check_prediction(path, expected: set[str], disabled: frozenset[str], input_n
 def test_lint_predicts_conversion_and_mapping(case, tmp_path):
     path = tmp_path / f"{case}.onnx"
     export(case, path)
-    check_prediction(path, CASES[case][1], DISABLED_PASSES.get(case, frozenset()), "x", tmp_path)
+    check_prediction(path, CASES[case][1], DISABLED_PASSES.get(case, frozenset()), "x", tmp_path, DEVICES.get(case))
 
 
 @pytest.mark.parametrize("case", sorted(ONNX_CASES))
