@@ -40,6 +40,8 @@ Diagnostic codes (stable):
     AKC112  no quantizable pattern starts at the model input
     AKC113  the first layer cannot take the chosen input type (Gemm or depthwise Conv on uint8)
     AKC114  the model has other than one input and one output, or the input has several consumers
+    AKC115  the input's first dimension is fixed at more than 1: not a batch of samples (a model that folds
+            the batch into another axis, MobileViT's patches), while an Akida model maps one sample at a time
     AKC120  the Akida output shape differs from the float model's
     AKC190  quantizeml or cnn2snn failed in a way qanac does not recognise (its message is kept)
     AKC199  a warning from quantizeml or cnn2snn that does not change the model (kept as a diagnostic)
@@ -141,6 +143,7 @@ def compile_onnx(
     """
 
     input_name, output_name = check_single_io(model)
+    check_batch_dimension(model)
     samples = calibration_samples(model, calibration, num_samples)
     seconds: dict[str, float] = {}
 
@@ -195,6 +198,23 @@ def check_single_io(model: onnx.ModelProto) -> tuple[str, str]:
             hint="split the model, or keep one output",
         )
     return inputs[0], outputs[0]
+
+
+def check_batch_dimension(model: onnx.ModelProto) -> None:
+    """The input's first dimension must be the batch: symbolic, or 1. A fixed larger one means the model
+    folded its batch into it (MobileViT reshapes (N, C, H, W) patches into (N * 4, ...)): each row is part
+    of a sample, not a sample, and no Akida model takes it. Refused naming no node (the whole segment)."""
+
+    input_name, _ = check_single_io(model)
+    spec = next(i for i in model.graph.input if i.name == input_name)
+    dims = spec.type.tensor_type.shape.dim
+    first = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    if first > 1:
+        message = (f"input '{input_name}' has a fixed first dimension of {first}: the batch is folded into it, "
+                   "while an Akida model takes one sample per row")
+        raise UnsupportedModelError(message, diagnostics=[Diagnostic(Level.ERROR, "AKC115", message,
+                                                                     rule="akida-io")],
+                                    hint="these nodes run on the host")
 
 
 def calibration_samples(

@@ -211,3 +211,17 @@ def test_an_integer_input_keeps_its_type_and_passes_into_akida_unchanged(dtype, 
     np.testing.assert_array_equal(akida_out, quantized)
     reference = run_onnx(model, held_out)[0]
     assert np.corrcoef(reference.ravel(), quantized.ravel())[0, 1] > 0.9  # the quantized model tracks float
+
+
+def test_an_input_whose_first_dimension_is_not_a_batch_is_refused_before_quantizeml():
+    """MobileViT folds its batch into the patch axis: a device segment reading (4, C, H, W) for one sample."""
+
+    model = akida_models.conv_map_output()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    error = compile_failure(model)
+    assert list(codes(error)) == ["AKC115"] and codes(error)["AKC115"] == []
+    assert "fixed first dimension of 4" in error.message
+    batch = akida_models.conv_map_output()
+    convert.check_batch_dimension(batch)  # a symbolic batch passes
+    batch.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    convert.check_batch_dimension(batch)  # and a batch of 1
