@@ -96,7 +96,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], weights: dict[
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = shape_inference.infer_shapes(_shape_skeleton(model), strict_mode=False)
     except Exception:
         inferred = model
     values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
@@ -127,6 +127,33 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         macs=sum(per_node.values()),
         macs_by_node={k: v for k, v in per_node.items() if v},
     )
+
+
+# Float initializers with more elements than this reach shape inference as typed inputs, without their data
+SKELETON_MIN_ELEMENTS = 1024
+
+
+def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as shape inference needs it: its large float initializers (weights) become graph inputs of
+    the same type and shape, so their data is neither copied nor serialised; integer and small initializers
+    (shape operands such as a Reshape's target) keep their values. Shapes inferred are the same."""
+
+    kept, typed = [], []
+    for init in model.graph.initializer:
+        if init.data_type in _FLOAT_TYPES and math.prod(init.dims) > SKELETON_MIN_ELEMENTS:
+            typed.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    if not typed:
+        return model
+    graph = onnx.helper.make_graph(model.graph.node, model.graph.name, [*model.graph.input, *typed],
+                                   model.graph.output, kept, value_info=model.graph.value_info)
+    skeleton = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    skeleton.functions.extend(model.functions)
+    return skeleton
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def source_macs_by_segment(source: dict[str, int], legalized: dict[str, int], segments: list[list[str]]) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
-from qanac import compiler, registry
+from qanac import compiler, model_summary, registry
 from qanac.backend import EmitResult
 from qanac.cli import cli
 from qanac.compiler import GROWTH_WARNING_SHARE, CompileRequest
@@ -249,3 +249,25 @@ def test_the_grown_compile_is_kept_when_it_runs_no_more_off_the_device(widening_
     assert [d.message for d in prepared.context.diagnostics if d.code == "MAC002"] == [
         f"kept the rewrites: with '{widening_pass}' (+24.6 k MACs), no MACs run off the device hardware"]
     assert not (stage / ".without-growth").exists()
+
+
+def test_shapes_for_counting_come_from_a_skeleton_without_weight_data():
+    # weights reach shape inference as typed inputs (no data copied); a Reshape's integer target keeps its
+    # value, so the shapes after it, and the Gemm MACs they give, are those of the full model
+    model = regnet_like()
+    head = model.graph.node[-1]
+    assert head.op_type == "Gemm"
+    flat = head.input[0]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"))
+    model.graph.node.insert(len(model.graph.node) - 1,
+                            helper.make_node("Reshape", [flat, "flat_shape"], ["flat_reshaped"], name="reshape"))
+    head.input[0] = "flat_reshaped"
+    skeleton = model_summary._shape_skeleton(model)
+    kept = {i.name for i in skeleton.graph.initializer}
+    large = {i.name for i in model.graph.initializer if np.prod(i.dims) > model_summary.SKELETON_MIN_ELEMENTS}
+    assert large and not kept & large and "flat_shape" in kept
+    assert large <= {i.name for i in skeleton.graph.input}
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in full.graph.value_info}
+    assert model_summary.infer_shapes(model)["flat_reshaped"] == shapes["flat_reshaped"]
+    assert macs_by_node(model)[head.name] > 0
