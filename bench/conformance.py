@@ -25,7 +25,7 @@ failure of the benchmark.
 
     python bench/conformance.py [--only NAME[,NAME]] [--slice ci] [--timeout 600] [--max-rss-mb 8192]
                                 [--json-out PATH] [--workdir DIR] [--markdown]
-    python bench/conformance.py --from-json PATH [--markdown]     # the table of an earlier run
+    python bench/conformance.py --from-json PATH [PATH ...] [--markdown]   # the table of earlier runs
 """
 
 from __future__ import annotations
@@ -392,7 +392,7 @@ def run_model(name: str, workdir: Path, limits: Limits) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- table
 
-COLUMNS = ["model", "family", "source", "qanac exit", "segs", "device share", "agree", "SQNR dB", "s",
+COLUMNS = ["model", "family", "source", "qanac exit", "segs (device)", "device share", "agree", "SQNR dB", "s",
            "peak MB", "|", "vendor share", "vendor HW seqs", "vendor agree"]
 
 
@@ -403,7 +403,8 @@ def table_row(row: dict[str, Any]) -> list[str]:
     if "qanac" not in row:
         cells += ["BENCH: " + row.get("error", "?")[:40], "-", "-", "-", "-", "-", "-"]
     else:
-        cells += [str(q.get("exit")), _fmt(q.get("segments"), "{}"), _fmt(q.get("device_mac_share"), "{:.1%}"),
+        segments = "-" if q.get("segments") is None else f"{q['segments']} ({q.get('device_segments')})"
+        cells += [str(q.get("exit")), segments, _fmt(q.get("device_mac_share"), "{:.1%}"),
                   _fmt(q.get("agreement"), "{:.3f}"), _fmt(q.get("sqnr_db"), "{:.1f}"),
                   _fmt(q.get("compile_seconds"), "{:.0f}"), _fmt(q.get("peak_mb"), "{:.0f}")]
     cells.append("|")
@@ -476,11 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--workdir", type=Path, help="models, data and bundles (default: a new temp dir)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--from-json", type=Path, help="print the table of an earlier --json-out; run nothing")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="print the table of earlier --json-out files (their rows in order); run nothing")
     parser.add_argument("--step", nargs=2, metavar=("STEP", "NAME"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args(argv)
     if args.from_json:
-        print(format_table(json.loads(args.from_json.read_text())["rows"], markdown=args.markdown))
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())["rows"]]
+        print(format_table(rows, markdown=args.markdown))
         return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qanac-conformance-"))
