@@ -572,7 +572,7 @@ def _learn_v2(compiled: Path, statistics: Path, inputs: np.ndarray, classes: np.
     quantized = (levels @ head["weights"].astype(np.float64)
                  + head["bias"].astype(np.float64) * 2.0 ** head["bias_shift"]) * head["scales"]
     report = {"method": V2_METHOD, "units": int(weights.shape[1]),
-              "head_quantization_max_abs_error": float(np.abs(exact - quantized).max()),
+              "head_quantization_relative_error": float(np.abs(exact - quantized).max() / np.abs(exact).max()),
               "head_top1_agreement_on_samples": float((exact.argmax(1) == quantized.argmax(1)).mean())}
     return report, (weights, bias), [int(d) for d in learned.output_shape]
 
