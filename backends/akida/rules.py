@@ -23,6 +23,8 @@ The legalization passes ask the same questions of the graph they rewrite (``fuse
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -353,14 +355,55 @@ def too_large_for_device(node: gs.Node, ctx: LintContext) -> str | None:
             + (f"; fits: {', '.join(ways)}" if ways else "; no IP v2 device has that many"))
 
 
-def residual_regions(ctx: LintContext) -> list[set[str]]:
-    """The model's residual regions, as sets of layer names (the first node of a quantizeml block): for every
-    layer that merges two branches (Add, Concat), the layers from the one both branches start at to the
-    merge, plus the layers that read the merge. Regions that share a layer are one region. akida cannot cut
-    a skip connection between two sequences, so a region maps as a whole or not at all."""
+@dataclasses.dataclass
+class Region:
+    """A residual region: its layers (named by the first node of their quantizeml block) and, per layer
+    that joins branches, the layer the branches part from."""
 
-    def compute() -> list[set[str]]:
-        producer: dict[str, str] = {}  # tensor -> layer that writes it (through nodes no block covers)
+    layers: set[str]
+    forks: dict[str, str]
+
+
+def residual_regions(ctx: LintContext) -> list[Region]:
+    """The model's residual regions: for every layer that joins two branches (Add, Concat), the layers from
+    the one both branches start at to the join, plus the layers that read the join. Regions that share a
+    layer are one region. akida cannot cut a skip connection between two sequences, so a region maps as a
+    whole or not at all."""
+
+    def compute() -> list[Region]:
+        preds = _layer_preds(ctx)
+        index = {name: i for i, name in enumerate(preds)}
+        ancestors: dict[str, set[str]] = {}
+        succs: dict[str, set[str]] = {name: set() for name in preds}
+        for name, layer_preds in preds.items():
+            ancestors[name] = set().union(*({p} | ancestors.get(p, set()) for p in layer_preds))
+            for p in layer_preds:
+                succs.setdefault(p, set()).add(name)
+        regions: list[Region] = []
+        for merge, layer_preds in preds.items():
+            if len(layer_preds) < 2:
+                continue
+            common = set.intersection(*({p} | ancestors.get(p, set()) for p in layer_preds))
+            if not common:
+                continue
+            fork = max(common, key=lambda n: index.get(n, -1))
+            inside = {n for n in ancestors[merge] if n == fork or fork in ancestors.get(n, set())}
+            region = Region(inside | {merge} | succs[merge], {merge: fork})
+            for other in [r for r in regions if r.layers & region.layers]:
+                regions.remove(other)
+                region.layers |= other.layers
+                region.forks |= other.forks
+            regions.append(region)
+        return regions
+
+    return ctx.memo("akida.residual_regions", compute)
+
+
+def _layer_preds(ctx: LintContext) -> dict[str, list[str]]:
+    """Layer -> the layers whose output it reads (through nodes no quantizeml block covers), in graph order."""
+
+    def compute() -> dict[str, list[str]]:
+        producer: dict[str, str] = {}
         preds: dict[str, list[str]] = {}
         for node in ctx.order:
             block = block_of(node, ctx)
@@ -375,30 +418,9 @@ def residual_regions(ctx: LintContext) -> list[set[str]]:
             layer_preds.extend(p for p in sources if p != head and p not in layer_preds)
             for tensor in node.outputs:
                 producer[tensor.name] = head
-        index = {name: i for i, name in enumerate(preds)}
-        ancestors: dict[str, set[str]] = {}
-        succs: dict[str, set[str]] = {name: set() for name in preds}
-        for name, layer_preds in preds.items():
-            ancestors[name] = set().union(*({p} | ancestors.get(p, set()) for p in layer_preds))
-            for p in layer_preds:
-                succs.setdefault(p, set()).add(name)
-        regions: list[set[str]] = []
-        for merge, layer_preds in preds.items():
-            if len(layer_preds) < 2:
-                continue
-            common = set.intersection(*({p} | ancestors.get(p, set()) for p in layer_preds))
-            if not common:
-                continue
-            fork = max(common, key=lambda n: index.get(n, -1))
-            inside = {n for n in ancestors[merge] if n == fork or fork in ancestors.get(n, set())}
-            region = inside | {merge} | succs[merge]
-            for other in [r for r in regions if r & region]:
-                regions.remove(other)
-                region |= other
-            regions.append(region)
-        return regions
+        return preds
 
-    return ctx.memo("akida.residual_regions", compute)
+    return ctx.memo("akida.layer_preds", compute)
 
 
 def _too_large(ctx: LintContext) -> dict[str, str]:
@@ -415,20 +437,59 @@ def _too_large(ctx: LintContext) -> dict[str, str]:
     return ctx.memo("akida.too_large", compute)
 
 
+def _region_failure(region: Region, ctx: LintContext) -> str | None:
+    """Why ``region`` cannot map on the device, or None when it can: one of its layers is too large
+    (AKM202), or two consecutive layers of a branch need more CNPs together than the device has (measured:
+    akida keeps the two in one pass inside a region; a join takes no CNP and links the layers of the
+    branches it joins, not the one they part from, with the layer after it)."""
+
+    device = _fit_device(ctx)
+    if device is None:
+        return None
+    too_large = sorted(n for n in region.layers if n in _too_large(ctx))
+    if too_large:
+        named = ", ".join(f"'{ctx.names.get(n, n)}'" for n in too_large[:3])
+        more = f" and {len(too_large) - 3} more" if len(too_large) > 3 else ""
+        return f"{named}{more} {'is' if len(too_large) == 1 else 'are'} too large for the device (AKM202)"
+    nodes = {n.name: n for n in ctx.order}
+    preds = _layer_preds(ctx)
+    available = device_fit.device_units(device)[0]
+
+    def need(name: str) -> int:
+        found = cnp_need(nodes[name], ctx) if name in nodes else None
+        return 0 if found is None else found.count
+
+    def feeding(name: str, join: bool = False) -> list[str]:
+        """The layers feeding ``name``; through a join, those of the branches it joins."""
+
+        found = []
+        for p in preds.get(name, []):
+            if not (join and p == region.forks[name]):
+                found.extend(feeding(p, True) if p in region.forks else [p])
+        return found
+
+    order = {name: i for i, name in enumerate(preds)}
+    for name in sorted(region.layers - set(region.forks), key=lambda n: order.get(n, -1)):
+        for p in feeding(name):
+            if p in region.layers and need(p) + need(name) > available:
+                return (f"'{ctx.names.get(p, p)}' and '{ctx.names.get(name, name)}' need {need(p)} + {need(name)} "
+                        f"CNP1 together and {device} has {available}")
+    return None
+
+
 def in_fallen_region(node: gs.Node, ctx: LintContext) -> str | None:
     if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or block_of(node, ctx) is None:
         return None
-    too_large = _too_large(ctx)
-    if node.name in too_large or not too_large:
+    if node.name in _too_large(ctx):
         return None
     for region in residual_regions(ctx):
-        culprits = sorted(n for n in region if n in too_large)
-        if node.name in region and culprits:
-            named = ", ".join(f"'{ctx.names.get(n, n)}'" for n in culprits[:3])
-            more = f" and {len(culprits) - 3} more" if len(culprits) > 3 else ""
-            return (f"in a residual region of {len(region)} layers with {named}{more}, which the device cannot "
-                    "hold (AKM202): akida cannot cut the region's skip connections, so the whole region runs "
-                    "in software")
+        if node.name not in region.layers:
+            continue
+        failure = ctx.memo(f"akida.region_failure:{min(region.layers)}",
+                           lambda region=region: _region_failure(region, ctx))
+        if failure is not None:
+            return (f"in a residual region of {len(region.layers)} layers where {failure}: akida cannot cut the "
+                    "region's skip connections, so the whole region runs in software")
     return None
 
 
@@ -568,9 +629,9 @@ AKIDA_RULES = RuleSet(view=vendor_view, rules=(
          "map() puts the layer in a Software sequence: 'When using Global Average Pooling, spatial split is "
          "impossible.'",
          "reduce the channels or the map before the global pooling so its input fits 64 KiB"),
-    Rule("AKM204", "in a residual region with a layer too large for the device", Level.WARNING, in_fallen_region,
+    Rule("AKM204", "residual region too large for the device", Level.WARNING, in_fallen_region,
          "map() puts the whole region (fork to merge, and the layers that read the merge) in a Software sequence",
-         "make the too-large layer fit (see its AKM202), or map on a larger device (`--device auto`)"),
+         "make the layers it names fit (narrower layers), or map on a larger device (`--device auto`)"),
 ))
 
 

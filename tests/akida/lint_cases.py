@@ -147,9 +147,10 @@ CASES = {
     "wide_conv_two_nodes": (lambda: S(*stem(), *cbr(16, 256), *cbr(256, 256), *cbr(256, 32, 1), *head(32)),
                             {"AKM202"}),
     # a residual block whose two convs need 32 CNPs each: the fork and the layer after the merge fall with them;
-    # with 8 and 7 CNPs the block maps
+    # with 16 + 16 each fits alone but not both on 24 CNPs; with 12 + 11 the block maps
     "residual_too_large": (lambda: WideResidual(512), {"AKM202", "AKM204"}),
-    "residual_fits": (lambda: WideResidual(128), set()),
+    "residual_pair_too_large": (lambda: WideResidual(256), {"AKM204"}),
+    "residual_fits": (lambda: WideResidual(192), set()),
     # the global pooling fused into a 1x1 conv over 8x8x1088 = 69632 bytes (a CNP holds 65536)
     "gap_over_split_map": (lambda: S(*stem(), *cbr(16, 1088, 1), *cbr(1088, 32, 1), *head(32)), {"AKM203"}),
 }
