@@ -308,8 +308,8 @@ def verify_command(bundle: Path, data: str, min_agreement: float, min_sqnr: floa
 
 
 def _calibration_warning(opened: Any, as_json: bool) -> str | None:
-    """The bundle's warning about calibration without real data, printed on stderr unless --json (where the
-    command's JSON carries it under ``warnings``)."""
+    """The bundle's warning about calibration without real data (None for real data), printed on stderr
+    unless --json; verify and run put it in their JSON's ``warnings``."""
 
     warning = calibration_warning(opened.manifest.calibration)
     if warning and not as_json:
@@ -522,6 +522,7 @@ def eval_command(bundle: Path, data: Path, output: Path | None, recall_drop: flo
     from qanac.report_html import update_report
 
     opened = Bundle.open(bundle)
+    _calibration_warning(opened, as_json)  # with --json the document is eval.json as written: no warnings key
     out_dir = output or bundle / "eval"
     labelled = load_labelled(opened, data, seed)
     prepare_directory(out_dir, "-o")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -48,13 +49,18 @@ def test_plain_compile_writes_the_bundle_next_to_the_model_and_says_how_it_calib
     assert f"qanac compile {model} --target onnxruntime --calib REAL_SAMPLES" in result.stderr
 
 
-def test_verify_and_run_warn_about_a_synthetic_calibration(plain_bundle, small_calib_path):
+def test_verify_run_and_eval_warn_about_a_synthetic_calibration(plain_bundle, small_calib_path, tmp_path):
     bundle, _ = plain_bundle
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, x=np.load(small_calib_path), labels=np.arange(16) % 5)
     for command in (["verify", bundle, "--data", small_calib_path, "--min-agreement", "0", "--min-sqnr", "-100"],
-                    ["run", bundle, "--input", small_calib_path]):
+                    ["run", bundle, "--input", small_calib_path],
+                    ["eval", bundle, "--data", labelled, "-o", tmp_path / "eval"]):
         human = invoke(*command)
         assert human.exit_code == 0, human.output
         assert "warning: this bundle was calibrated on" in human.stderr and "--calib" in human.stderr
+        if command[0] == "eval":  # its --json document is eval.json as written
+            continue
         as_json = invoke(*command, "--json")
         assert as_json.exit_code == 0, as_json.output
         warnings = json.loads(as_json.stdout)["warnings"]
