@@ -180,3 +180,30 @@ def test_a_residual_region_whose_consecutive_layers_do_not_fit_together_falls_wh
 def test_a_residual_region_that_fits_is_not_reported(inner):
     findings = lint(residual_model(inner))  # a and b need 12 + 11 and 8 + 7 CNPs
     assert codes(findings, "AKM202") == [] and codes(findings, "AKM204") == []
+
+
+@pytest.mark.slow
+def test_lint_names_the_resnet18_layers_that_run_in_software(tmp_path):
+    """Full-width torchvision ResNet-18 at 64x64 on SixNodesIPv2: map() puts the backbone from the stem's max
+    pooling to the last block in one Software sequence (4.8 % of the MACs on hardware, measured; docs/akida.md).
+    Lint names the four layer4 3x3 convolutions as too large and every other backbone convolution as part of
+    their residual region, and leaves the input convolution (HRC) and the classifier (FNP) alone."""
+
+    import torch
+    import torchvision
+
+    from qanac.compiler import CompileRequest, lint_for_target, prepare_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.onnx"
+    torch.onnx.export(torchvision.models.resnet18(num_classes=10).eval(), (torch.zeros(1, 3, 64, 64),), str(path),
+                      opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+    prepared = prepare_model(CompileRequest(source=str(path), target="akida", output=tmp_path / "unused"),
+                             calibration=None)
+    findings = lint_for_target(get_target("akida"), prepared.model)
+    too_large = {n for f in codes(findings, "AKM202") for n in f.nodes}
+    assert too_large == {f"/layer4/layer4.{b}/conv{c}/Conv" for b in (0, 1) for c in (1, 2)}
+    named = too_large | {n for f in codes(findings, "AKM204") for n in f.nodes}
+    backbone = {n.name for n in prepared.model.graph.nodes if n.op == "Conv" and n.name.startswith("/layer")}
+    assert backbone <= named
+    assert "/conv1/Conv" not in named and "/fc/Gemm" not in named
