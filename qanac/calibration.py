@@ -378,7 +378,8 @@ def synthetic_data(inputs: Sequence[InputSpec], preprocessing: Preprocessing, n:
     convolution's outputs match the running mean and variance of the BatchNormalization after it (needs
     ``model``, an onnx.ModelProto, with input -> Conv -> BatchNormalization); ``uniform`` draws every pixel
     uniformly, as the vendor toolchains do without samples. Without a method: ``batchnorm`` where the model
-    allows it, else ``uniform``. Other inputs take uniform data in their dtype's range."""
+    allows it, else ``uniform``. Other inputs (and images under a preprocessing scale of 0) take uniform data
+    in their dtype's range."""
 
     for spec in inputs:
         check_size(spec, n)
@@ -389,7 +390,7 @@ def synthetic_data(inputs: Sequence[InputSpec], preprocessing: Preprocessing, n:
         if chosen not in SYNTHETIC_METHODS:
             raise UsageError(f"unknown synthetic calibration method '{chosen}'",
                              hint=f"use one of {', '.join(SYNTHETIC_METHODS)}")
-        image = len(spec.shape) == 4 and input_dtype(spec).kind == "f"
+        image = len(spec.shape) == 4 and input_dtype(spec).kind == "f" and preprocessing.scale != 0
         if not image or chosen == "uniform":
             drawn = _uniform(spec, n, rng)
             chosen = "uniform"
