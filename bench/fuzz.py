@@ -64,6 +64,8 @@ OUTCOMES = ("ok", "refused (lint agrees)", "refused (lint disagrees)", "verify f
             "crash", "hang", "other")
 FAILING = ("crash", "hang", "wrong bundle")  # the outcomes the CI slice fails on
 WRONG_BUNDLE_SLACK = 0.05  # one prediction in 20: qanac verify's default agreement tolerance
+NEAR_TIE_MAJORITY = 0.5  # a verify failure where at least this share of inputs are near ties is caused by them
+ILL_CONDITIONED_GAIN = 100.0  # a readout gain from which quantization error is amplified past verify's thresholds
 EXPORTER = "torch.onnx.export(opset_version=17, dynamo=False)"
 CALIB_SAMPLES, HELD_SAMPLES = 32, 64
 
@@ -472,7 +474,9 @@ def classify(folder: Path, target: str, timeout: float) -> dict[str, Any]:
     if verified.returncode not in (0, 1) or not isinstance(verdict, dict) or "comparisons" not in verdict:
         return {**row, "outcome": "other", "stage": "verify", "detail": verified.reason()}
     row.update(agreement=_top1(verdict, "compiled"), quantized_agreement=_top1(verdict, "quantized"),
-               sqnr_db=min((r["sqnr_db"] for r in verdict["comparisons"]["compiled"]), default=None))
+               sqnr_db=min((r["sqnr_db"] for r in verdict["comparisons"]["compiled"]), default=None),
+               near_tie_share=max((r.get("near_tie_share") or 0.0 for r in verdict["comparisons"]["compiled"]),
+                                  default=None))
     return {**row, **verify_outcome(verdict, verified.returncode)}
 
 
@@ -503,7 +507,23 @@ def fuzz_seed(seed: int, targets: list[str], workdir: Path, timeout: float) -> l
     except Exception as exc:  # the exporter's own failures are rows, not the end of the run
         return [{**base, "target": t, "outcome": "other", "stage": "export", "detail": f"{type(exc).__name__}: {exc}"}
                 for t in targets]
-    return [{**base, **classify(folder, target, timeout)} for target in targets]
+    rows = [{**base, **classify(folder, target, timeout)} for target in targets]
+    for row in rows:
+        if row["outcome"] == "verify failure":
+            row["cause"] = failure_cause(row)
+    return rows
+
+
+def failure_cause(row: dict[str, Any]) -> str:
+    """Why a bundle failed verify, from its row: most inputs near ties (verify's ``near_tie_share``: the float
+    model's top-2 margin within twice the compiled model's error, so agreement there is chance), else an
+    ill-conditioned readout (``readout_gain`` of ``ILL_CONDITIONED_GAIN`` or more), else quantization error."""
+
+    if (row.get("near_tie_share") or 0.0) >= NEAR_TIE_MAJORITY:
+        return f"near ties ({row['near_tie_share']:.0%} of the inputs)"
+    if (row.get("readout_gain") or 0.0) >= ILL_CONDITIONED_GAIN:
+        return f"ill-conditioned readout (gain {row['readout_gain']:.0f})"
+    return "quantization error"
 
 
 def reproduce(seed: int, target: str) -> str:
@@ -525,7 +545,8 @@ def format_report(rows: list[dict[str, Any]], targets: list[str]) -> str:
         lines.append("\nnot ok:")
     for r in sorted(bad, key=lambda r: (OUTCOMES.index(r["outcome"]), r["target"], r["seed"])):
         lines.append(f"  seed {r['seed']} {r['target']}: {r['outcome']}"
-                     + (f" [{r['stage']}]" if r.get("stage") else "") + f": {r.get('detail', '')}")
+                     + (f" [{r['stage']}]" if r.get("stage") else "") + f": {r.get('detail', '')}"
+                     + (f"; cause: {r['cause']}" if r.get("cause") else ""))
         gain = f" (readout gain {r['readout_gain']})" if "readout_gain" in r else ""
         lines.append(f"    model {r['model']}{gain}")
         lines.append(f"    reproduce: {reproduce(r['seed'], r['target'])}")

@@ -141,3 +141,10 @@ def test_readout_gain_is_the_largest_readout_weight_after_standardisation(tmp_pa
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}[readout.input[1]]
     assert gain == pytest.approx(float(abs(weights).max()), rel=1e-6)
     assert gain > 0
+
+
+def test_a_verify_failure_is_put_down_to_near_ties_then_the_readout_gain_then_quantization():
+    assert FUZZ.failure_cause({"near_tie_share": 0.8, "readout_gain": 500.0}) == "near ties (80% of the inputs)"
+    assert FUZZ.failure_cause({"near_tie_share": 0.1, "readout_gain": 500.0}) == "ill-conditioned readout (gain 500)"
+    assert FUZZ.failure_cause({"near_tie_share": 0.1, "readout_gain": 20.0}) == "quantization error"
+    assert FUZZ.failure_cause({"near_tie_share": None, "readout_gain": 99.9}) == "quantization error"
