@@ -1,10 +1,13 @@
-"""Reproducible zoo measurements: train on (cluttered) sklearn digits, optionally compile for Akida v2.
+"""Reproducible zoo measurements: train on (cluttered) sklearn digits, optionally compile for Akida.
 
     python -m qanac.zoo.bench --variant native --width-mult 0.5 --size 32 --epochs 15 --qat-epochs 3 \\
         --akida --out /tmp/bench-native
+    python -m qanac.zoo.bench --variant v1 --width-mult 0.5 --size 32 --epochs 15 --qat-epochs 3 \\
+        --akida --out /tmp/bench-v1
 
 prints one JSON object: sizes (parameters, MACs), float and QAT accuracy on validation and test, seconds
-per epoch, and with ``--akida`` what ``qanac compile --target akida`` makes of the exported model and how
+per epoch, and with ``--akida`` what ``qanac compile --target akida`` makes of the exported model (for
+``--device``: the variant's, AKD1000 for ``v1``, else the default IP v2 device) and how
 the compiled bundle classifies the test split (``qanac eval``: the bundle's float reference and the
 compiled model side by side; Akida's software backend, no hardware). The compiler is calibrated on
 training images only. ``--approx attention-freeze`` compiles a second time with that approximation.
@@ -75,10 +78,10 @@ def write_test_split(data, path: Path) -> Path:
 
 
 def compile_and_evaluate(
-    run: Path, data, work: Path, approximations: frozenset[str] = frozenset()
+    run: Path, data, work: Path, approximations: frozenset[str] = frozenset(), device: str | None = None
 ) -> dict[str, Any]:
-    """``qanac compile --target akida`` of a training run's model.onnx, calibrated on its calib.npy (training
-    images), then ``qanac eval`` of the bundle on the test split of ``data``.
+    """``qanac compile --target akida [--device DEVICE]`` of a training run's model.onnx, calibrated on its
+    calib.npy (training images), then ``qanac eval`` of the bundle on the test split of ``data``.
 
     A model the compiler refuses gives ``{"status": exit code, "error": message}`` instead of metrics.
     """
@@ -91,7 +94,8 @@ def compile_and_evaluate(
     test = write_test_split(data, work / "test.npz")
     request = CompileRequest(source=str(run / "model.onnx"), target="akida", output=work / "bundle",
                              calibration=str(run / "calib.npy"), force=True,
-                             approximations=frozenset(approximations), labels=list(data.class_names))
+                             approximations=frozenset(approximations), labels=list(data.class_names),
+                             backend_options={"device": device} if device else {})
     started = time.perf_counter()
     try:
         compiled = compile_model(request)
@@ -111,7 +115,7 @@ def compile_and_evaluate(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="native", choices=["paper", "native"])
+    parser.add_argument("--variant", default="native", choices=["paper", "native", "v1"])
     parser.add_argument("--attention", default=None, help="native only: context, additive or none")
     parser.add_argument("--dataset", default="digits", choices=["digits", "cluttered"])
     parser.add_argument("--primary-kernel", type=int, default=None, help="native only: 1 or 3")
@@ -125,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--qat-lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--qat-bits", type=int, default=8, help="4 = Akida v1 setting (8-bit first layer)")
+    parser.add_argument("--qat-bits", type=int, default=None,
+                        help="8 = Akida v2, 4 = Akida v1 recipe (8-bit first layer); default: the variant's recipe")
+    parser.add_argument("--device", default=None, help="with --akida: the Akida device (default: AKD1000 for v1)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (1 when another job holds a core: two threads then run 10x slower)")
     parser.add_argument("--akida", action="store_true", help="compile for Akida and evaluate the bundle")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from qanac.zoo.data import load_cluttered_digits_splits, load_digits_splits
     from qanac.zoo.qat import QATConfig
-    from qanac.zoo.registry import resolve_spec
+    from qanac.zoo.registry import qat_config, resolve_spec
     from qanac.zoo.train import TrainConfig, train
 
     if args.dataset == "digits":
@@ -153,8 +159,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.downsample:
         options["downsample"] = args.downsample
     spec = resolve_spec("qana", args.variant, input_size=args.size, **options)
-    qat = QATConfig() if args.qat_bits == 8 else QATConfig.akida_v1(weight_bits=args.qat_bits,
-                                                                    activation_bits=args.qat_bits)
+    if args.qat_bits is None:
+        qat = qat_config(spec)
+    elif args.qat_bits == 8:
+        qat = QATConfig.akida_v2()
+    else:
+        qat = QATConfig.akida_v1(weight_bits=args.qat_bits, activation_bits=args.qat_bits)
+    device = args.device or ("AKD1000" if args.variant == "v1" else None)
     config = TrainConfig(epochs=args.epochs, qat_epochs=args.qat_epochs, lr=args.lr, qat_lr=args.qat_lr,
                          batch_size=args.batch_size, seed=args.seed, qat=qat, patience=max(4, args.epochs // 3),
                          num_threads=args.threads)
@@ -180,9 +191,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "exported_test": short(metrics["test"]),
                          "seconds_per_epoch": round(metrics["qat"]["seconds_per_epoch"], 2)}
     if args.akida:
-        report["akida"] = compile_and_evaluate(out, data, out / "akida")
+        report["akida"] = compile_and_evaluate(out, data, out / "akida", device=device)
         if args.approx:
-            report["akida_approx"] = compile_and_evaluate(out, data, out / "akida-approx", frozenset(args.approx))
+            report["akida_approx"] = compile_and_evaluate(out, data, out / "akida-approx", frozenset(args.approx),
+                                                          device=device)
     if scratch is not None:
         scratch.cleanup()
     print(json.dumps(report, indent=1))

@@ -13,7 +13,7 @@ from qanac.diagnostics import UsageError
 
 @click.group("zoo")
 def zoo() -> None:
-    """Reference models: QANA as published (fixed) and a variant that maps fully onto Akida."""
+    """Reference models: QANA as published (fixed) and variants that map fully onto Akida v2 and v1."""
 
 
 @zoo.command("list")
@@ -103,7 +103,8 @@ def export_command(name: str, variant: str | None, input_size: int | None, class
                    "sub-folder per class.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Float training epochs.")
 @click.option("--qat-epochs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Quantization-aware fine-tuning epochs after float training (8-bit, as Akida v2).")
+              help="Quantization-aware fine-tuning epochs after float training, with the variant's recipe "
+                   "(8-bit as Akida v2; 4-bit as Akida v1 for the v1 variant).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -121,13 +122,14 @@ def train_command(name: str, variant: str | None, input_size: int | None, classe
     (training images for `qanac compile --calib`), metrics.json."""
 
     from qanac.bundle import check_output_dir, staged_directory
+    from qanac.zoo.registry import qat_config
     from qanac.zoo.train import TrainConfig, train
 
     check_output_dir(output, force)
     spec = _spec(name, variant, input_size, classes, width_mult)
     splits = _load_splits(data, spec.kwargs["input_size"], seed)
     config = TrainConfig(epochs=epochs, qat_epochs=qat_epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         num_threads=threads)
+                         num_threads=threads, qat=qat_config(spec))
     bar = None
 
     def on_progress(event) -> None:

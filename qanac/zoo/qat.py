@@ -11,10 +11,15 @@
   the same weight quantization without a fold.
 * folded weights are fake-quantized per output channel, symmetric: ``scale = max|w_c| / (2**(b-1) - 1)``,
   integers in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (255 levels at 8 bits, 15 at 4 bits), as quantizeml
-  does for Akida v2; the first convolution may use its own bit width (8 bits on Akida v1).
+  does; the first convolution may use its own bit width (8 bits on Akida v1). A
+  :class:`~qanac.zoo.qana_v1.SeparableConv2d` followed by a BatchNorm becomes one
+  :class:`QuantSeparableConvBN2d`: depthwise kernel quantized per tensor (quantizeml's SeparableConv2D),
+  BN folded into the pointwise kernel, quantized per output channel.
 * bounded activations (``ReLU6``, ``Hardtanh(0, b)``) become :class:`FakeQuantReLU`: clip to ``[0, b]``
   and round to ``2**bits - 1`` steps; with ``learn_clip`` the bound ``b`` is a trained parameter (PACT).
   An unbounded ``ReLU`` gets a bound tracked from the data (exponential moving average of the maximum).
+  With ``calibrated_activations`` (the Akida v1 recipe) the steps follow the range quantizeml calibrates
+  instead (:func:`calibrated_step`). A module with a ``qat_bits`` attribute is quantized to that many bits.
 * outputs that Akida requantizes without an activation (a conv not followed by one, an :class:`Add`)
   are fake-quantized to signed ``bits`` with a range tracked the same way.
 
@@ -26,7 +31,10 @@ convolutions only.
 ``convert_qat_to_float(qat_model)`` returns a plain float model for ONNX export: folded convs with the
 fake-quantized weights (values on the quantization grid, so the compiler's own per-channel quantization
 reproduces them), ``Identity`` where the BNs were, and ``Clip(0, b)`` activations with the trained
-bounds.
+bounds. A 1-bit activation (0, or its level ``s`` from ``s / 2`` on) is exported as ``Clip(0, s)`` of the
+preceding convolution scaled by :data:`BINARY_EXPORT_GAIN` about its threshold ``s / 2``: a step from 0 to
+``s`` over ``s / BINARY_EXPORT_GAIN``, so the compiled layer is binary at any activation bit width and exactly the
+QAT model's at 1 bit.
 """
 
 from __future__ import annotations
@@ -41,6 +49,11 @@ from torch import nn
 
 from qanac.diagnostics import UsageError
 from qanac.zoo.qana import Add
+from qanac.zoo.qana_v1 import SeparableConv2d
+
+# Gain of a 1-bit activation's exported step (see the module docstring): features within s / (2 * gain) of
+# the threshold s / 2 come out graded instead of binary at more than 1 bit.
+BINARY_EXPORT_GAIN = 64.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +61,10 @@ class QATConfig:
     """Bit widths and options of the simulated quantization.
 
     ``akida_v2()`` (the default) is what quantizeml's ONNX path produces: 8-bit weights and 8-bit
-    activations. ``akida_v1()`` is the Akida v1 / QANA-paper setting: 4-bit weights and activations with an
-    8-bit first layer.
+    activations. ``akida_v1()`` is the Akida v1 recipe of ``qanac compile --device AKD1000`` (quantizeml
+    with ``activation_bits=4, weight_bits=4, input_weight_bits=8, per_tensor_activations=True``): 4-bit
+    weights and activations, an 8-bit first layer, activation steps from the calibrated range
+    (``calibrated_activations``).
     """
 
     weight_bits: int = 8
@@ -58,6 +73,7 @@ class QATConfig:
     learn_clip: bool = False
     quantize_outputs: bool = True
     range_momentum: float = 0.1
+    calibrated_activations: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits", "first_weight_bits"):
@@ -73,7 +89,8 @@ class QATConfig:
 
     @classmethod
     def akida_v1(cls, **overrides: Any) -> "QATConfig":
-        return cls(**{"weight_bits": 4, "activation_bits": 4, "first_weight_bits": 8, **overrides})
+        return cls(**{"weight_bits": 4, "activation_bits": 4, "first_weight_bits": 8, "calibrated_activations": True,
+                      **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,11 +102,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-output-channel (axis 0) fake quantization with a straight-through gradient."""
+def fake_quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric fake quantization per output channel (axis 0) or per tensor, with a straight-through gradient."""
 
     int_max = 2 ** (bits - 1) - 1
-    reduce = tuple(range(1, weight.dim()))
+    reduce = tuple(range(1 if per_channel else 0, weight.dim()))
     abs_max = weight.detach().abs().amax(dim=reduce, keepdim=True).clamp_min(2.0**-16)
     scale = abs_max / int_max
     return round_ste(weight / scale).clamp(-int_max, int_max) * scale
@@ -125,30 +142,67 @@ class FakeQuantSigned(nn.Module):
         return round_ste(torch.maximum(torch.minimum(x, bound), -bound) / scale) * scale
 
 
+def calibrated_step(range_max: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float step quantizeml's per-tensor unsigned OutputQuantizer gives an activation of range ``range_max``.
+
+    quantizeml calibrates ``r`` (moving average of batch maxima), then equalizes it against the next layer:
+    ``ideal = (2**bits - 1) * 2**(floor(log2 r) - bits)``, ``r`` scaled to ``ideal``, quantized with
+    ``frac_bits = min(bits, bits - ceil(log2 ideal))``. For ``r >= 1`` that is ``2**bits - 1`` steps of
+    ``r / (2**bits - 1)``; below 1 the clamp of ``frac_bits`` leaves fewer, coarser steps.
+    """
+
+    floor_log2 = torch.floor(torch.log2(range_max))
+    ideal = (2**bits - 1) * torch.pow(2.0, floor_log2 - bits)
+    frac_bits = torch.clamp(bits - torch.ceil(torch.log2(ideal)), max=float(bits))
+    return torch.pow(2.0, -frac_bits) * range_max / ideal
+
+
 class FakeQuantReLU(nn.Module):
     """ReLU clipped at ``bound`` and rounded to ``2**bits - 1`` steps of ``bound / (2**bits - 1)``.
 
     ``bound`` is fixed (ReLU6, Hardtanh), learned (``learn=True``, PACT: the gradient of the clip reaches
-    the bound), or tracked from the data (``bound=None``: an unbounded ReLU).
+    the bound), or tracked from the data (``bound=None``: an unbounded ReLU). With ``calibrated=True`` the
+    steps are quantizeml's for the range of the clipped output, tracked from the data
+    (:func:`calibrated_step`; levels ``min(floor(x / step + 1/2), 2**bits - 1) * step``).
     """
 
-    def __init__(self, bits: int, bound: float | None, learn: bool = False, momentum: float = 0.1):
+    def __init__(self, bits: int, bound: float | None, learn: bool = False, momentum: float = 0.1,
+                 calibrated: bool = False):
         super().__init__()
         self.bits = bits
         self.momentum = momentum
         self.tracked = bound is None
-        if self.tracked:
+        self.calibrated = calibrated
+        if self.tracked or calibrated:
             self.register_buffer("running_max", torch.zeros(()))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        elif learn:
+        if not self.tracked and learn:
             self.bound = nn.Parameter(torch.tensor(float(bound)))
-        else:
+        elif not self.tracked:
             self.register_buffer("bound", torch.tensor(float(bound)))
 
     def current_bound(self) -> torch.Tensor:
         return self.running_max.clamp_min(2.0**-16) if self.tracked else self.bound.abs().clamp_min(2.0**-8)
 
+    def current_range(self) -> torch.Tensor:
+        """The range the output is quantized over: the bound, or the tracked range when ``calibrated``."""
+
+        return self.running_max.clamp_min(2.0**-16) if self.calibrated or self.tracked else self.current_bound()
+
+    def step(self) -> torch.Tensor:
+        """The float value of one output level (at 1 bit: the only non-zero output, reached from half of it)."""
+
+        if self.calibrated:
+            return calibrated_step(self.current_range(), self.bits)
+        return self.current_bound() / (2**self.bits - 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrated:
+            clipped = F.relu(x) if self.tracked else torch.minimum(F.relu(x), self.current_bound())
+            step = calibrated_step(_tracked_range(self, clipped, signed=False), self.bits)
+            scaled = clipped / step
+            levels = torch.clamp(scaled + (torch.floor(scaled + 0.5) - scaled).detach(), max=2**self.bits - 1)
+            return levels * step
         bound = _tracked_range(self, x, signed=False) if self.tracked else self.current_bound()
         clipped = torch.minimum(F.relu(x), bound)
         scale = bound / (2**self.bits - 1)
@@ -184,6 +238,28 @@ class QuantConvBN2d(nn.Module):
         conv = self.conv
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return self.output(y)
+
+
+class QuantSeparableConvBN2d(QuantConvBN2d):
+    """A :class:`SeparableConv2d` with an optional BatchNorm folded into its pointwise conv.
+
+    The depthwise kernel is fake-quantized per tensor (quantizeml's SeparableConv2D quantizes it so), the
+    folded pointwise kernel per output channel, both at ``weight_bits``; nothing is quantized between them
+    (one Akida layer).
+    """
+
+    def __init__(self, separable: SeparableConv2d, bn: nn.BatchNorm2d | None, weight_bits: int,
+                 output: nn.Module | None):
+        super().__init__(separable.pointwise, bn, weight_bits, output)
+        self.depthwise = separable.depthwise
+
+    def quantized_depthwise(self) -> torch.Tensor:
+        return fake_quantize_weight(self.depthwise.weight, self.weight_bits, per_channel=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dw = self.depthwise
+        x = F.conv2d(x, self.quantized_depthwise(), None, dw.stride, dw.padding, dw.dilation, dw.groups)
+        return super().forward(x)
 
 
 class QuantLinear(nn.Module):
@@ -239,18 +315,20 @@ def _prepare_children(module: nn.Module, config: QATConfig, first_conv: nn.Conv2
         if child is None:
             continue
         following = children[index + 1 :] if sequential else []
-        if isinstance(child, nn.Conv2d):
+        if isinstance(child, (nn.Conv2d, SeparableConv2d)):
             bn = following[0] if following and isinstance(following[0], nn.BatchNorm2d) else None
             if bn is not None:
                 bn.eval()
                 bn.requires_grad_(True)
                 module._modules[names[index + 1]] = nn.Identity()
             activated = _followed_by_activation(following[1:] if bn is not None else following)
-            bits = config.first_weight_bits if child is first_conv else config.weight_bits
+            first = first_conv is not None and any(first_conv is m for m in child.modules())
+            bits = config.first_weight_bits if first else config.weight_bits
             output = None
             if config.quantize_outputs and not activated:
                 output = FakeQuantSigned(config.activation_bits, config.range_momentum)
-            module._modules[name] = QuantConvBN2d(child, bn, bits, output)
+            quant = QuantSeparableConvBN2d if isinstance(child, SeparableConv2d) else QuantConvBN2d
+            module._modules[name] = quant(child, bn, bits, output)
         elif isinstance(child, nn.Linear):
             module._modules[name] = QuantLinear(child, config.weight_bits)
         elif isinstance(child, _ACTIVATIONS) and _bounded_range(child) is not None:
@@ -286,8 +364,9 @@ def _bounded_range(act: nn.Module) -> tuple[float, float | None] | None:
 
 def _quant_activation(act: nn.Module, config: QATConfig) -> FakeQuantReLU:
     _, bound = _bounded_range(act)
-    return FakeQuantReLU(config.activation_bits, bound, learn=config.learn_clip and bound is not None,
-                         momentum=config.range_momentum)
+    return FakeQuantReLU(getattr(act, "qat_bits", config.activation_bits), bound,
+                         learn=config.learn_clip and bound is not None, momentum=config.range_momentum,
+                         calibrated=config.calibrated_activations)
 
 
 def convert_qat_to_float(qat_model: nn.Module) -> nn.Module:
@@ -304,9 +383,13 @@ def convert_qat_to_float(qat_model: nn.Module) -> nn.Module:
 
 
 def _to_float_children(module: nn.Module) -> None:
+    steps = _binary_steps(module) if isinstance(module, nn.Sequential) else {}
     for name, child in list(module._modules.items()):
         if isinstance(child, QuantConvBN2d):
             weight, bias = child.quantized()
+            if name in steps:  # a 1-bit activation of level s reads this conv: y = Clip(0, s)(gain * (z - s/2) + s/2)
+                gain, half = BINARY_EXPORT_GAIN, steps[name] / 2
+                weight, bias = weight * gain, bias * gain + (1.0 - gain) * half
             conv = child.conv
             plain = nn.Conv2d(
                 conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -315,6 +398,13 @@ def _to_float_children(module: nn.Module) -> None:
             with torch.no_grad():
                 plain.weight.copy_(weight)
                 plain.bias.copy_(bias)
+            if isinstance(child, QuantSeparableConvBN2d):
+                dw = child.depthwise
+                separable = SeparableConv2d(dw.in_channels, conv.out_channels, dw.kernel_size[0], bias=True)
+                with torch.no_grad():
+                    separable.depthwise.weight.copy_(child.quantized_depthwise())
+                separable.pointwise = plain
+                plain = separable
             module._modules[name] = plain
         elif isinstance(child, QuantLinear):
             plain = nn.Linear(child.linear.in_features, child.linear.out_features)
@@ -324,7 +414,9 @@ def _to_float_children(module: nn.Module) -> None:
             module._modules[name] = plain
         elif isinstance(child, FakeQuantReLU):
             bound = float(child.current_bound().detach())
-            if child.tracked:
+            if child.bits == 1:
+                module._modules[name] = nn.Hardtanh(0.0, float(child.step().detach()))
+            elif child.tracked:
                 module._modules[name] = nn.ReLU()
             else:
                 module._modules[name] = nn.ReLU6() if bound == 6.0 else nn.Hardtanh(0.0, bound)
@@ -334,3 +426,19 @@ def _to_float_children(module: nn.Module) -> None:
             module._modules[name] = nn.Identity()
         else:
             _to_float_children(child)
+
+
+def _binary_steps(sequence: nn.Sequential) -> dict[str, float]:
+    """Convs of ``sequence`` read by a 1-bit activation through pass-through layers only: name -> its level."""
+
+    steps: dict[str, float] = {}
+    conv_name = None
+    for name, child in sequence._modules.items():
+        if isinstance(child, QuantConvBN2d):
+            conv_name = name
+        elif isinstance(child, FakeQuantReLU) and child.bits == 1 and conv_name is not None:
+            steps[conv_name] = float(child.step().detach())
+            conv_name = None
+        elif not isinstance(child, _PASS_THROUGH):
+            conv_name = None
+    return steps

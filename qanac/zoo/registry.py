@@ -14,7 +14,8 @@ from typing import Any, Callable
 from torch import nn
 
 from qanac.diagnostics import UsageError
-from qanac.zoo import qana
+from qanac.zoo import qana, qana_v1
+from qanac.zoo.qat import QATConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ZooEntry:
     input_size: int
     num_classes: int
     description: str
+    qat: dict[str, Callable[[], QATConfig]] = dataclasses.field(default_factory=dict)  # variant -> its QAT recipe
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -112,24 +114,37 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise UsageError(f"bad options for zoo model {spec.name!r}: {exc}") from exc
 
 
+def qat_config(spec: ModelSpec) -> QATConfig:
+    """The quantization-aware training recipe of a model's variant: its target's, or 8-bit Akida v2's."""
+
+    return get_entry(spec.name).qat.get(spec.variant, QATConfig.akida_v2)()
+
+
 def create_model(name: str, variant: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a registered model with its defaults; keyword arguments go to the factory."""
 
     return build_model(resolve_spec(name, variant, **kwargs))
 
 
+def _qana(variant: str, **kwargs: Any) -> nn.Module:
+    return qana_v1.qana_v1(variant, **kwargs) if variant == "v1" else qana.qana(variant, **kwargs)
+
+
 register(
     ZooEntry(
         name="qana",
-        factory=qana.qana,
+        factory=_qana,
         variants={
             "paper": "the QANA paper's network (Ghost + sigmoid spatial gate + SE); runs in float only",
             "native": "Akida IP v2 native: Ghost blocks, additive context branch with fused max pooling, "
                       "Clip(0,1) spike + GAP; one hardware sequence",
+            "v1": "Akida IP v1 (AKD1000) native: sequential separable convs with ReLU6 and max pooling, 1-bit "
+                  "spike generator + GAP feeding the classifier; 4-bit QAT of the v1 recipe",
         },
         default_variant="native",
         input_size=qana.DEFAULT_INPUT_SIZE,
         num_classes=qana.DEFAULT_NUM_CLASSES,
         description="Quantization-Aware Neuromorphic Architecture for skin-lesion classification (HAM10000)",
+        qat={"v1": QATConfig.akida_v1},
     )
 )

@@ -4,9 +4,9 @@ from qanac.diagnostics import UsageError
 from qanac.zoo.registry import ModelSpec, build_model, create_model, list_models, resolve_spec
 
 
-def test_qana_is_listed_with_both_variants():
+def test_qana_is_listed_with_its_variants():
     entries = {e.name: e for e in list_models()}
-    assert set(entries["qana"].variants) == {"paper", "native"}
+    assert set(entries["qana"].variants) == {"paper", "native", "v1"}
     assert entries["qana"].describe()["input_shape"] == [3, 64, 64]
 
 
