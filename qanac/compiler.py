@@ -845,7 +845,8 @@ def calibration_record(calibration: CalibrationData) -> CalibrationRecord:
         num_samples=calibration.num_samples,
         random=calibration.random,
         preprocessing=calibration.preprocessing,
-        warning="calibrated on random data: accuracy of the compiled model is unknown" if calibration.random else None,
+        warning=(f"calibrated on {calibration.source} data, not real samples: accuracy of the compiled model is "
+                 "unknown" if calibration.random else None),
     )
 
 
