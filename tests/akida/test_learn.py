@@ -200,3 +200,22 @@ def test_labels_map_onto_known_and_new_classes():
         class_indices(None, 2, "calib.npy")
     with pytest.raises(UsageError, match="missing \\[1\\]"):
         class_indices(np.array([0, 0, 2]), 3, "calib.npz")
+
+
+def test_the_float_reference_carries_the_learned_head_and_a_second_head_replaces_it():
+    from qanac.backends.akida.learning import float_classifier_input, reference_with_head
+    from qanac.execution import run_onnx
+
+    model = v1_models.sequential_cnn()  # ReLU6 > GlobalAveragePool > Flatten > Gemm: the head reads an NCHW map
+    x = v1_models.random_images((3, 16, 16), 8)
+    features = float_classifier_input(model, {"input": x})
+    rng = np.random.default_rng(2)
+    binary = rng.integers(0, 2, size=(features.shape[1], 6)).astype(np.float64)
+    learned = reference_with_head(model, binary, np.zeros(6), spike_threshold=0.5, neurons_per_class=2)
+    expected = ((features >= 0.5) @ binary).reshape(8, 3, 2).max(-1)
+    np.testing.assert_allclose(run_onnx(learned, {"input": x})[0], expected, atol=1e-5)
+
+    weights, bias = rng.normal(size=(features.shape[1], 4)), rng.normal(size=4)
+    again = reference_with_head(learned, weights, bias)
+    np.testing.assert_allclose(run_onnx(again, {"input": x})[0], features @ weights + bias, rtol=1e-4, atol=1e-4)
+    assert [n.op_type for n in again.graph.node if n.name.startswith("learned/")] == ["Transpose", "Flatten", "Gemm"]
