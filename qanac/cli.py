@@ -375,6 +375,8 @@ def lint_command(source: str, target: str, input_shape: str | None, weights: str
 
     from qanac.compiler import CompileRequest, lint_for_target, prepare_model
     from qanac.diagnostics import EXIT_UNSUPPORTED, Level, format_grouped
+    from qanac.progress import listening
+    from qanac.progress import report as report_progress
     from qanac.targets import get_target
 
     target_info = get_target(target)
@@ -382,8 +384,10 @@ def lint_command(source: str, target: str, input_shape: str | None, weights: str
     device = options.get("device")
     request = CompileRequest(source=source, target=target, output=Path("."), input_shape=input_shape,
                              weights=weights, plugins=plugin, backend_options=options)
-    prepared = prepare_model(request, calibration=None)
-    findings = lint_for_target(target_info, prepared.model, device, prepared.pipeline)
+    with listening(ProgressPrinter(as_json)):
+        prepared = prepare_model(request, calibration=None)
+        report_progress("lint", f"checking the {target_info.name} rules")
+        findings = lint_for_target(target_info, prepared.model, device, prepared.pipeline)
     errors = sum(1 for f in findings if f.level == Level.ERROR)
     warnings_count = sum(1 for f in findings if f.level == Level.WARNING)
     applied = prepared.pipeline.applied()
