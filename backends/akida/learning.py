@@ -19,7 +19,9 @@ A learnable bundle is compiled with ``--learnable`` from labelled calibration da
   the Dense1D's int8 weights, int8 bias with its shift, and one Dequantizer scale per class, and writes it
   with ``set_variable`` into a last layer with one unit per class.
 
-The learned bundle is a normal bundle: its labels are extended, its output has one value per class, and the
+The learned bundle is a normal bundle (the files its manifest names, report.json with one entry per learning
+step, and report.html rendered afresh; not the verify and eval results of the bundle it learned from): its
+labels are extended, its output has one value per class, and the
 segment's ``learning`` record (``LearningRecord``) lists every class with the number of samples it was learned
 from and every learning step. Its float reference (``reference.onnx``) is the float model up to the
 classifier's input followed by the learned head in float (v1: the 1-bit threshold, the binary weights and
@@ -467,6 +469,7 @@ def learn_bundle(path: Path, data_source: Path, out: Path, force: bool = False, 
     to ``out`` (atomically, as a compile writes a bundle)."""
 
     from qanac.bundle import Bundle
+    from qanac.report_html import write_report
     from qanac.verify import load_bundle_data
 
     bundle = Bundle.open(path)
@@ -489,9 +492,10 @@ def learn_bundle(path: Path, data_source: Path, out: Path, force: bool = False, 
     ip_version = segment.backend.get("ip_version")
     reference = onnx.load(str(bundle.file(REFERENCE_ROLE)))
     with bundle_io.staged_directory(out, force, [path, data_source]) as stage:
-        for child in bundle.path.iterdir():
-            if child.name != bundle_io.MANIFEST:
-                (shutil.copytree if child.is_dir() else shutil.copy2)(child, stage / child.name)
+        for name in [*(entry.path for entry in manifest.files.values()), bundle_io.REPORT]:
+            if (bundle.path / name).is_file():
+                (stage / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(bundle.path / name, stage / name)
         segment_dir = stage / segment.dir
         compiled = segment_dir / segment.file(COMPILED)
         if ip_version == "v1":
@@ -510,6 +514,7 @@ def learn_bundle(path: Path, data_source: Path, out: Path, force: bool = False, 
         onnx.save(new_reference, str(stage / manifest.files[REFERENCE_ROLE].path))
         _write_manifest(stage, bundle, segment, record, names + added, classes, step, akida_shape)
         _append_report(stage, step, report)
+        write_report(stage)
     counts = LearningRecord.from_dict(
         json.loads((out / bundle_io.MANIFEST).read_text())["segments"][0]["backend"]["learning"]).classes
     return LearnResult(out, str(ip_version), counts, step, report)
