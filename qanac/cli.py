@@ -369,8 +369,8 @@ def lint_command(source: str, target: str, input_shape: str | None, weights: str
 
     The model is first run through the target's exact pipeline, as `qanac compile` would, so what is
     listed is what legalization could not fix. Each finding names the node (and its layer in the source
-    framework), the rule, what the vendor toolchain would do, and the way out. A target's `--device`
-    option also checks that the device can take the model.
+    framework), the rule, what the vendor toolchain would do, and the way out. A target with devices also
+    checks that the device (`--device`, else its default) can take each layer.
     """
 
     from qanac.compiler import CompileRequest, lint_for_target, prepare_model
@@ -405,7 +405,7 @@ def lint_command(source: str, target: str, input_shape: str | None, weights: str
             rewrites = ", ".join(f"{p['pass']} ({sum(p['counts'].values())})" for p in applied)
             click.echo(f"passes applied before linting: {rewrites}")
         click.echo(f"{errors} error(s), {warnings_count} warning(s) for target {target}"
-                   + (f" on {device}" if device else ""))
+                   + (f" on {device}" if device else " on its default device" if target_info.device_check else ""))
     if errors:
         click.get_current_context().exit(EXIT_UNSUPPORTED)
 
