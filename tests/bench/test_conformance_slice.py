@@ -37,12 +37,9 @@ def load_harness():
 HARNESS = load_harness()
 SLICE = HARNESS.SLICES["ci"]
 
-# observed failures of today's compiler (bench/conformance.py --slice ci); a fix makes the test pass
-UINT8_INPUT = "exit 4: ONNX Runtime 'Unexpected input data type ... expected tensor(uint8)' (the shipped uint8 input)"
-XFAIL: dict[str, str] = {
-    "gxnor_mnist": UINT8_INPUT,
-    "shufflenet_v2": "compile killed by SIGSEGV inside akida's Model.map (_map_search) on qanac's device segment",
-}
+# observed failures of today's compiler (bench/conformance.py --slice ci), none at present: a model added to
+# the slice that fails goes here with the failure observed, and a fix makes its test pass
+XFAIL: dict[str, str] = {}
 
 
 def test_a_timeout_is_a_row_with_the_peak_memory_of_the_child(tmp_path):
