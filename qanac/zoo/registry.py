@@ -139,7 +139,7 @@ register(
             "native": "Akida IP v2 native: Ghost blocks, additive context branch with fused max pooling, "
                       "Clip(0,1) spike + GAP; one hardware sequence",
             "v1": "Akida IP v1 (AKD1000) native: sequential separable convs with ReLU6 and max pooling, 1-bit "
-                  "spike generator + GAP feeding the classifier; 4-bit QAT of the v1 recipe",
+                  "spike map flattened into the classifier; 4-bit QAT of the v1 recipe",
         },
         default_variant="native",
         input_size=qana.DEFAULT_INPUT_SIZE,
