@@ -240,6 +240,8 @@ def lint_model(model: CompilationModel, target: Target, device: str | None = Non
         findings.extend(_resolve(target.device_check)(device))
     reported: set[tuple[str, str]] = set()
     for node in ctx.order:
+        if not node.outputs:  # disconnected by a rewrite still running (Rewriter.remove): it computes nothing
+            continue
         name = ctx.model_name(node)
         for rule in rules:
             message = rule.check(node, ctx)

@@ -265,3 +265,37 @@ def test_average_pool_of_a_host_bound_map_is_not_folded():
     assert counts == {"average-pool-to-depthwise": 1}
     primary = next(n for n in compiled.graph.nodes if n.name == "primary")
     assert list(primary.inputs[1].shape) == [6, C, 1, 1]
+
+
+def test_average_pool_folds_after_an_earlier_pool_was_rewritten():
+    """Two average poolings in a row, the second read by a 1x1 Conv (fuzzer seed 57): the fold's lint of the
+    model runs after the first pooling was rewritten, on a graph still holding it disconnected."""
+
+    rng = np.random.default_rng(6)
+    inits = {"w0": rng.normal(size=(C, C, 3, 3)), "pa": rng.normal(size=(6, C, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["a"], name="act"),
+        helper.make_node("AveragePool", ["a"], ["p1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("AveragePool", ["p1"], ["p2"], name="pool2", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p2", "pa"], ["y"], name="head"),
+    ]
+    original = graph_model(nodes, inits, ["N", C, 17, 17])
+    compiled, counts, _ = rewrite_and_compare(original, "average-pool-to-depthwise")
+    assert counts == {"average-pool-to-depthwise": 1, "fold-average-pool-into-pointwise-conv": 1}
+    assert ops(compiled) == ["Conv", "Relu", "Conv", "Conv"]
+
+
+def test_lint_passes_over_a_node_a_running_rewrite_disconnected():
+    """Rewriter.remove disconnects a node and the pass's cleanup drops it; a lint in between (a rule that
+    measures the model, as the fold above does) reports nothing about it and does not fail on it."""
+
+    from qanac.graph import CompilationModel, disconnect
+    from qanac.lint import lint_model
+    from qanac.targets import get_target
+
+    compiled = CompilationModel.from_onnx(model([avg(2, 2)], stem="relu"))
+    pool = next(n for n in compiled.graph.nodes if n.op == "AveragePool")
+    assert any("averagepool" in d.nodes for d in lint_model(compiled, get_target("akida")))
+    disconnect(pool)
+    assert not any("averagepool" in d.nodes for d in lint_model(compiled, get_target("akida")))
