@@ -233,6 +233,9 @@ def lint_model(model: CompilationModel, target: Target, device: str | None = Non
     """
 
     ruleset = _resolve(target.rules) if target.rules is not None else ()
+    if device is not None and target.device_rules is not None:
+        for_device = _resolve(target.device_rules)(device)
+        ruleset = ruleset if for_device is None else for_device
     rules = list(ruleset)
     ctx = _lint_context(model, ruleset, device)
     findings: list[Diagnostic] = []

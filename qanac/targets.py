@@ -94,9 +94,11 @@ class Target:
     """A target as the core sees it. Every reference is a ``module:attribute`` string, imported on use.
 
     ``passes`` names the package holding the target's own passes (imported before its pipeline runs);
-    ``rules`` the target's lint rule table; ``device_check`` a ``function(device) -> list[Diagnostic]``
-    applied to the ``device`` option; ``options`` its command-line options; ``commands`` maps a command
-    name to the ``module:attribute`` of a click command that ``qanac`` offers.
+    ``rules`` the target's lint rule table; ``device_rules`` a ``function(device) -> rule table | None``
+    giving the table for a device that needs another one (None: ``rules``); ``device_check`` a
+    ``function(device) -> list[Diagnostic]`` applied to the ``device`` option; ``options`` its command-line
+    options; ``commands`` maps a command name to the ``module:attribute`` of a click command that ``qanac``
+    offers.
     """
 
     name: str
@@ -104,6 +106,7 @@ class Target:
     backend: str  # "module:Class"
     pipeline: tuple[str, ...]
     rules: str | None = None
+    device_rules: str | None = None
     device_check: str | None = None
     passes: str | None = None
     default_options: dict[str, Any] = dataclasses.field(default_factory=dict)

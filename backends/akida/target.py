@@ -35,6 +35,7 @@ TARGET = Target(
     backend="qanac.backends.akida.backend:AkidaBackend",
     pipeline=CANONICALIZE + APPROXIMATIONS + AFTER_APPROXIMATIONS + LEGALIZE + FINAL_APPROXIMATIONS,
     rules="qanac.backends.akida.rules:AKIDA_RULES",
+    device_rules="qanac.backends.akida.v1.rules:rules_for_device",
     device_check="qanac.backends.akida.rules:device_findings",
     passes="qanac.passes.akida",
     options=(

@@ -4,11 +4,13 @@ naming the nodes v1 cannot run (each rule with a case where it must not fire).""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from qanac.backends.akida.v1.rules import AKIDA_V1_RULES, V1_INPUT_PATTERNS, V1_PATTERNS, v1_findings
+from qanac.diagnostics import Level
 from qanac.graph import CompilationModel
 from qanac.lint import lint_model
-from qanac.targets import Target
+from qanac.targets import Target, get_target
 from tests.akida import v1_models
 from tests.akida.akida_models import GraphBuilder
 from tests.akida.v1_models import relu6
@@ -104,6 +106,18 @@ def test_the_table_runs_in_qanac_lint():
     findings = lint_model(CompilationModel.from_onnx(v1_models.residual_cnn()), target)
     assert [(d.code, d.nodes) for d in findings] == [("AK1102", ["block1_add"]), ("AK1102", ["block2_add"])]
     assert len({rule.code for rule in AKIDA_V1_RULES}) == len(AKIDA_V1_RULES)
+
+
+def test_the_akida_target_lints_a_v1_device_with_the_v1_table():
+    # --device AKD1000 picks the v1 table (lint and the partitioner's host nodes); IP v2 devices keep theirs
+    akida = get_target("akida")
+    residual = CompilationModel.from_onnx(v1_models.residual_cnn())
+    v1_codes = {d.code for d in lint_model(residual, akida, "AKD1000") if d.level == Level.ERROR}
+    assert v1_codes == {"AK1102"}
+    v2_codes = {d.code for d in lint_model(residual, akida, "SixNodesIPv2")}
+    assert not any(code.startswith("AK11") for code in v2_codes), v2_codes
+    sequential = CompilationModel.from_onnx(onnx.shape_inference.infer_shapes(v1_models.sequential_cnn()))
+    assert [d for d in lint_model(sequential, akida, "AKD1500") if d.level == Level.ERROR] == []
 
 
 def test_first_layer_must_be_an_image_convolution():

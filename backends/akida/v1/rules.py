@@ -32,6 +32,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from qanac.backends.akida.devices import AUTO, V1_IP_VERSION, device_spec
 from qanac.diagnostics import Diagnostic, Level
 from qanac.graph import constant_value
 from qanac.lint import LintContext, Rule, RuleSet
@@ -420,6 +421,15 @@ AKIDA_V1_RULES = RuleSet(rules=(
          "cnn2snn raises 'Unsupported spatial size product' (over 256 pixels) or finds no v1 pattern for it",
          "pool right after a convolution (and its ReLU) over at most 16x16 pixels; downsample first"),
 ))
+
+
+def rules_for_device(device: str) -> RuleSet | None:
+    """``AKIDA_V1_RULES`` for an IP v1 device (AKD1000, AKD1500): lint and partitioning judge a model for it
+    by what the v1 path builds; None (the IP v2 table) for any other device and for ``auto``."""
+
+    if device == AUTO:
+        return None
+    return AKIDA_V1_RULES if device_spec(device).ip_version == V1_IP_VERSION else None
 
 
 def v1_findings(model: onnx.ModelProto) -> list[Diagnostic]:
