@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import shutil
 import time
 import warnings
@@ -368,7 +369,7 @@ def lint_prepared(request: CompileRequest, prepared: PreparedModel) -> LintedMod
         raise UnsupportedModelError(
             f"{len(errors)} problem(s) keep this model from target '{target}' after legalization",
             diagnostics=errors,
-            hint=(f"run `qanac lint {request.source} --target {target}` for every finding and its fix"
+            hint=(f"run `{lint_command(request)}` for every finding and its fix"
                   + ("" if model_errors else "; without --no-partition those nodes run on the host")),
         )
     return LintedModel(
@@ -377,6 +378,14 @@ def lint_prepared(request: CompileRequest, prepared: PreparedModel) -> LintedMod
         host_nodes={d.nodes[0]: f"{d.code} {d.rule.split(':')[0]}" for d in errors},
         diagnostics=[d for d in findings if d.level != Level.ERROR],
     )
+
+
+def lint_command(request: CompileRequest) -> str:
+    """The `qanac lint` command that checks what this compile checked (its source, target and device)."""
+
+    device = request.backend_options.get("device")
+    words = ["qanac", "lint", str(request.source), "--target", request.target]
+    return shlex.join(words + (["--device", str(device)] if device else []))
 
 
 def lint_for_target(target: Target, model: CompilationModel, device: str | None = None,
@@ -449,7 +458,7 @@ def emit_segments(
                 raise UnsupportedModelError(
                     f"no part of the model can run on target '{request.target}'",
                     diagnostics=refusals + [d for d in plan.diagnostics if d.code == "PART001"][:20],
-                    hint=f"run `qanac lint {request.source} --target {request.target}`",
+                    hint=f"run `{lint_command(request)}` for every finding and its fix",
                 )
             refused = emitter.compile_device_segments(plan, attempt)
             if refused:

@@ -178,15 +178,20 @@ def test_lint_says_why_the_fixing_pass_left_a_node(tmp_path):
 
 
 def test_v1_device_refuses_what_v1_cannot_run(tmp_path):
-    """AKD1000 compiles through the v1 path (docs/akida-v1.md), whose rules refuse this model's unbounded
-    ReLUs and PyTorch's stride-2 padding node by node: no part of it reaches the device (exit 3, reasons named)."""
+    """AKD1000 is judged by the v1 rules (docs/akida-v1.md), which refuse this model's unbounded ReLUs and
+    PyTorch's stride-2 padding node by node: no part of it reaches the device (exit 3, reasons named, and the
+    lint command suggested checks the same device)."""
 
     model = tmp_path / "ok.onnx"
     export("clean_relu", model)
     result = invoke("compile", model, "--target", "akida", "--calib", "random", "--device", "AKD1000", "-o",
                     tmp_path / "b")
     assert result.exit_code == 3, result.output
-    assert "Akida v1 rules" in result.output and "unbounded ReLU" in result.output
+    assert "no part of the model can run" in result.output and "AK1109 padding" in result.output
+    assert "--target akida --device AKD1000" in result.output
+    assert not (tmp_path / "b").exists()
+    linted = invoke("lint", model, "--target", "akida", "--device", "AKD1000")
+    assert linted.exit_code == 3 and "unbounded ReLU" in linted.output and "AK1109" in linted.output, linted.output
 
 
 def test_staging_keeps_a_large_conv_gap_on_the_device_and_agreeing(tmp_path):
