@@ -103,8 +103,10 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {v.name: _static(_shape_of(v)) for v in values if v.type.tensor_type.HasField("shape")}
 
 
-def macs_by_node(model: onnx.ModelProto) -> dict[str, int]:
-    shapes = infer_shapes(model)
+def macs_by_node(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> dict[str, int]:
+    """MACs per node name; ``shapes`` (``infer_shapes`` of ``model``) when the caller has them already."""
+
+    shapes = infer_shapes(model) if shapes is None else shapes
     weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     return {n.name or f"{n.op_type}_{i}": node_macs(n, shapes, weights) for i, n in enumerate(model.graph.node)}
 

@@ -40,7 +40,7 @@ from qanac.diagnostics import UsageError
 from qanac.execution import bundle_model_bytes
 from qanac.graph import lookup_source, source_names_of
 from qanac.manifest import HOST, REFERENCE_ROLE
-from qanac.model_summary import format_macs, infer_shapes, macs_by_node
+from qanac.model_summary import format_macs, format_share, infer_shapes, macs_by_node
 
 REPORT_HTML = "report.html"
 RESULTS = "results.json"
@@ -160,7 +160,8 @@ def collect(bundle: Bundle) -> ReportData:
     results = _read_json(bundle.path / RESULTS)
     model = onnx.load_model_from_string(bundle_model_bytes(bundle.file(REFERENCE_ROLE)))
     names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.graph.node)]
-    macs = macs_by_node(model)
+    shapes = infer_shapes(model)
+    macs = macs_by_node(model, shapes)
     sources = source_names_of(model)
     segments = manifest.get("segments", [])
     owner = _segment_nodes(model, names, segments)
@@ -187,7 +188,6 @@ def collect(bundle: Bundle) -> ReportData:
         _place(layer, kinds.get(layer.segment), backend_layers.get(layer.segment or "", {}), by_tensor)
         layers.append(layer)
         by_tensor.update((o, layer) for o in layer.outputs)
-    shapes = infer_shapes(model)
     transfers = []
     seen: set[tuple[str, str]] = set()
     for layer in layers:
@@ -378,7 +378,7 @@ def _summary(data: ReportData) -> str:
 
 def _partition_value(key: str, value: Any) -> str:
     if isinstance(value, float) and "share" in key:
-        return f"{math.floor(value * 1000 + 1e-9) / 10:.1f} %"
+        return format_share(value)
     if isinstance(value, int) and "macs" in key:
         return f"{value:,} ({format_macs(value)})"
     if isinstance(value, dict):
