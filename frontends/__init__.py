@@ -15,8 +15,6 @@ frontends check the ONNX export against the framework's own output before return
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import onnx
 
+from qanac.atomic import replaced_atomically
 from qanac.diagnostics import InternalError, UsageError
 from qanac.frontends import onnx_file
 
@@ -197,11 +196,5 @@ def _check_canonical(imported: onnx.ModelProto, canonical: onnx.ModelProto, post
 
 
 def _write_atomically(model: onnx.ModelProto, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as stream:
+        stream.write(model.SerializeToString())  # a stream onnx.save cannot name (its ``name`` is the fd)

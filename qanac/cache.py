@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from qanac.atomic import replaced_atomically
 
 
 def cache_root() -> Path:
@@ -55,16 +56,5 @@ def save_arrays(path: Path | None, **arrays: np.ndarray) -> None:
 
     if path is None:
         return
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    except BaseException as exc:  # an interruption too: no temporary file stays behind
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if not isinstance(exc, OSError):
-            raise
+    with contextlib.suppress(OSError), replaced_atomically(path) as stream:
+        np.savez(stream, **arrays)

@@ -26,8 +26,6 @@ import dataclasses
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import numpy as np
 import onnx
 
 from qanac import __version__
+from qanac.atomic import replaced_atomically
 from qanac.bundle import MAX_MANIFEST_BYTES, REPORT, Bundle, json_text, read_bundle_file
 from qanac.diagnostics import UsageError
 from qanac.execution import bundle_model_bytes
@@ -563,17 +562,10 @@ def render(data: ReportData) -> str:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename."""
+    """Write ``text`` to ``path`` atomically, readable by all (the bundle is shared like any folder)."""
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path, mode=0o644) as out:
+        out.write(text.encode("utf-8"))
 
 
 def write_report(directory: str | Path) -> Path:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from qanac.atomic import replaced_atomically
 from qanac.bundle import Bundle, check_output_file
 from qanac.calibration import IMAGE_SUFFIXES, CalibrationData, load_data, load_images, prepare_array
 from qanac.diagnostics import UsageError
@@ -52,17 +51,11 @@ def check_run_output(bundle: Bundle, output: Path) -> None:
 def save_outputs(bundle: Bundle, outputs: list[np.ndarray], output: Path) -> None:
     """Write the outputs to ``output`` (.npy: the one output; .npz: one array per output name) atomically."""
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            if output.suffix == ".npy":
-                np.save(stream, outputs[0])
-            else:
-                np.savez(stream, **dict(zip(bundle.output_names, outputs, strict=True)))
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(output) as stream:
+        if output.suffix == ".npy":
+            np.save(stream, outputs[0])
+        else:
+            np.savez(stream, **dict(zip(bundle.output_names, outputs, strict=True)))
 
 
 def predictions(output: np.ndarray, labels: list[str] | None, names: list[str], top: int) -> list[dict[str, Any]]:
