@@ -447,9 +447,10 @@ def emit_segments(
     refusals: list[Diagnostic] = []
     disagreements: list[VerificationError] = []
     emitter = _Emitter(model, calibration, backend, request, _SegmentCache(stage / ".compiled-segments"))
+    macs = macs_by_node(model)  # every attempt plans this same model
     try:
         for attempt in range(1, len(model.graph.node) + 2):
-            plan = plan_segments(model, host_nodes, request.min_device_share)
+            plan = plan_segments(model, host_nodes, request.min_device_share, macs)
             if not any(s.kind == DEVICE for s in plan.segments):
                 if disagreements:
                     last = disagreements[-1]

@@ -137,15 +137,17 @@ def plan_segments(
     model: onnx.ModelProto,
     host_nodes: dict[str, str],
     min_device_share: float = DEFAULT_MIN_DEVICE_SHARE,
+    macs: dict[str, int] | None = None,
 ) -> PartitionPlan:
     """Place ``host_nodes`` (name -> reason) on the host and cut the graph into segments.
 
     ``model`` must be topologically sorted with unique node names (qanac's pipeline guarantees both).
+    ``macs`` is ``macs_by_node(model)`` when the caller plans the same model more than once.
     """
 
     order = list(model.graph.node)
     placement = {n.name: (HOST if n.name in host_nodes else DEVICE) for n in order}
-    macs = macs_by_node(model)
+    macs = macs_by_node(model) if macs is None else macs
     tensors = _Tensors.of(model)
     total = sum(macs.values())
     by_reason: dict[str, list[str]] = {}
