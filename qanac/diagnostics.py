@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Any, Iterable
 
 EXIT_OK = 0
@@ -34,6 +35,8 @@ class Level(str, enum.Enum):
 
 _SEVERITY = (Level.ERROR, Level.WARNING, Level.INFO)
 SHOWN_NODES = 5  # nodes a human line names before "+N more"
+SHOWN_KINDS = 3  # differing messages a grouped code shows before "+N other messages"
+_NAMES_AND_NUMBERS = re.compile(r"\([^()]*\)|'[^']*'|\d[\d,.]*")
 
 
 @dataclasses.dataclass
@@ -102,8 +105,10 @@ def group_by_code(diagnostics: Iterable[Diagnostic]) -> list[list[Diagnostic]]:
 def format_grouped(diagnostics: Iterable[Diagnostic], limit: int = SHOWN_NODES) -> list[str]:
     """Human lines for ``diagnostics``, one group per code: a code found once is that finding
     (``Diagnostic.format``); a code found several times is one line with the count and the first message,
-    a line with the first ``limit`` nodes (with their source-framework names) and how many more, and one
-    line of advice (the first hint, else the rule). `--json` output keeps every finding instead."""
+    an ``also:`` line for each other kind of message in the group (messages that differ in more than the
+    quoted names, numbers and parenthesised details they carry, such as the reasons of PART001; the first
+    ``SHOWN_KINDS``), a line with the first ``limit`` nodes (with their source-framework names) and how many
+    more, and one line of advice (the first hint, else the rule). `--json` output keeps every finding instead."""
 
     lines: list[str] = []
     for group in group_by_code(diagnostics):
@@ -115,6 +120,13 @@ def format_grouped(diagnostics: Iterable[Diagnostic], limit: int = SHOWN_NODES) 
         located = [entry for d in group for entry in d.located(len(d.nodes))]
         nodes = sum(len(d.nodes) for d in group)
         lines.append(f"{level.value}: {first.code} x{len(group)}, the first: {first.message}")
+        kinds: dict[str, str] = {}
+        for d in group:
+            kinds.setdefault(_NAMES_AND_NUMBERS.sub("", d.message), d.message)
+        others = list(kinds.values())[1:]
+        lines += [f"    also: {message}" for message in others[:SHOWN_KINDS]]
+        if len(others) > SHOWN_KINDS:
+            lines.append(f"    also: +{len(others) - SHOWN_KINDS} other messages")
         if located:
             more = nodes - limit
             lines.append("    nodes: " + ", ".join(located[:limit]) + (f", +{more} more" if more > 0 else ""))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qanac import compiler
 from qanac.compiler import CompileRequest
-from qanac.diagnostics import SHOWN_NODES, Diagnostic, Level, format_grouped
+from qanac.diagnostics import SHOWN_KINDS, SHOWN_NODES, Diagnostic, Level, format_grouped
 from qanac.report import format_compile_result
 
 
@@ -28,6 +28,27 @@ def test_twenty_findings_of_one_code_render_as_one_group():
     # a code found once is that finding, as before
     assert lines[3:] == ["info: PART002 [relu9]: on the host: too small", "    rule: partition"]
     assert sum(1 for line in lines if "AKM201" in line) == 1
+
+
+def test_a_group_names_every_kind_of_message_not_only_the_first():
+    # PART001 x2 with two reasons: the second reason must be visible without --json
+    refusals = [
+        Diagnostic(Level.INFO, "PART001", "on the host: AK1109 padding (node 'conv0')", nodes=["conv0"]),
+        Diagnostic(Level.INFO, "PART001", "on the host: AK1109 padding (2 nodes from 'conv3')",
+                   nodes=["conv3", "conv4"]),
+        Diagnostic(Level.INFO, "PART001", "on the host: AK1104 unbounded ReLU (node 'relu1')", nodes=["relu1"]),
+    ]
+    lines = format_grouped(refusals)
+    assert lines[0] == "info: PART001 x3, the first: on the host: AK1109 padding (node 'conv0')"
+    # the second finding differs from the first only in its parenthesised node names: not a kind of its own
+    assert lines[1] == "    also: on the host: AK1104 unbounded ReLU (node 'relu1')"
+    assert lines[2].startswith("    nodes: conv0, conv3, conv4, relu1")
+
+    many = [Diagnostic(Level.INFO, "PART001", f"on the host: reason {chr(97 + i)}", nodes=[f"n{i}"])
+            for i in range(SHOWN_KINDS + 3)]
+    also = [line for line in format_grouped(many) if line.startswith("    also:")]
+    assert also == [f"    also: on the host: reason {chr(97 + i)}" for i in range(1, SHOWN_KINDS + 1)] + [
+        "    also: +2 other messages"]
 
 
 def test_a_finding_with_many_nodes_names_the_first_few():
