@@ -12,7 +12,8 @@ this module imports it only then:
 - ``input_patterns``: the chains its InputQuantizer absorbs at the model input (``INPUT_QUANTIZER_PATTERNS``).
 - ``known_ops``: every op type quantizeml builds anything from.
 - ``sanitize``: the sanitizer ``quantize()`` runs before it matches patterns; ``sanitized`` applies it the way
-  ``quantize()`` does, and lint judges its output.
+  ``quantize()`` does, and lint judges its output. ``sanitizer_growth`` predicts from the shapes what it adds
+  (identity convolutions), and ``sanitized`` refuses a model it would grow beyond ``SANITIZER_BUDGET_BYTES``.
 
 Matching (``match_block``, ``cover``) is quantizeml's ``search_block_from_node`` on an onnx-graphsurgeon
 graph: patterns are tried in order, and a chain continues only through a single consumer and never past a
@@ -42,6 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qanac.lint import topological_order
+from qanac.progress import report as report_progress
 
 BRAINCHIP_DOMAIN = "com.brainchip"
 
@@ -97,12 +99,39 @@ def vendor() -> VendorTable:
     )
 
 
-def sanitized(model: onnx.ModelProto) -> onnx.ModelProto:
+class SanitizerTooCostly(Exception):
+    """The sanitizer would copy a model larger than the budget ``sanitized`` was given."""
+
+    def __init__(self, growth: SanitizerGrowth, budget: int):
+        super().__init__(f"quantizeml's sanitizer would add {growth.describe()}, over the "
+                         f"{budget / 2**20:.0f} MB budget")
+        self.growth = growth
+        self.budget = budget
+
+
+# quantizeml's sanitize copies, re-checks and re-infers the whole model after each of its ~50 transforms;
+# its peak resident memory grows by about 13 times the size of the model it sanitizes (the size with its
+# identity convolutions, ``SanitizerGrowth.model_bytes``). At this budget that is under 2 GB.
+SANITIZER_BUDGET_BYTES = 128 * 2**20
+
+
+def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_BUDGET_BYTES) -> onnx.ModelProto:
     """``model`` (never mutated) as quantizeml's ``quantize()`` sees it after sanitizing: unnamed nodes named
     by their first output, a single input's batch made dynamic, then ``sanitize``. Raises what the sanitizer
-    raises (a non-float input, say)."""
+    raises (a non-float input, say).
+
+    When the model with what the sanitizer adds (``sanitizer_growth``) is larger than ``budget`` (None: no
+    limit), raises ``SanitizerTooCostly`` without sanitizing, and reports it as a ``lint`` progress step: lint
+    (``rules.vendor_view``) then judges the model as it is, which keeps on the host what only the
+    sanitizer's rewrites (its identity convolutions, say) would have put on the device."""
 
     vendor()
+    if budget is not None:
+        growth = sanitizer_growth(model)
+        if growth.model_bytes > budget:
+            exc = SanitizerTooCostly(growth, budget)
+            report_progress("lint", f"judging the model as it is, not as quantizeml's sanitizer makes it: {exc}")
+            raise exc
     from quantizeml.onnx_support.graph_tools import generate_node_names
     from quantizeml.onnx_support.quantization.model import ONNXModel
     from quantizeml.onnx_support.quantization.shape import set_model_shape
@@ -121,6 +150,59 @@ def sanitized(model: onnx.ModelProto) -> onnx.ModelProto:
             if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
                 onnx_model = set_model_shape(onnx_model, input_shape=[d.dim_value for d in dims[1:]])
         return sanitize(onnx_model).model
+
+
+@dataclasses.dataclass(frozen=True)
+class SanitizerGrowth:
+    """What quantizeml's sanitizer adds to a model before quantizing it: the identity convolutions of
+    ``insert_identity_convs`` (a C x C x 1 x 1 float kernel each), and the model's size with them."""
+
+    identity_convs: int
+    identity_bytes: int
+    model_bytes: int  # the serialized model plus the identity kernels: the size the sanitizer copies
+
+    def describe(self) -> str:
+        return (f"{self.identity_convs} identity convolutions ({self.identity_bytes / 2**20:.0f} MB of kernels, "
+                f"{self.model_bytes / 2**20:.0f} MB in all)")
+
+
+def sanitizer_growth(model: onnx.ModelProto) -> SanitizerGrowth:
+    """An upper bound on what ``sanitize`` adds to ``model``, from its shapes alone (no sanitizing).
+
+    ``split_concat_and_sum_nodes`` makes a Concat of k inputs k - 1 two-input Concats (a Sum of k, k - 1
+    Adds), and ``insert_identity_convs`` may put an identity Conv after each two-input Concat or Add and,
+    for a tensor read m > 2 times, m - 2 identity Convs to leave it two readers; each reads a 4-D float
+    tensor of C <= ``MAX_NUM_CHANNELS`` channels and holds a C x C kernel. Counted wherever a rule may fire,
+    so the sanitizer adds at most this much.
+    """
+
+    vendor()
+    from quantizeml.onnx_support.quantization.transforms.insert_identity_convs import MAX_NUM_CHANNELS
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    channels: dict[str, int] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        kind = info.type.tensor_type
+        if kind.elem_type == onnx.TensorProto.FLOAT and len(kind.shape.dim) == 4:
+            channels[info.name] = kind.shape.dim[1].dim_value  # 0 when unknown
+    constants = {i.name for i in model.graph.initializer}
+    widths: list[int] = []  # the channels of each identity Conv the sanitizer may insert
+    reads: dict[str, int] = {}
+    for node in model.graph.node:
+        computed = [name for name in node.input if name and name not in constants]
+        for name in computed:
+            reads[name] = reads.get(name, 0) + 1
+        if node.op_type == "Concat" and len(computed) >= 2:
+            width = channels.get(computed[0], 0)
+            for name in computed[1:]:
+                width += channels.get(name, 0)
+                widths.append(width)
+        elif node.op_type in ("Add", "Sum") and len(computed) >= 2:
+            widths.extend([channels.get(node.output[0], 0)] * (len(computed) - 1))
+    widths.extend(channels.get(name, 0) for name, count in reads.items() for _ in range(count - 2))
+    kept = [w for w in widths if 0 < w <= MAX_NUM_CHANNELS]
+    identity_bytes = sum(4 * w * w for w in kept)
+    return SanitizerGrowth(len(kept), identity_bytes, model.ByteSize() + identity_bytes)
 
 
 # --- matching --------------------------------------------------------------------------------------------

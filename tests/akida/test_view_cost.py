@@ -1,0 +1,121 @@
+"""Lint's vendor view has a bounded cost.
+
+quantizeml's sanitizer splits every Concat of k inputs into k - 1 two-input Concats and puts a C x C identity
+convolution after each, so a dense-concatenation net grows tens of times under it (DenseNet-121 at 64x64:
+440 nodes and 32 MB become 1801 nodes and 746 MB), and the sanitizer copies and re-checks the whole model
+after each transform. ``patterns.sanitizer_growth`` predicts that growth from the model's shapes, and lint
+does not sanitize a model whose prediction exceeds ``patterns.SANITIZER_BUDGET_BYTES``: it judges the model
+as it is and says so. The net below is generated (no DenseNet needed): the assertions count sanitizer calls,
+never seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from qanac.backends.akida import patterns
+from qanac.diagnostics import Level
+from qanac.graph import CompilationModel
+from qanac.lint import lint_model
+from qanac.progress import listening
+from qanac.targets import get_target
+from tests.akida.akida_models import GraphBuilder, tiny_cnn
+
+
+def dense_net(layers: int, stem: int, growth: int, bottleneck: int = 32, size: int = 8) -> onnx.ModelProto:
+    """A DenseNet block as torchvision exports it after qanac's pipeline: layer i reads the Concat of the stem
+    and every earlier layer's output, through an affine BatchNorm (Mul, Add), ReLU, 1x1 Conv, ReLU, 3x3 Conv."""
+
+    g = GraphBuilder()
+    features = [g.relu(g.conv("input", "stem", 3, stem), "stem_relu")]
+    for i in range(layers):
+        channels = stem + growth * i
+        x = g.op("Concat", list(features), f"l{i}_concat", axis=1)
+        x = g.op("Mul", [x, g.constant(f"l{i}_scale", np.full((1, channels, 1, 1), 0.5))], f"l{i}_mul")
+        x = g.op("Add", [x, g.constant(f"l{i}_shift", np.full((1, channels, 1, 1), 0.1))], f"l{i}_add")
+        x = g.relu(g.conv(g.relu(x, f"l{i}_relu1"), f"l{i}_conv1", channels, bottleneck, k=1), f"l{i}_relu2")
+        features.append(g.conv(x, f"l{i}_conv2", bottleneck, growth))
+    channels = stem + growth * layers
+    x = g.relu(g.conv(g.op("Concat", features, "out_concat", axis=1), "head", channels, channels, k=1), "head_relu")
+    return g.model(g.classifier(x, channels), (3, size, size), [10])
+
+
+def _identity_convs(model: onnx.ModelProto, view: onnx.ModelProto) -> list[int]:
+    """The channel count of every Conv the view has and the model does not (1x1, C in and C out)."""
+
+    names = {n.name for n in model.graph.node}
+    kernels = {i.name: tuple(i.dims) for i in view.graph.initializer}
+    return [kernels[n.input[1]][0] for n in view.graph.node
+            if n.op_type == "Conv" and n.name not in names and kernels[n.input[1]][2:] == (1, 1)]
+
+
+def test_the_predicted_growth_bounds_what_the_sanitizer_adds():
+    model = dense_net(layers=6, stem=32, growth=16)
+    growth = patterns.sanitizer_growth(model)
+    added = _identity_convs(model, patterns.sanitized(model))
+    assert len(added) >= 6 * 5 // 2  # at least one per two-input Concat of the split
+    # every identity conv is predicted; the one extra prediction is the last Concat, which feeds a Conv
+    assert len(added) <= growth.identity_convs <= len(added) + 1
+    assert sum(4 * c * c for c in added) <= growth.identity_bytes
+    assert growth.model_bytes == model.ByteSize() + growth.identity_bytes
+
+
+def test_a_plain_model_grows_by_nothing():
+    g = GraphBuilder()
+    x = g.relu(g.conv("input", "stem", 3, 8), "stem_relu")
+    x = g.relu(g.conv(x, "features", 8, 8), "features_relu")
+    model = g.model(g.classifier(x, 8), (3, 8, 8), [10])
+    growth = patterns.sanitizer_growth(model)
+    assert (growth.identity_convs, growth.identity_bytes, growth.model_bytes) == (0, 0, model.ByteSize())
+
+
+def _count_sanitize(monkeypatch, run: bool) -> list[int]:
+    """Record every call of quantizeml's sanitize (the node count it gets); it runs when ``run``, else it
+    raises as the sanitizer does on a model it refuses."""
+
+    patterns.vendor()
+    from quantizeml.onnx_support.quantization import transforms
+
+    calls: list[int] = []
+    real = transforms.sanitize
+
+    def counting(model, *args, **kwargs):
+        calls.append(len(model.nodes()))
+        if not run:
+            raise ValueError("sanitize was called")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(transforms, "sanitize", counting)
+    return calls
+
+
+def test_a_dense_net_beyond_the_budget_is_linted_without_sanitizing(monkeypatch):
+    sanitize_calls = _count_sanitize(monkeypatch, run=False)
+    model = dense_net(layers=40, stem=64, growth=32)
+    assert len(model.graph.node) > 250
+    growth = patterns.sanitizer_growth(model)
+    assert growth.model_bytes > patterns.SANITIZER_BUDGET_BYTES > 10 * model.ByteSize()
+
+    steps = []
+    with listening(steps.append):
+        findings = lint_model(CompilationModel.from_onnx(model), get_target("akida"))
+
+    assert sanitize_calls == []
+    notes = [s.message for s in steps if s.step == "lint"]
+    assert len(notes) == 1 and f"{growth.identity_convs} identity convolutions" in notes[0], notes
+    # judged as it is: the affine BatchNorm after each Concat, which only the sanitizer's identity
+    # convolution would absorb, stays on the host
+    errors = {d.nodes[0] for d in findings if d.level == Level.ERROR}
+    assert {f"l{i}_mul" for i in range(40)} <= errors
+
+
+def test_a_model_within_the_budget_is_sanitized_once_per_lint(monkeypatch):
+    sanitize_calls = _count_sanitize(monkeypatch, run=True)
+    model = tiny_cnn()
+    assert patterns.sanitizer_growth(model).model_bytes <= patterns.SANITIZER_BUDGET_BYTES
+    steps = []
+    with listening(steps.append):
+        lint_model(CompilationModel.from_onnx(model), get_target("akida"))
+    assert len(sanitize_calls) == 1
+    assert [s for s in steps if s.step == "lint"] == []
