@@ -160,20 +160,35 @@ class SanitizerGrowth:
     identity_convs: int
     identity_bytes: int
     model_bytes: int  # the serialized model plus the identity kernels: the size the sanitizer copies
+    by_node: dict[str, int]  # node -> the kernel bytes added because of it (the nodes that add any)
 
     def describe(self) -> str:
         return (f"{self.identity_convs} identity convolutions ({self.identity_bytes / 2**20:.0f} MB of kernels, "
                 f"{self.model_bytes / 2**20:.0f} MB in all)")
+
+    def largest_within(self, budget: int) -> list[str]:
+        """The nodes adding the most, largest first, whose removal brings the model within ``budget``
+        (all of them when it cannot)."""
+
+        chosen, excess = [], self.model_bytes - budget
+        for name, added in sorted(self.by_node.items(), key=lambda item: -item[1]):
+            if excess <= 0:
+                break
+            chosen.append(name)
+            excess -= added
+        return chosen
 
 
 def sanitizer_growth(model: onnx.ModelProto) -> SanitizerGrowth:
     """An upper bound on what ``sanitize`` adds to ``model``, from its shapes alone (no sanitizing).
 
     ``split_concat_and_sum_nodes`` makes a Concat of k inputs k - 1 two-input Concats (a Sum of k, k - 1
-    Adds), and ``insert_identity_convs`` may put an identity Conv after each two-input Concat or Add and,
-    for a tensor read m > 2 times, m - 2 identity Convs to leave it two readers; each reads a 4-D float
-    tensor of C <= ``MAX_NUM_CHANNELS`` channels and holds a C x C kernel. Counted wherever a rule may fire,
-    so the sanitizer adds at most this much.
+    Adds), and ``insert_identity_convs`` may put an identity Conv after each two-input Concat or Add (counted
+    for that node) and, for a tensor read m > 2 times, m - 2 identity Convs to leave it two readers (counted
+    for its third and later readers); each reads a 4-D float tensor of C <= ``MAX_NUM_CHANNELS`` channels
+    and holds a C x C kernel. Counted wherever a rule may fire, so the sanitizer adds at most this much
+    (tensors whose channel count is unknown are not counted). An unnamed node is named by its first output,
+    as the sanitizer names it.
     """
 
     vendor()
@@ -186,23 +201,28 @@ def sanitizer_growth(model: onnx.ModelProto) -> SanitizerGrowth:
         if kind.elem_type == onnx.TensorProto.FLOAT and len(kind.shape.dim) == 4:
             channels[info.name] = kind.shape.dim[1].dim_value  # 0 when unknown
     constants = {i.name for i in model.graph.initializer}
-    widths: list[int] = []  # the channels of each identity Conv the sanitizer may insert
+    widths: list[tuple[str, int]] = []  # (node, channels) of each identity Conv the sanitizer may insert
     reads: dict[str, int] = {}
     for node in model.graph.node:
-        computed = [name for name in node.input if name and name not in constants]
-        for name in computed:
-            reads[name] = reads.get(name, 0) + 1
+        name = node.name or (node.output[0] if node.output else "")
+        computed = [t for t in node.input if t and t not in constants]
+        for tensor in computed:
+            reads[tensor] = reads.get(tensor, 0) + 1
+            if reads[tensor] > 2:
+                widths.append((name, channels.get(tensor, 0)))
         if node.op_type == "Concat" and len(computed) >= 2:
             width = channels.get(computed[0], 0)
-            for name in computed[1:]:
-                width += channels.get(name, 0)
-                widths.append(width)
+            for tensor in computed[1:]:
+                width += channels.get(tensor, 0)
+                widths.append((name, width))
         elif node.op_type in ("Add", "Sum") and len(computed) >= 2:
-            widths.extend([channels.get(node.output[0], 0)] * (len(computed) - 1))
-    widths.extend(channels.get(name, 0) for name, count in reads.items() for _ in range(count - 2))
-    kept = [w for w in widths if 0 < w <= MAX_NUM_CHANNELS]
-    identity_bytes = sum(4 * w * w for w in kept)
-    return SanitizerGrowth(len(kept), identity_bytes, model.ByteSize() + identity_bytes)
+            widths.extend([(name, channels.get(node.output[0], 0))] * (len(computed) - 1))
+    by_node: dict[str, int] = {}
+    kept = [(name, w) for name, w in widths if 0 < w <= MAX_NUM_CHANNELS]
+    for name, w in kept:
+        by_node[name] = by_node.get(name, 0) + 4 * w * w
+    identity_bytes = sum(by_node.values())
+    return SanitizerGrowth(len(kept), identity_bytes, model.ByteSize() + identity_bytes, by_node)
 
 
 # --- matching --------------------------------------------------------------------------------------------

@@ -5,21 +5,24 @@ convolution after each, so a dense-concatenation net grows tens of times under i
 440 nodes and 32 MB become 1801 nodes and 746 MB), and the sanitizer copies and re-checks the whole model
 after each transform. ``patterns.sanitizer_growth`` predicts that growth from the model's shapes, and lint
 does not sanitize a model whose prediction exceeds ``patterns.SANITIZER_BUDGET_BYTES``: it judges the model
-as it is and says so. The net below is generated (no DenseNet needed): the assertions count sanitizer calls,
-never seconds.
+as it is and says so; and the backend refuses such a device segment before quantizing it (AKC116), naming
+the nodes that add the most, so partitioning runs them on the host. The nets below are generated (no
+DenseNet needed): the assertions count sanitizer calls, never seconds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
-from qanac.backends.akida import patterns
-from qanac.diagnostics import Level
+from qanac.backends.akida import convert, patterns
+from qanac.diagnostics import Level, UnsupportedModelError
 from qanac.graph import CompilationModel
 from qanac.lint import lint_model
 from qanac.progress import listening
 from qanac.targets import get_target
+from tests.akida import akida_models
 from tests.akida.akida_models import GraphBuilder, tiny_cnn
 
 
@@ -119,3 +122,40 @@ def test_a_model_within_the_budget_is_sanitized_once_per_lint(monkeypatch):
         lint_model(CompilationModel.from_onnx(model), get_target("akida"))
     assert len(sanitize_calls) == 1
     assert [s for s in steps if s.step == "lint"] == []
+
+
+def plain_dense_net(layers: int, stem: int, growth: int, bottleneck: int = 32, size: int = 8) -> onnx.ModelProto:
+    """A dense block without BatchNorm: each layer's Concat feeds its 1x1 Conv directly, so lint, judging the
+    model as it is, accepts every node, and the whole net would be one device segment."""
+
+    g = GraphBuilder()
+    features = [g.relu(g.conv("input", "stem", 3, stem), "stem_relu")]
+    for i in range(layers):
+        channels = stem + growth * i
+        x = g.op("Concat", list(features), f"l{i}_concat", axis=1) if i else features[0]
+        x = g.relu(g.conv(x, f"l{i}_conv1", channels, bottleneck, k=1), f"l{i}_relu1")
+        features.append(g.relu(g.conv(x, f"l{i}_conv2", bottleneck, growth), f"l{i}_relu2"))
+    channels = stem + growth * layers
+    x = g.relu(g.conv(g.op("Concat", features, "out_concat", axis=1), "head", channels, channels, k=1), "head_relu")
+    return g.model(g.classifier(x, channels), (3, size, size), [10])
+
+
+def test_the_backend_refuses_a_segment_beyond_the_budget_before_quantizing(monkeypatch):
+    sanitize_calls = _count_sanitize(monkeypatch, run=False)
+    model = plain_dense_net(layers=40, stem=64, growth=32)
+    growth = patterns.sanitizer_growth(model)
+    assert growth.model_bytes > patterns.SANITIZER_BUDGET_BYTES
+    assert lint_model(CompilationModel.from_onnx(model), get_target("akida")) == []
+
+    with pytest.raises(UnsupportedModelError) as raised:
+        convert.compile_onnx(model, akida_models.image_calibration(model, count=4))
+
+    assert sanitize_calls == []
+    [diagnostic] = raised.value.diagnostics
+    assert diagnostic.code == "AKC116"
+    # the Concats that add the most, deepest first, and just enough of them for the rest to fit
+    named = diagnostic.nodes
+    assert named == sorted(named, key=lambda n: -growth.by_node[n]) and named[0] == "out_concat"
+    assert all(n.endswith("concat") for n in named)
+    kept = growth.model_bytes - sum(growth.by_node[n] for n in named)
+    assert kept <= patterns.SANITIZER_BUDGET_BYTES < kept + growth.by_node[named[-1]]
