@@ -31,8 +31,10 @@ the derived table against a pinned snapshot and every op qanac's table names aga
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
+import gc
 import importlib.metadata
 import io
 import warnings
@@ -132,6 +134,13 @@ def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_BUDGET_BYTE
             exc = SanitizerTooCostly(growth, budget)
             report_progress("lint", f"judging the model as it is, not as quantizeml's sanitizer makes it: {exc}")
             raise exc
+    try:
+        return _sanitize(model)
+    finally:
+        release_freed_memory()
+
+
+def _sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
     from quantizeml.onnx_support.graph_tools import generate_node_names
     from quantizeml.onnx_support.quantization.model import ONNXModel
     from quantizeml.onnx_support.quantization.shape import set_model_shape
@@ -150,6 +159,23 @@ def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_BUDGET_BYTE
             if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
                 onnx_model = set_model_shape(onnx_model, input_shape=[d.dim_value for d in dims[1:]])
         return sanitize(onnx_model).model
+
+
+def release_freed_memory() -> None:
+    """Return to the system the memory Python has freed (glibc's ``malloc_trim``; elsewhere only a garbage
+    collection). The sanitizer and ``quantize()`` allocate and free many copies of the model; glibc keeps
+    the freed blocks in its heap, so without this every call would leave the process larger by about its
+    own peak, and a compile that sanitizes four times would hold all four."""
+
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,3 +159,15 @@ def test_the_backend_refuses_a_segment_beyond_the_budget_before_quantizing(monke
     assert all(n.endswith("concat") for n in named)
     kept = growth.model_bytes - sum(growth.by_node[n] for n in named)
     assert kept <= patterns.SANITIZER_BUDGET_BYTES < kept + growth.by_node[named[-1]]
+
+
+def test_sanitizing_and_quantizing_return_the_memory_they_freed(monkeypatch):
+    # glibc keeps what the sanitizer's many model copies freed: without a trim after each, every sanitize
+    # of a compile (lint's view, then quantize() per segment) would stay resident
+    releases = []
+    monkeypatch.setattr(patterns, "release_freed_memory", lambda: releases.append(True))
+    model = tiny_cnn()
+    patterns.sanitized(model)
+    assert len(releases) == 1
+    convert.quantize_onnx(model, akida_models.image_calibration(model, count=4).arrays["input"], "uint8")
+    assert len(releases) == 2
