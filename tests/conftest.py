@@ -58,6 +58,33 @@ def conv_bn_relu_softmax(seed: int = 0, batch: str = "N") -> onnx.ModelProto:
     return model
 
 
+def conv_chain(count: int, activation: str = "Relu", batch: int | str = 1, classes: int = 0) -> onnx.ModelProto:
+    """conv0 -> {act}0 -> ... -> conv{count-1} -> {act}{count-1} over (batch, 4, 8, 8), every conv 4 -> 4
+    channels 3x3 with padding 1 (equal MACs), activation nodes named ``activation.lower() + str(i)``; with
+    ``classes``, a head GlobalAveragePool ("gap") -> Flatten -> Gemm ("fc") -> ``logits`` (batch, classes)."""
+
+    rng = np.random.default_rng(0)
+    prefix = activation.lower()
+    nodes, inits, x = [], [], "x"
+    for i in range(count):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node(activation, [f"c{i}"], [f"a{i}"], name=f"{prefix}{i}")]
+        x = f"a{i}"
+    output = helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [batch, 4, 8, 8])
+    if classes:
+        inits += [numpy_helper.from_array(rng.normal(0, 1.0, (classes, 4)).astype(np.float32), "fc_w"),
+                  numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b")]
+        nodes += [helper.make_node("GlobalAveragePool", [x], ["g"], name="gap"),
+                  helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+                  helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+        output = helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [batch, classes])
+    graph = helper.make_graph(nodes, f"{prefix}_chain",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 4, 8, 8])],
+                              [output], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 @pytest.fixture
 def small_model_path(tmp_path: Path) -> Path:
     path = tmp_path / "small.onnx"

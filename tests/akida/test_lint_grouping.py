@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
 
 from qanac.cli import cli
+from tests.conftest import conv_chain
 
 pytestmark = pytest.mark.slow
 
 
-def tanh_chain(count: int) -> onnx.ModelProto:
-    """conv0 -> tanh0 -> ... -> conv{count-1} -> tanh{count-1}, 1x4x8x8: one AKD102 per Tanh."""
-
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(count):
-        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
-                  helper.make_node("Tanh", [f"c{i}"], [f"t{i}"], name=f"tanh{i}")]
-        x = f"t{i}"
-    graph = helper.make_graph(nodes, "tanh_chain",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 def test_twenty_findings_of_one_code_are_one_group_for_people_and_twenty_in_json(tmp_path):
     path = tmp_path / "tanh.onnx"
-    onnx.save(tanh_chain(20), str(path))
+    onnx.save(conv_chain(20, "Tanh"), str(path))
     runner = CliRunner()
     human = runner.invoke(cli, ["lint", str(path), "--target", "akida"])
     assert human.exit_code == 3, human.output

@@ -15,22 +15,7 @@ from qanac.backend import EmitResult
 from qanac.calibration import CalibrationData, Preprocessing
 from qanac.compiler import CompileRequest, EmitProgress, emit_segments
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
-
-
-def five_convs() -> onnx.ModelProto:
-    """conv0 -> relu0 -> ... -> conv4 -> relu4, 1x4x8x8 (equal MACs per conv)."""
-
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(5):
-        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
-        x = f"r{i}"
-    graph = helper.make_graph(nodes, "chain",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+from tests.conftest import conv_chain
 
 
 class RefusingBackend:
@@ -56,7 +41,7 @@ class RefusingBackend:
 
 
 def test_refused_node_moves_and_compiled_segments_are_reused(tmp_path):
-    model = five_convs()
+    model = conv_chain(5)
     x = np.random.default_rng(1).normal(size=(4, 4, 8, 8)).astype(np.float32)
     data = CalibrationData(arrays={"x": x}, source="test", preprocessing=Preprocessing())
     backend = RefusingBackend({"conv3"})
@@ -125,7 +110,7 @@ def test_every_node_a_refusal_names_moves_in_one_attempt(tmp_path):
 def test_refusals_of_all_segments_of_an_attempt_move_together(tmp_path):
     # relu1 on the host (lint) splits the chain: both device segments are refused in attempt 1
     backend = RefusingBackend({"conv0", "conv3"})
-    emitted, events = compile_with(five_convs(), backend, tmp_path, {"relu1": "lint error"})
+    emitted, events = compile_with(conv_chain(5), backend, tmp_path, {"relu1": "lint error"})
 
     assert [d.nodes for d in emitted.diagnostics if d.code == "PART004"] == [["conv0"], ["conv3"]]
     refused = [(e.attempt, e.segment, e.segments) for e in events if e.step == "refused"]
@@ -148,16 +133,16 @@ class OneErrorPerNodeBackend(RefusingBackend):
 
 def test_an_error_whose_nodes_depend_on_another_error_waits_for_the_next_attempt(tmp_path):
     # conv3 depends on conv1: it may fail only because of conv1, so only conv1 moves first
-    emitted, _ = compile_with(five_convs(), OneErrorPerNodeBackend({"conv1", "conv3"}), tmp_path)
+    emitted, _ = compile_with(conv_chain(5), OneErrorPerNodeBackend({"conv1", "conv3"}), tmp_path)
     assert [d.nodes for d in emitted.diagnostics if d.code == "PART004"] == [["conv1"], ["conv3"]]
     # the nodes of one error move together, even when they depend on each other
-    emitted, _ = compile_with(five_convs(), RefusingBackend({"conv1", "conv3"}), tmp_path / "one")
+    emitted, _ = compile_with(conv_chain(5), RefusingBackend({"conv1", "conv3"}), tmp_path / "one")
     assert [d.nodes for d in emitted.diagnostics if d.code == "PART004"] == [["conv1", "conv3"]]
 
 
 def test_progress_reports_every_step_of_every_attempt(tmp_path):
     backend = RefusingBackend({"conv3"})
-    _, events = compile_with(five_convs(), backend, tmp_path, {"relu1": "lint error"})
+    _, events = compile_with(conv_chain(5), backend, tmp_path, {"relu1": "lint error"})
 
     steps = [(e.attempt, e.step, e.segment, e.segments) for e in events]
     assert steps == [
@@ -172,7 +157,7 @@ def test_progress_reports_every_step_of_every_attempt(tmp_path):
 
 
 def test_a_refusal_moving_several_nodes_is_one_finding_listing_them(tmp_path):
-    emitted, _ = compile_with(five_convs(), RefusingBackend({"conv1", "conv2", "conv3"}), tmp_path)
+    emitted, _ = compile_with(conv_chain(5), RefusingBackend({"conv1", "conv2", "conv3"}), tmp_path)
 
     naming = [d for d in emitted.diagnostics if {"conv1", "conv2", "conv3"} & set(d.nodes)]
     assert [(d.code, d.nodes) for d in naming] == [("PART004", ["conv1", "conv2", "conv3"])]

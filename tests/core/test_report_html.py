@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
 
 from qanac import targets
 from qanac.backends.onnxruntime.backend import OnnxRuntimeBackend
@@ -29,6 +28,7 @@ from qanac.cli import cli
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError
 from qanac.report_html import HARDWARE, HOST_PLACEMENT, PLACEMENTS, SOFTWARE
 from qanac.targets import CANONICALIZE, Target
+from tests.conftest import conv_chain
 
 REFUSED, SOFTWARE_LAYER = "conv2", "conv3"
 
@@ -58,33 +58,12 @@ LAYERED = Target(name="layered", description="onnxruntime refusing conv2, report
                  backend=f"{__name__}:LayeredBackend", pipeline=CANONICALIZE)
 
 
-def four_convs_classifier() -> onnx.ModelProto:
-    """x (N, 4, 8, 8) -> (conv, relu) x 4 -> GlobalAveragePool -> Flatten -> Gemm -> logits (N, 5)."""
-
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(4):
-        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
-        x = f"r{i}"
-    inits += [numpy_helper.from_array(rng.normal(0, 1.0, (5, 4)).astype(np.float32), "fc_w"),
-              numpy_helper.from_array(np.zeros(5, np.float32), "fc_b")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["g"], name="gap"),
-              helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-              helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "four_convs",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 5])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 @pytest.fixture(scope="module")
 def layered_bundle(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     """The bundle and labelled data; the test target stays registered while the module's tests run."""
 
     root = tmp_path_factory.mktemp("layered")
-    onnx.save(four_convs_classifier(), str(root / "model.onnx"))
+    onnx.save(conv_chain(4, batch="N", classes=5), str(root / "model.onnx"))
     data = np.random.default_rng(1).normal(size=(24, 4, 8, 8)).astype(np.float32)
     np.savez(root / "data.npz", x=data, labels=np.arange(24) % 5)
     np.save(root / "calib.npy", data)
