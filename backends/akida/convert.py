@@ -42,8 +42,8 @@ Diagnostic codes (stable):
     AKC114  the model has other than one input and one output, or the input has several consumers
     AKC115  the input's first dimension is fixed at more than 1: not a batch of samples (a model that folds
             the batch into another axis, MobileViT's patches), while an Akida model maps one sample at a time
-    AKC116  quantizeml's sanitizer would grow the model beyond ``patterns.SANITIZER_BUDGET_BYTES`` (a dense
-            concatenation, say): refused before quantizing, naming the nodes that add the most
+    AKC116  quantizeml's sanitizer would add more than ``patterns.SANITIZER_GROWTH_BUDGET_BYTES`` to the model
+            (a dense concatenation, say): refused before quantizing, naming the nodes that add the most
     AKC120  the Akida output shape differs from the float model's
     AKC190  quantizeml or cnn2snn failed in a way qanac does not recognise (its message is kept)
     AKC199  a warning from quantizeml or cnn2snn that does not change the model (kept as a diagnostic)
@@ -222,14 +222,14 @@ def check_batch_dimension(model: onnx.ModelProto) -> None:
 
 def check_sanitizer_cost(model: onnx.ModelProto) -> None:
     """quantizeml's ``quantize()`` sanitizes the model first, at a cost that grows with the size of what the
-    sanitizer makes of it (``patterns.sanitizer_growth``). A model it would grow beyond
-    ``patterns.SANITIZER_BUDGET_BYTES`` is refused before quantizing, naming the nodes that add the most
-    (largest first, until the rest fits the budget): partitioning runs them on the host and compiles the
-    parts between them."""
+    sanitizer makes of it (``patterns.sanitizer_growth``). A model to which it would add more than
+    ``patterns.SANITIZER_GROWTH_BUDGET_BYTES`` is refused before quantizing, naming the nodes that add the
+    most (largest first, until the rest adds at most the budget): partitioning runs them on the host and
+    compiles the parts between them."""
 
     growth = patterns.sanitizer_growth(model)
-    budget = patterns.SANITIZER_BUDGET_BYTES
-    if growth.model_bytes <= budget:
+    budget = patterns.SANITIZER_GROWTH_BUDGET_BYTES
+    if growth.identity_bytes <= budget:
         return
     nodes = growth.largest_within(budget)
     message = (f"quantizeml's sanitizer would add {growth.describe()}, over the {budget / 2**20:.0f} MB "

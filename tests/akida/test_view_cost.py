@@ -4,10 +4,10 @@ quantizeml's sanitizer splits every Concat of k inputs into k - 1 two-input Conc
 convolution after each, so a dense-concatenation net grows tens of times under it (DenseNet-121 at 64x64:
 440 nodes and 32 MB become 1801 nodes and 746 MB), and the sanitizer copies and re-checks the whole model
 after each transform. ``patterns.sanitizer_growth`` predicts that growth from the model's shapes, and lint
-does not sanitize a model whose prediction exceeds ``patterns.SANITIZER_BUDGET_BYTES``: it judges the model
-as it is and says so; and the backend refuses such a device segment before quantizing it (AKC116), naming
-the nodes that add the most, so partitioning runs them on the host. The nets below are generated (no
-DenseNet needed): the assertions count sanitizer calls, never seconds.
+does not sanitize a model to which it would add more than ``patterns.SANITIZER_GROWTH_BUDGET_BYTES``: it
+judges the model as it is and says so; and the backend refuses such a device segment before quantizing it
+(AKC116), naming the nodes that add the most, so partitioning runs them on the host. The nets below are
+generated (no DenseNet needed): the assertions count sanitizer calls, never seconds.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_a_dense_net_beyond_the_budget_is_linted_without_sanitizing(monkeypatch)
     model = dense_net(layers=40, stem=64, growth=32)
     assert len(model.graph.node) > 250
     growth = patterns.sanitizer_growth(model)
-    assert growth.model_bytes > patterns.SANITIZER_BUDGET_BYTES > 10 * model.ByteSize()
+    assert growth.identity_bytes > patterns.SANITIZER_GROWTH_BUDGET_BYTES > 10 * model.ByteSize()
 
     steps = []
     with listening(steps.append):
@@ -116,7 +116,7 @@ def test_a_dense_net_beyond_the_budget_is_linted_without_sanitizing(monkeypatch)
 def test_a_model_within_the_budget_is_sanitized_once_per_lint(monkeypatch):
     sanitize_calls = _count_sanitize(monkeypatch, run=True)
     model = tiny_cnn()
-    assert patterns.sanitizer_growth(model).model_bytes <= patterns.SANITIZER_BUDGET_BYTES
+    assert patterns.sanitizer_growth(model).identity_bytes <= patterns.SANITIZER_GROWTH_BUDGET_BYTES
     steps = []
     with listening(steps.append):
         lint_model(CompilationModel.from_onnx(model), get_target("akida"))
@@ -144,7 +144,7 @@ def test_the_backend_refuses_a_segment_beyond_the_budget_before_quantizing(monke
     sanitize_calls = _count_sanitize(monkeypatch, run=False)
     model = plain_dense_net(layers=40, stem=64, growth=32)
     growth = patterns.sanitizer_growth(model)
-    assert growth.model_bytes > patterns.SANITIZER_BUDGET_BYTES
+    assert growth.identity_bytes > patterns.SANITIZER_GROWTH_BUDGET_BYTES
     assert lint_model(CompilationModel.from_onnx(model), get_target("akida")) == []
 
     with pytest.raises(UnsupportedModelError) as raised:
@@ -157,8 +157,8 @@ def test_the_backend_refuses_a_segment_beyond_the_budget_before_quantizing(monke
     named = diagnostic.nodes
     assert named == sorted(named, key=lambda n: -growth.by_node[n]) and named[0] == "out_concat"
     assert all(n.endswith("concat") for n in named)
-    kept = growth.model_bytes - sum(growth.by_node[n] for n in named)
-    assert kept <= patterns.SANITIZER_BUDGET_BYTES < kept + growth.by_node[named[-1]]
+    kept = growth.identity_bytes - sum(growth.by_node[n] for n in named)
+    assert kept <= patterns.SANITIZER_GROWTH_BUDGET_BYTES < kept + growth.by_node[named[-1]]
 
 
 def test_sanitizing_and_quantizing_return_the_memory_they_freed(monkeypatch):
