@@ -41,6 +41,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -329,7 +330,7 @@ def readout_gain(model) -> float:
     import torch.nn as nn
 
     readout = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    return float(readout.weight.abs().max())
+    return float(readout.weight.detach().abs().max())
 
 
 def write_case(case: Case, folder: Path) -> float:
@@ -563,6 +564,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def job_pool(jobs: int) -> concurrent.futures.Executor:
+    """Where ``--jobs`` seeds run at once: one spawned process per job. torch's RNG (``build_model`` seeds
+    it) and its exporter's flags are global to a process, so on threads a seed's weights depended on the
+    seeds built meanwhile, and two exports at once failed ("GLOBALS.in_onnx_export must be False")."""
+
+    return concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs),
+                                                  mp_context=multiprocessing.get_context("spawn"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0:20", help="A:B (B excluded), seeds and ranges joined by commas")
@@ -579,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with job_pool(args.jobs) as pool:
         futures = {pool.submit(fuzz_seed, seed, targets, workdir, args.timeout): seed for seed in seeds}
         for future in concurrent.futures.as_completed(futures):
             seed_rows = future.result()

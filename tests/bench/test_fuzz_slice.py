@@ -86,6 +86,21 @@ def test_generated_model_runs_and_has_the_drawn_output(tmp_path):
     assert tuple(out.shape) == (2, case.layers[-1]["classes"])
 
 
+def test_seeds_written_by_concurrent_jobs_are_the_seeds_written_alone(tmp_path, monkeypatch):
+    # --jobs used to run seeds on threads, where torch's global RNG made a seed's weights depend on the seeds
+    # built meanwhile (and two exports at once raised); job_pool's processes keep every seed its own model
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the spawned jobs import the fuzzer as `fuzz`
+    seeds = [3, 4, 5, 6]
+    for seed in seeds:
+        FUZZ.write_case(FUZZ.random_cnn(seed), tmp_path / "alone" / str(seed))
+    with FUZZ.job_pool(len(seeds)) as pool:
+        list(pool.map(FUZZ.write_case, [FUZZ.random_cnn(s) for s in seeds],
+                      [tmp_path / "together" / str(s) for s in seeds]))
+    for seed in seeds:
+        alone = (tmp_path / "alone" / str(seed) / "model.onnx").read_bytes()
+        assert (tmp_path / "together" / str(seed) / "model.onnx").read_bytes() == alone, seed
+
+
 def test_parse_seeds():
     assert FUZZ.parse_seeds("0:3") == [0, 1, 2]
     assert FUZZ.parse_seeds("5") == [5]
