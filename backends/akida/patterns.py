@@ -39,6 +39,7 @@ import gc
 import importlib.metadata
 import io
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -138,7 +139,8 @@ def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_GROWTH_BUDG
             report_progress("lint", f"judging the model as it is, not as quantizeml's sanitizer makes it: {exc}")
             raise exc
     try:
-        return _sanitize(model)
+        with collecting_discarded_copies():
+            return _sanitize(model)
     finally:
         release_freed_memory()
 
@@ -162,6 +164,30 @@ def _sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
             if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
                 onnx_model = set_model_shape(onnx_model, input_shape=[d.dim_value for d in dims[1:]])
         return sanitize(onnx_model).model
+
+
+@contextlib.contextmanager
+def collecting_discarded_copies() -> Iterator[None]:
+    """Within the block, collect unreachable reference cycles soon after they form, scanning only the
+    objects made inside the block.
+
+    quantizeml's transforms discard a copy of the model after each step, and what holds the copy (an
+    onnx_ir graph, whose nodes and values refer to each other) is a reference cycle, freed only by a full
+    collection. CPython runs one only when the objects made since the last one reach a quarter of those it
+    already holds, and a process that imported TensorFlow holds hundreds of thousands, so without this
+    most copies a sanitize makes stay resident until it returns. The objects alive on entry are frozen
+    (``gc.freeze``: never scanned, so a full collection costs only what the block made) and a full
+    collection is considered after every young one; on exit the objects are unfrozen and the thresholds
+    restored. Not reentrant: an inner block's exit unfreezes what the outer one froze."""
+
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(threshold[0], 1, 1)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def release_freed_memory() -> None:

@@ -1,0 +1,61 @@
+"""The model copies quantizeml's sanitizer discards are freed while it runs, not when it returns.
+
+Its transforms check and re-infer the model through onnx_ir after each step; each onnx_ir graph is a
+reference cycle that holds a full copy of the model, so unless cycles are collected during the sanitize,
+about one copy per transform stays resident until it returns. The tests count the onnx_ir graphs alive
+(reachable or not yet collected) each time the sanitizer converts a proto to onnx_ir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import onnx_ir
+
+from qanac.backends.akida import patterns
+from tests.conftest import conv_chain
+
+
+def _ir_graphs() -> int:
+    return sum(type(o) is onnx_ir.Graph for o in gc.get_objects())
+
+
+def _ir_graphs_per_conversion(monkeypatch) -> list[int]:
+    """Sanitize a 40-layer chain, counting the onnx_ir graphs alive beyond those alive before, each time
+    the sanitizer converts a proto to onnx_ir."""
+
+    patterns.vendor()
+    gc.collect()
+    before = _ir_graphs()
+    counts: list[int] = []
+    from_proto = onnx_ir.from_proto
+
+    def counting(proto):
+        counts.append(_ir_graphs() - before)
+        return from_proto(proto)
+
+    monkeypatch.setattr(onnx_ir, "from_proto", counting)
+    patterns.sanitized(conv_chain(40, classes=10))
+    return counts
+
+
+def test_sanitizer_copies_do_not_accumulate(monkeypatch):
+    counts = _ir_graphs_per_conversion(monkeypatch)
+    assert len(counts) > 20  # one per transform that checks the model, over both passes
+    # by the last conversion, the graphs discarded since the last collection, not one per transform so far
+    assert counts[-1] <= len(counts) // 4, counts
+
+
+def test_uncollected_copies_are_what_the_test_detects(monkeypatch):
+    # the same sanitize with cycles left to CPython's default schedule keeps most of its copies alive
+    monkeypatch.setattr(patterns, "collecting_discarded_copies", contextlib.nullcontext)
+    counts = _ir_graphs_per_conversion(monkeypatch)
+    assert counts[-1] > len(counts) // 2, counts
+
+
+def test_collection_schedule_is_restored():
+    threshold = gc.get_threshold()
+    patterns.sanitized(conv_chain(2))
+    assert gc.get_threshold() == threshold
+    assert gc.get_freeze_count() == 0
