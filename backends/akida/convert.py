@@ -359,7 +359,7 @@ def quantize_onnx(
     qparams = QuantizationParams(input_dtype=input_dtype)
     try:
         with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()), \
-                integer_input_range(integer_input_dtype(model)):
+                integer_input_range(integer_input_dtype(model)), patterns.collecting_discarded_copies():
             quantized = quantize(
                 copy.deepcopy(model),
                 qparams=qparams,

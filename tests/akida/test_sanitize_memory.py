@@ -1,4 +1,6 @@
-"""The model copies quantizeml's sanitizer discards are freed while it runs, not when it returns.
+"""The model copies quantizeml's sanitizer discards are freed while it runs, not when it returns, both in
+lint's view (``patterns.sanitized``) and in quantizing (``convert.quantize_onnx``, whose ``quantize()``
+sanitizes).
 
 Its transforms check and re-infer the model through onnx_ir after each step; each onnx_ir graph is a
 reference cycle that holds a full copy of the model, so unless cycles are collected during the sanitize,
@@ -13,7 +15,8 @@ import gc
 
 import onnx_ir
 
-from qanac.backends.akida import patterns
+from qanac.backends.akida import convert, patterns
+from tests.akida import akida_models
 from tests.conftest import conv_chain
 
 
@@ -21,9 +24,9 @@ def _ir_graphs() -> int:
     return sum(type(o) is onnx_ir.Graph for o in gc.get_objects())
 
 
-def _ir_graphs_per_conversion(monkeypatch) -> list[int]:
-    """Sanitize a 40-layer chain, counting the onnx_ir graphs alive beyond those alive before, each time
-    the sanitizer converts a proto to onnx_ir."""
+def _ir_graphs_per_conversion(monkeypatch, run=patterns.sanitized) -> list[int]:
+    """``run`` (lint's sanitize, or quantizing) on a 40-layer chain, counting the onnx_ir graphs alive
+    beyond those alive before, each time the sanitizer converts a proto to onnx_ir."""
 
     patterns.vendor()
     gc.collect()
@@ -36,8 +39,12 @@ def _ir_graphs_per_conversion(monkeypatch) -> list[int]:
         return from_proto(proto)
 
     monkeypatch.setattr(onnx_ir, "from_proto", counting)
-    patterns.sanitized(conv_chain(40, classes=10))
+    run(conv_chain(40, classes=10))
     return counts
+
+
+def _quantized(model):
+    return convert.quantize_onnx(model, akida_models.image_calibration(model, count=4).arrays["input"], "int8")
 
 
 def test_sanitizer_copies_do_not_accumulate(monkeypatch):
@@ -52,6 +59,12 @@ def test_uncollected_copies_are_what_the_test_detects(monkeypatch):
     monkeypatch.setattr(patterns, "collecting_discarded_copies", contextlib.nullcontext)
     counts = _ir_graphs_per_conversion(monkeypatch)
     assert counts[-1] > len(counts) // 2, counts
+
+
+def test_quantizing_does_not_accumulate_copies_either(monkeypatch):
+    counts = _ir_graphs_per_conversion(monkeypatch, _quantized)
+    assert len(counts) > 20
+    assert counts[-1] <= len(counts) // 4, counts
 
 
 def test_collection_schedule_is_restored():
