@@ -96,7 +96,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]], weights: dict[
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     try:
-        inferred = shape_inference.infer_shapes(_shape_skeleton(model), strict_mode=False)
+        inferred = shape_inference.infer_shapes(shape_skeleton(model), strict_mode=False)
     except Exception:
         inferred = model
     values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
@@ -135,7 +135,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
 SKELETON_MIN_ELEMENTS = 1024
 
 
-def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` as shape inference needs it: its large float initializers (weights) become graph inputs of
     the same type and shape, so their data is neither copied nor serialised; integer and small initializers
     (shape operands such as a Reshape's target) keep their values. Shapes inferred are the same."""

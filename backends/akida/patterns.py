@@ -47,6 +47,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qanac.lint import topological_order
+from qanac.model_summary import shape_skeleton
 from qanac.progress import report as report_progress
 
 BRAINCHIP_DOMAIN = "com.brainchip"
@@ -248,7 +249,7 @@ def sanitizer_growth(model: onnx.ModelProto) -> SanitizerGrowth:
     vendor()
     from quantizeml.onnx_support.quantization.transforms.insert_identity_convs import MAX_NUM_CHANNELS
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model))
     channels: dict[str, int] = {}
     for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         kind = info.type.tensor_type

@@ -262,7 +262,7 @@ def test_shapes_for_counting_come_from_a_skeleton_without_weight_data():
     model.graph.node.insert(len(model.graph.node) - 1,
                             helper.make_node("Reshape", [flat, "flat_shape"], ["flat_reshaped"], name="reshape"))
     head.input[0] = "flat_reshaped"
-    skeleton = model_summary._shape_skeleton(model)
+    skeleton = model_summary.shape_skeleton(model)
     kept = {i.name for i in skeleton.graph.initializer}
     large = {i.name for i in model.graph.initializer if np.prod(i.dims) > model_summary.SKELETON_MIN_ELEMENTS}
     assert large and not kept & large and "flat_shape" in kept
