@@ -371,8 +371,6 @@ def quantize_onnx(
         raise
     except Exception as exc:
         raise _quantize_error(exc, model, input_dtype) from exc
-    finally:
-        patterns.release_freed_memory()
 
     diagnostics: list[Diagnostic] = []
     failed_blocks: dict[str, str] = {}

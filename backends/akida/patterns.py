@@ -139,11 +139,8 @@ def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_GROWTH_BUDG
             exc = SanitizerTooCostly(growth, budget)
             report_progress("lint", f"judging the model as it is, not as quantizeml's sanitizer makes it: {exc}")
             raise exc
-    try:
-        with collecting_discarded_copies():
-            return _sanitize(model)
-    finally:
-        release_freed_memory()
+    with collecting_discarded_copies():
+        return _sanitize(model)
 
 
 def _sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -178,8 +175,9 @@ def collecting_discarded_copies() -> Iterator[None]:
     already holds, and a process that imported TensorFlow holds hundreds of thousands, so without this
     most copies a sanitize makes stay resident until it returns. The objects alive on entry are frozen
     (``gc.freeze``: never scanned, so a full collection costs only what the block made) and a full
-    collection is considered after every young one; on exit the objects are unfrozen and the thresholds
-    restored. Not reentrant: an inner block's exit unfreezes what the outer one froze."""
+    collection is considered after every young one; on exit the objects are unfrozen, the thresholds
+    restored and the memory freed returned to the system (``release_freed_memory``), error or not. Not
+    reentrant: an inner block's exit unfreezes what the outer one froze."""
 
     threshold = gc.get_threshold()
     gc.freeze()
@@ -189,6 +187,7 @@ def collecting_discarded_copies() -> Iterator[None]:
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
+        release_freed_memory()
 
 
 def release_freed_memory() -> None:
