@@ -172,15 +172,18 @@ def collecting_discarded_copies() -> Iterator[None]:
     quantizeml's transforms discard a copy of the model after each step, and what holds the copy (an
     onnx_ir graph, whose nodes and values refer to each other) is a reference cycle, freed only by a full
     collection. CPython runs one only when the objects made since the last one reach a quarter of those it
-    already holds, and a process that imported TensorFlow holds hundreds of thousands, so without this
-    most copies a sanitize makes stay resident until it returns. The objects alive on entry are frozen
-    (``gc.freeze``: never scanned, so a full collection costs only what the block made) and a full
-    collection is considered after every young one; on exit the objects are unfrozen, the thresholds
-    restored and the memory freed returned to the system (``release_freed_memory``), error or not. Not
-    reentrant: an inner block's exit unfreezes what the outer one froze."""
+    already holds (the survivors of the last full collection, hundreds of thousands in a process that
+    imported TensorFlow), so without this most copies a sanitize makes stay resident until it returns.
+    The objects alive on entry are frozen (``gc.freeze``: never scanned, so a full collection costs only
+    what the block made), one full collection over the empty rest resets that count, so it no longer
+    depends on what the process held before, and a full collection is considered after every young one.
+    On exit the objects are unfrozen, the thresholds restored and the memory freed returned to the system
+    (``release_freed_memory``), error or not. Not reentrant: an inner block's exit unfreezes what the
+    outer one froze."""
 
     threshold = gc.get_threshold()
     gc.freeze()
+    gc.collect()  # over nothing (all frozen): sets CPython's count of long-lived objects to zero
     gc.set_threshold(threshold[0], 1, 1)
     try:
         yield
