@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qanac import memory
 from qanac.diagnostics import UsageError
 from qanac.frontends.finish import check_export, first_line, set_source_names
 from qanac.native_output import import_quietly
@@ -239,7 +240,8 @@ def _convert(
 ) -> onnx.ModelProto:
     tf2onnx = _import("tf2onnx", "tf2onnx")
     try:
-        with warnings.catch_warnings():
+        # tf2onnx's optimizer deep-copies the graph for each of its optimizers and drops the copy
+        with warnings.catch_warnings(), memory.collecting_discarded_copies():
             warnings.simplefilter("ignore")
             if keras_model is not None:
                 model, _ = tf2onnx.convert.from_keras(

@@ -66,6 +66,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qanac import memory
 from qanac.backends.akida import patterns
 from qanac.backends.akida.patterns import BRAINCHIP_DOMAIN
 from qanac.backends.akida.tensorflow_import import import_tensorflow_quietly
@@ -359,7 +360,7 @@ def quantize_onnx(
     qparams = QuantizationParams(input_dtype=input_dtype)
     try:
         with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()), \
-                integer_input_range(integer_input_dtype(model)), patterns.collecting_discarded_copies():
+                integer_input_range(integer_input_dtype(model)), memory.collecting_discarded_copies():
             quantized = quantize(
                 copy.deepcopy(model),
                 qparams=qparams,

@@ -32,20 +32,18 @@ the derived table against a pinned snapshot and every op qanac's table names aga
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
-import gc
 import importlib.metadata
 import io
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qanac import memory
 from qanac.lint import topological_order
 from qanac.model_summary import shape_skeleton
 from qanac.progress import report as report_progress
@@ -139,7 +137,7 @@ def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_GROWTH_BUDG
             exc = SanitizerTooCostly(growth, budget)
             report_progress("lint", f"judging the model as it is, not as quantizeml's sanitizer makes it: {exc}")
             raise exc
-    with collecting_discarded_copies():
+    with memory.collecting_discarded_copies():
         return _sanitize(model)
 
 
@@ -162,52 +160,6 @@ def _sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
             if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
                 onnx_model = set_model_shape(onnx_model, input_shape=[d.dim_value for d in dims[1:]])
         return sanitize(onnx_model).model
-
-
-@contextlib.contextmanager
-def collecting_discarded_copies() -> Iterator[None]:
-    """Within the block, collect unreachable reference cycles soon after they form, scanning only the
-    objects made inside the block.
-
-    quantizeml's transforms discard a copy of the model after each step, and what holds the copy (an
-    onnx_ir graph, whose nodes and values refer to each other) is a reference cycle, freed only by a full
-    collection. CPython runs one only when the objects made since the last one reach a quarter of those it
-    already holds (the survivors of the last full collection, hundreds of thousands in a process that
-    imported TensorFlow), so without this most copies a sanitize makes stay resident until it returns.
-    The objects alive on entry are frozen (``gc.freeze``: never scanned, so a full collection costs only
-    what the block made), one full collection over the empty rest resets that count, so it no longer
-    depends on what the process held before, and a full collection is considered after every young one.
-    On exit the objects are unfrozen, the thresholds restored and the memory freed returned to the system
-    (``release_freed_memory``), error or not. Not reentrant: an inner block's exit unfreezes what the
-    outer one froze."""
-
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.collect()  # over nothing (all frozen): sets CPython's count of long-lived objects to zero
-    gc.set_threshold(threshold[0], 1, 1)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
-        release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Return to the system the memory Python has freed (glibc's ``malloc_trim``; elsewhere only a garbage
-    collection). The sanitizer and ``quantize()`` allocate and free many copies of the model; glibc keeps
-    the freed blocks in its heap, so without this every call would leave the process larger by about its
-    own peak, and a compile that sanitizes four times would hold all four."""
-
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
+from qanac import memory
 from qanac.backends.akida import convert, patterns
 from qanac.diagnostics import Level, UnsupportedModelError
 from qanac.graph import CompilationModel
@@ -165,7 +166,7 @@ def test_sanitizing_and_quantizing_return_the_memory_they_freed(monkeypatch):
     # glibc keeps what the sanitizer's many model copies freed: without a trim after each, every sanitize
     # of a compile (lint's view, then quantize() per segment) would stay resident
     releases = []
-    monkeypatch.setattr(patterns, "release_freed_memory", lambda: releases.append(True))
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: releases.append(True))
     model = tiny_cnn()
     patterns.sanitized(model)
     assert len(releases) == 1

@@ -157,3 +157,62 @@ def test_h5_without_a_keras_model_is_refused(tmp_path):
 def test_directory_that_is_not_a_saved_model_is_refused(tmp_path):
     with pytest.raises(UsageError, match="not a SavedModel"):
         import_model(str(tmp_path))
+
+
+def _tf2onnx_graphs_per_optimizer(monkeypatch, path: Path) -> list[int]:
+    """Import ``path``, counting the tf2onnx graphs alive each time tf2onnx's optimizer starts one of its
+    optimizers (it deep-copies the graph for each and drops the copy)."""
+
+    import gc
+
+    import tf2onnx.graph
+    import tf2onnx.optimizer
+
+    counts: list[int] = []
+    optimizers = tf2onnx.optimizer._get_optimizers
+
+    def counting(factory):
+        def make():
+            counts.append(sum(type(o) is tf2onnx.graph.Graph for o in gc.get_objects()))
+            return factory()
+        return make
+
+    monkeypatch.setattr(tf2onnx.optimizer, "_get_optimizers",
+                        lambda: {name: counting(factory) for name, factory in optimizers().items()})
+    gc.collect()
+    import_model(str(path))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def deep_chain(tmp_path_factory) -> Path:
+    """A 40-block Conv-BatchNorm-ReLU chain as .h5: each tf2onnx copy of it holds thousands of objects, as a
+    real network's does."""
+
+    layers = tf_keras.layers
+    x = inp = tf_keras.Input((16, 16, 3), name="image")
+    for i in range(40):
+        x = layers.Conv2D(8, 3, padding="same", name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+    out = layers.Dense(10, name="fc")(layers.GlobalAveragePooling2D(name="pool")(x))
+    path = tmp_path_factory.mktemp("chain") / "chain.h5"
+    tf_keras.Model(inp, out).save(path)
+    return path
+
+
+def test_tf2onnx_graph_copies_are_collected_while_it_optimizes(deep_chain, monkeypatch):
+    counts = _tf2onnx_graphs_per_optimizer(monkeypatch, deep_chain)
+    assert len(counts) > 20  # every optimizer, over at least two rounds
+    # at every optimizer, the copies dropped since the last collection, not one per optimizer so far
+    assert max(counts) <= len(counts) // 4, str(counts)
+
+
+def test_uncollected_tf2onnx_copies_are_what_the_test_detects(deep_chain, monkeypatch):
+    import contextlib
+
+    from qanac import memory
+
+    monkeypatch.setattr(memory, "collecting_discarded_copies", contextlib.nullcontext)
+    counts = _tf2onnx_graphs_per_optimizer(monkeypatch, deep_chain)
+    assert counts[-1] > len(counts) // 2, str(counts)
