@@ -52,7 +52,6 @@ Diagnostic codes (stable):
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import importlib
 import io
@@ -347,7 +346,9 @@ def choose_input_dtype(model: onnx.ModelProto) -> str:
 def quantize_onnx(
     model: onnx.ModelProto, samples: np.ndarray, input_dtype: str
 ) -> tuple[onnx.ModelProto, list[Diagnostic], dict[str, str]]:
-    """Run quantizeml on a deep copy of ``model`` (quantize() mutates its argument).
+    """Quantize ``model`` (never mutated) with quantizeml, as its ``quantize()`` does: sanitize (reusing
+    lint's sanitize of the same model, ``patterns.sanitized_with_warnings``), calibrate on ``samples``,
+    then ``quantize_calibrated``.
 
     Returns the quantized model, the warnings that do not change it (AKC199), and, per node name, the
     reasons quantizeml gave for blocks it matched but could not build ("Impossible to quantize ...").
@@ -355,19 +356,21 @@ def quantize_onnx(
     """
 
     import_tensorflow_quietly()
-    from quantizeml.models import QuantizationParams, quantize
+    from quantizeml.models import QuantizationParams
+    from quantizeml.onnx_support.quantization.model import ONNXModel
 
+    quantize_module = importlib.import_module("quantizeml.onnx_support.quantization.quantize")  # the module
     qparams = QuantizationParams(input_dtype=input_dtype)
     try:
         with _captured_warnings() as caught, contextlib.redirect_stdout(io.StringIO()), \
                 integer_input_range(integer_input_dtype(model)), memory.collecting_discarded_copies():
-            quantized = quantize(
-                copy.deepcopy(model),
-                qparams=qparams,
-                samples=samples,
-                num_samples=len(samples),
-                batch_size=min(len(samples), CALIBRATION_BATCH),
-            )
+            sanitized, sanitizer_warnings = patterns.sanitized_with_warnings(model, _sample_shape(model, samples))
+            onnx_model = ONNXModel(sanitized)
+            ranges = quantize_module.calibrate(onnx_model.model, samples, len(samples),
+                                               min(len(samples), CALIBRATION_BATCH),
+                                               per_tensor_activations=qparams.per_tensor_activations)
+            with quantize_module.quantization(qparams):
+                quantized = quantize_module.quantize_calibrated(onnx_model, ranges).model
     except UnsupportedModelError:
         raise
     except Exception as exc:
@@ -375,7 +378,7 @@ def quantize_onnx(
 
     diagnostics: list[Diagnostic] = []
     failed_blocks: dict[str, str] = {}
-    for message in caught:
+    for message in [*sanitizer_warnings, *caught]:
         if message.startswith("The following nodes were not quantized"):
             continue  # the graph itself says which nodes; check_fully_quantized reports them
         if message.startswith("Impossible to quantize"):
@@ -385,6 +388,18 @@ def quantize_onnx(
                 continue
         diagnostics.append(Diagnostic(Level.WARNING, "AKC199", f"quantizeml: {message}"))
     return quantized, diagnostics, failed_blocks
+
+
+def _sample_shape(model: onnx.ModelProto, samples: np.ndarray) -> tuple[int, ...]:
+    """The input shape quantizeml's ``set_model_shape`` gives ``model`` for ``samples``: theirs without the
+    batch, with a time dimension of 1 added for a 5-D input calibrated on 4-D samples."""
+
+    shape = list(samples.shape[1:])
+    input_name, _ = check_single_io(model)
+    rank = next(len(i.type.tensor_type.shape.dim) for i in model.graph.input if i.name == input_name)
+    if rank == 5 and len(shape) == 3:
+        shape.insert(1, 1)
+    return tuple(shape)
 
 
 def check_fully_quantized(quantized: onnx.ModelProto, failed_blocks: dict[str, str] | None = None) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import io
 import warnings
@@ -137,11 +138,58 @@ def sanitized(model: onnx.ModelProto, budget: int | None = SANITIZER_GROWTH_BUDG
             exc = SanitizerTooCostly(growth, budget)
             report_progress("lint", f"judging the model as it is, not as quantizeml's sanitizer makes it: {exc}")
             raise exc
-    with memory.collecting_discarded_copies():
-        return _sanitize(model)
+    return sanitized_with_warnings(model)[0]
 
 
-def _sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
+_last_sanitized: tuple[bytes, onnx.ModelProto, tuple[str, ...]] | None = None  # digest, result, warnings
+
+
+def sanitized_with_warnings(
+    model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None
+) -> tuple[onnx.ModelProto, list[str]]:
+    """``sanitized`` without a budget, for ``input_shape`` (C, H, W; None: the model's own static shape),
+    with the messages of the warnings the sanitizer raised.
+
+    The last result is kept, keyed by the digest of the model and the shape: lint sanitizes the model it
+    judges, and a compile whose device segment is that whole model quantizes exactly it, so its
+    ``quantize`` reuses lint's sanitize (a minute and a model copy per transform on a ResNet-50) instead
+    of running it again. Each call returns its own copy."""
+
+    global _last_sanitized
+    vendor()
+    shape = tuple(input_shape) if input_shape is not None else _static_input_shape(model)
+    key = hashlib.sha256(model.SerializeToString(deterministic=True) + repr(shape).encode()).digest()
+    if _last_sanitized is None or _last_sanitized[0] != key:
+        _last_sanitized = None  # the previous result is freed before the next sanitize, not after
+        with memory.collecting_discarded_copies():
+            result, messages = _sanitize(model, shape)
+        _last_sanitized = (key, result, tuple(messages))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(_last_sanitized[1])
+    return copy, list(_last_sanitized[2])
+
+
+def forget_sanitized() -> None:
+    """Drop the kept sanitize result (``sanitized_with_warnings``), so that the next call sanitizes."""
+
+    global _last_sanitized
+    _last_sanitized = None
+
+
+def _static_input_shape(model: onnx.ModelProto) -> tuple[int, ...] | None:
+    """The single input's shape after the batch, when every dimension of it is a fixed positive size."""
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim[1:]
+    if dims and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+        return tuple(d.dim_value for d in dims)
+    return None
+
+
+def _sanitize(model: onnx.ModelProto, shape: tuple[int, ...] | None) -> tuple[onnx.ModelProto, list[str]]:
     from quantizeml.onnx_support.graph_tools import generate_node_names
     from quantizeml.onnx_support.quantization.model import ONNXModel
     from quantizeml.onnx_support.quantization.shape import set_model_shape
@@ -150,16 +198,13 @@ def _sanitize(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     generate_node_names(copy)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as records, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("always")
         onnx_model = ONNXModel(copy)
-        initializers = {i.name for i in copy.graph.initializer}
-        inputs = [i for i in copy.graph.input if i.name not in initializers]
-        if len(inputs) == 1:
-            dims = inputs[0].type.tensor_type.shape.dim
-            if len(dims) > 1 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
-                onnx_model = set_model_shape(onnx_model, input_shape=[d.dim_value for d in dims[1:]])
-        return sanitize(onnx_model).model
+        if shape is not None:
+            onnx_model = set_model_shape(onnx_model, input_shape=list(shape))
+        result = sanitize(onnx_model).model
+    return result, [str(record.message) for record in records]
 
 
 @dataclasses.dataclass(frozen=True)

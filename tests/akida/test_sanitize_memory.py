@@ -31,6 +31,7 @@ def _ir_graphs_per_conversion(monkeypatch, run=patterns.sanitized) -> list[int]:
     beyond those alive before, each time the sanitizer converts a proto to onnx_ir."""
 
     patterns.vendor()
+    patterns.forget_sanitized()  # the same model sanitized by an earlier test would not be sanitized again
     gc.collect()
     before = _ir_graphs()
     counts: list[int] = []

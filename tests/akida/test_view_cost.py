@@ -18,6 +18,7 @@ import pytest
 
 from qanac import memory
 from qanac.backends.akida import convert, patterns
+from qanac.compiler import CompileRequest, compile_model
 from qanac.diagnostics import Level, UnsupportedModelError
 from qanac.graph import CompilationModel
 from qanac.lint import lint_model
@@ -79,6 +80,7 @@ def _count_sanitize(monkeypatch, run: bool) -> list[int]:
     raises as the sanitizer does on a model it refuses."""
 
     patterns.vendor()
+    patterns.forget_sanitized()
     from quantizeml.onnx_support.quantization import transforms
 
     calls: list[int] = []
@@ -172,3 +174,41 @@ def test_sanitizing_and_quantizing_return_the_memory_they_freed(monkeypatch):
     assert len(releases) == 1
     convert.quantize_onnx(model, akida_models.image_calibration(model, count=4).arrays["input"], "uint8")
     assert len(releases) == 2
+
+
+def test_a_compile_whose_device_segment_is_the_whole_model_sanitizes_it_once(monkeypatch, tmp_path):
+    # lint judges the sanitized model and the backend quantizes the same model: one sanitize serves both
+    sanitize_calls = _count_sanitize(monkeypatch, run=True)
+    model = tiny_cnn()
+    onnx.save(model, tmp_path / "model.onnx")
+    np.save(tmp_path / "calib.npy", akida_models.image_calibration(model, count=8).raw["input"])
+    request = CompileRequest(source=str(tmp_path / "model.onnx"), target="akida", output=tmp_path / "bundle",
+                             calibration=str(tmp_path / "calib.npy"))
+    result = compile_model(request)
+    segments = result.bundle_manifest.segments
+    assert [s.kind for s in segments] == ["device"]
+    assert len(sanitize_calls) == 1, sanitize_calls
+
+
+def test_a_different_model_is_sanitized_again(monkeypatch):
+    sanitize_calls = _count_sanitize(monkeypatch, run=True)
+    model = tiny_cnn()
+    patterns.sanitized(model)
+    patterns.sanitized(model)
+    patterns.sanitized(tiny_cnn(size=24))  # another input size: another sanitize
+    patterns.sanitized(model)  # only the last result is kept
+    assert len(sanitize_calls) == 3
+
+
+def test_quantizing_with_the_kept_sanitize_is_quantizemls_own_quantize():
+    import copy
+
+    from quantizeml.models import QuantizationParams, quantize
+
+    model = tiny_cnn()
+    samples = akida_models.image_calibration(model, count=8).arrays["input"]
+    patterns.sanitized(model)  # lint's sanitize, kept
+    ours, _, _ = convert.quantize_onnx(model, samples, "uint8")
+    theirs = quantize(copy.deepcopy(model), qparams=QuantizationParams(input_dtype="uint8"), samples=samples,
+                      num_samples=len(samples), batch_size=len(samples))
+    assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
