@@ -27,7 +27,8 @@ def collecting_discarded_copies() -> Iterator[None]:
     """Within the block, collect unreachable reference cycles soon after they form, scanning only the
     objects made inside the block.
 
-    The objects alive on entry are frozen (``gc.freeze``: never scanned, so a full collection costs only
+    On entry the heap memory already freed is returned to the system (glibc's ``malloc_trim``). The
+    objects alive on entry are frozen (``gc.freeze``: never scanned, so a full collection costs only
     what the block made); one full collection over the empty rest resets CPython's count of long-lived
     objects, so the schedule does not depend on what the process held before; a full collection is then
     considered after every young one. On exit, error or not, the objects are unfrozen, the thresholds
@@ -40,6 +41,7 @@ def collecting_discarded_copies() -> Iterator[None]:
         return
     threshold = gc.get_threshold()
     _depth += 1
+    _return_free_heap()  # what earlier steps freed, so that the block's peak starts from what is in use
     gc.freeze()
     gc.collect()  # over nothing (all frozen): sets the count of long-lived objects to zero
     gc.set_threshold(threshold[0], 1, 1)
@@ -59,6 +61,10 @@ def release_freed_memory() -> None:
     sanitizes four times would hold all four."""
 
     gc.collect()
+    _return_free_heap()
+
+
+def _return_free_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
