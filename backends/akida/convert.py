@@ -679,7 +679,7 @@ def _captured_warnings():
         warnings.simplefilter("always")
         yield messages
     for record in records:
-        if any(pkg in record.filename for pkg in ("quantizeml", "cnn2snn", "akida")):
+        if patterns.from_vendor(record):
             messages.append(str(record.message))
         else:
             warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)

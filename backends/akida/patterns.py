@@ -204,7 +204,16 @@ def _sanitize(model: onnx.ModelProto, shape: tuple[int, ...] | None) -> tuple[on
         if shape is not None:
             onnx_model = set_model_shape(onnx_model, input_shape=list(shape))
         result = sanitize(onnx_model).model
-    return result, [str(record.message) for record in records]
+    return result, [str(record.message) for record in records if from_vendor(record)]
+
+
+VENDOR_PACKAGES = ("quantizeml", "cnn2snn", "akida")
+
+
+def from_vendor(record: warnings.WarningMessage) -> bool:
+    """Whether a recorded warning was raised by MetaTF's own code (quantizeml, cnn2snn, akida)."""
+
+    return any(package in record.filename for package in VENDOR_PACKAGES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -212,3 +212,25 @@ def test_quantizing_with_the_kept_sanitize_is_quantizemls_own_quantize():
     theirs = quantize(copy.deepcopy(model), qparams=QuantizationParams(input_dtype="uint8"), samples=samples,
                       num_samples=len(samples), batch_size=len(samples))
     assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+
+
+def test_metatfs_sanitizer_warnings_reach_the_compile_and_others_do_not(monkeypatch):
+    import warnings
+
+    from quantizeml.onnx_support.quantization import transforms
+
+    _count_sanitize(monkeypatch, run=True)
+    counting = transforms.sanitize
+
+    def warning(model, *args, **kwargs):
+        warnings.warn_explicit("a vendor note", UserWarning, "/site-packages/quantizeml/transforms.py", 1)
+        warnings.warn_explicit("a library's deprecation", DeprecationWarning, "/site-packages/numpy/core.py", 1)
+        return counting(model, *args, **kwargs)
+
+    monkeypatch.setattr(transforms, "sanitize", warning)
+    model = tiny_cnn()
+    assert patterns.sanitized_with_warnings(model)[1] == ["a vendor note"]
+    # quantizing reuses that sanitize, and its warning becomes a diagnostic of the compile
+    _, diagnostics, _ = convert.quantize_onnx(model, akida_models.image_calibration(model, count=4).arrays["input"],
+                                              "uint8")
+    assert [d.message for d in diagnostics if d.code == "AKC199"] == ["quantizeml: a vendor note"]

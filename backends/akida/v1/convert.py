@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qanac.backends.akida import patterns
 from qanac.backends.akida.convert import calibration_samples, check_single_io, output_shapes_match
 from qanac.calibration import CalibrationData
 from qanac.diagnostics import Diagnostic, Level, UnsupportedModelError, UsageError
@@ -272,7 +273,7 @@ def _vendor_messages():
         warnings.simplefilter("always")
         yield messages
     for record in records:
-        vendor = any(pkg in record.filename for pkg in ("quantizeml", "cnn2snn", "akida"))
+        vendor = patterns.from_vendor(record)
         if vendor and issubclass(record.category, UserWarning):
             messages.append(str(record.message))
         elif not vendor:
