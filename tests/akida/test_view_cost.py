@@ -214,7 +214,7 @@ def test_quantizing_with_the_kept_sanitize_is_quantizemls_own_quantize():
     assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
 
 
-def test_metatfs_sanitizer_warnings_reach_the_compile_and_others_do_not(monkeypatch):
+def test_metatfs_sanitizer_warnings_reach_the_compile_and_others_do_not(monkeypatch, request):
     import warnings
 
     from quantizeml.onnx_support.quantization import transforms
@@ -228,6 +228,7 @@ def test_metatfs_sanitizer_warnings_reach_the_compile_and_others_do_not(monkeypa
         return counting(model, *args, **kwargs)
 
     monkeypatch.setattr(transforms, "sanitize", warning)
+    request.addfinalizer(patterns.forget_sanitized)  # the kept sanitize has the fake warning
     model = tiny_cnn()
     assert patterns.sanitized_with_warnings(model)[1] == ["a vendor note"]
     # quantizing reuses that sanitize, and its warning becomes a diagnostic of the compile

@@ -60,10 +60,11 @@ def test_the_collector_is_left_as_found_error_or_not():
 
 def test_a_block_inside_another_keeps_the_outer_block_frozen():
     with memory.collecting_discarded_copies():
-        frozen = gc.get_freeze_count()
         with memory.collecting_discarded_copies():
             pass
-        assert gc.get_freeze_count() == frozen and gc.get_threshold()[1:] == (1, 1)
+        # an inner block that acted would have unfrozen everything (frozen objects that die leave the count,
+        # so it is not constant) and restored the thresholds
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[1:] == (1, 1)
     assert gc.get_freeze_count() == 0
 
 
