@@ -45,6 +45,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qanac import memory
+from qanac.graph import initializer_names
 from qanac.lint import topological_order
 from qanac.model_summary import shape_skeleton
 from qanac.progress import report as report_progress
@@ -179,7 +180,7 @@ def forget_sanitized() -> None:
 def _static_input_shape(model: onnx.ModelProto) -> tuple[int, ...] | None:
     """The single input's shape after the batch, when every dimension of it is a fixed positive size."""
 
-    initializers = {i.name for i in model.graph.initializer}
+    initializers = initializer_names(model)
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         return None
